@@ -1,0 +1,62 @@
+"""A clean reimplementation of VGGT whose parameter names match the official checkpoint.
+
+>>> from qvggt_export.model import build_vggt, load_checkpoint
+>>> model = build_vggt("tiny")                      # or "vggt-1b", or an official-layout config dict
+>>> load_checkpoint(model, "model.pt")              # official model.pt or .safetensors, strict keys
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from qvggt_export.model.checkpoint import find_hf_checkpoint, load_checkpoint, load_state_dict_file
+from qvggt_export.model.config import (
+    AggregatorConfig,
+    CameraHeadConfig,
+    DinoConfig,
+    DPTHeadConfig,
+    TrackerConfig,
+    TrackHeadConfig,
+    VGGTConfig,
+    config_from_dict,
+    preset_names,
+    resolve_config,
+)
+from qvggt_export.model.preprocess import load_and_preprocess_images, preprocess_image
+from qvggt_export.model.vggt import VGGT
+
+__all__ = [
+    "VGGT", "VGGTConfig", "AggregatorConfig", "DinoConfig", "CameraHeadConfig", "DPTHeadConfig", "TrackHeadConfig",
+    "TrackerConfig", "build_vggt", "config_from_dict", "preset_names", "resolve_config", "load_checkpoint",
+    "load_state_dict_file", "find_hf_checkpoint", "load_and_preprocess_images", "preprocess_image",
+]
+
+
+def build_vggt(config: str | Mapping[str, Any] | VGGTConfig = "tiny", *, device: str | torch.device | None = None,
+               seed: int | None = 0) -> VGGT:
+    """Build a VGGT in eval mode from a preset name, an official-layout config dict or a :class:`VGGTConfig`.
+
+    Args:
+        config: ``"vggt-1b"``, ``"tiny"``, ``"tiny-dino"`` (see :func:`preset_names`), a dict of official
+            constructor arguments per submodule (a fixture's ``model`` section), or a config object.
+        device: where to allocate parameters; ``"meta"`` builds the structure without memory.
+        seed: seeds the random initialisation so that a weight-less build is reproducible; ``None``
+            leaves the global RNG alone.
+    """
+    resolved = resolve_config(config)
+    generator_state = None
+    if seed is not None:
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = VGGT(resolved)
+    finally:
+        if generator_state is not None:
+            torch.random.set_rng_state(generator_state)
+    return model.eval()
+

@@ -1,0 +1,256 @@
+"""Track head: a feature-only DPT at half resolution plus an iterative point tracker (VGGSfM/CoTracker
+style) that refines query-point positions through correlation pyramids and a space-time transformer.
+
+Names follow the checkpoint (``feature_extractor``, ``tracker.corr_mlp``, ``tracker.updateformer`` with
+its ``virual_tracks`` [sic] parameter, ``time_blocks``, ``space_*_blocks`` ...).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qvggt_export.model.config import TrackerConfig, TrackHeadConfig
+from qvggt_export.model.heads.dpt import DPTHead
+from qvggt_export.model.layers import Mlp, sincos_embedding
+
+# The tracker's 2-D sin/cos position embedding uses the classic 10000 base.
+TRACK_POS_OMEGA_0 = 10000.0
+
+
+def bilinear_sample(features: torch.Tensor, coords: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
+    """Sample [N, C, H, W] at pixel coordinates (x, y) ``coords`` [N, h, w, 2] (corner-aligned) -> [N, C, h, w]."""
+    height, width = features.shape[-2:]
+    scale = torch.tensor([2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)], dtype=coords.dtype,
+                         device=coords.device)
+    grid = coords.to(features.dtype) * scale - 1
+    return F.grid_sample(features, grid, align_corners=True, padding_mode=padding_mode)
+
+
+def sample_point_features(features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Features [B, C, H, W] at points [B, N, 2] (x, y) -> [B, N, C]."""
+    sampled = bilinear_sample(features, points.unsqueeze(2))  # [B, C, N, 1]
+    return sampled.squeeze(-1).permute(0, 2, 1)
+
+
+def flow_embedding(flows: torch.Tensor, channels: int) -> torch.Tensor:
+    """Interleaved sin/cos embedding of 2-D displacements [B, N, 2] -> [B, N, 2*channels] (x block, y block).
+
+    The frequency ``arange(0, C, 2) * (1000 / C)`` is the tracker's own convention (not 1/10000^k).
+    """
+    freq = torch.arange(0, channels, 2, device=flows.device, dtype=torch.float32) * (1000.0 / channels)
+    parts = []
+    for axis in range(2):
+        angles = flows[..., axis:axis + 1] * freq
+        parts.append(torch.stack([torch.sin(angles), torch.cos(angles)], dim=-1).flatten(-2))
+    return torch.cat(parts, dim=-1)
+
+
+@functools.lru_cache(maxsize=16)
+def _grid_sincos_embedding(dim: int, height: int, width: int) -> np.ndarray:
+    """2-D sin/cos embedding [dim, height, width]: first half encodes x (column), second half y (row)."""
+    xs, ys = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64), indexing="xy")
+    emb = np.concatenate([sincos_embedding(xs, dim // 2, TRACK_POS_OMEGA_0),
+                          sincos_embedding(ys, dim // 2, TRACK_POS_OMEGA_0)], axis=1)
+    return np.ascontiguousarray(emb.astype(np.float32).reshape(height, width, dim).transpose(2, 0, 1))
+
+
+class CorrelationPyramid:
+    """Correlation of track features against average-pooled feature pyramids, sampled in a
+    (2r+1)^2 window around each track (CoTracker's CorrBlock)."""
+
+    def __init__(self, fmaps: torch.Tensor, num_levels: int, radius: int) -> None:
+        batch, frames, channels, height, width = fmaps.shape
+        self.radius = radius
+        self.levels = [fmaps]
+        for _ in range(num_levels - 1):
+            pooled = F.avg_pool2d(fmaps.reshape(batch * frames, channels, height, width), 2, stride=2)
+            height, width = pooled.shape[-2:]
+            fmaps = pooled.reshape(batch, frames, channels, height, width)
+            self.levels.append(fmaps)
+        offsets = torch.linspace(-radius, radius, 2 * radius + 1, dtype=fmaps.dtype, device=fmaps.device)
+        # Stacked as (dy, dx) but added to (x, y) coordinates: the official window is transposed. Kept,
+        # because the corr MLP's input order was trained on it.
+        self.delta = torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), dim=-1)
+
+    def sample(self, targets: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Targets [B, S, N, C], coords [B, S, N, 2] -> correlations [B, S, N, levels*(2r+1)^2]."""
+        batch, frames, points, channels = targets.shape
+        window = 2 * self.radius + 1
+        out = []
+        for level, fmaps in enumerate(self.levels):
+            height, width = fmaps.shape[-2:]
+            corr = torch.matmul(targets, fmaps.reshape(batch, frames, channels, height * width)) / channels**0.5
+            centre = coords.reshape(batch * frames * points, 1, 1, 2) / 2**level
+            grid = centre + self.delta.to(coords.dtype).view(1, window, window, 2)
+            sampled = bilinear_sample(corr.reshape(batch * frames * points, 1, height, width), grid,
+                                      padding_mode="zeros")
+            out.append(sampled.reshape(batch, frames, points, -1))
+        return torch.cat(out, dim=-1)
+
+
+class AttnBlock(nn.Module):
+    """Self-attention block of the tracker. Note the official quirk: the residual adds to the
+    *normalised* input (``x = norm1(x); x = x + attn(x)``)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size)
+        self.norm2 = nn.LayerNorm(hidden_size)
+        self.attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossAttnBlock(nn.Module):
+    """Cross-attention block of the tracker (same normalised-residual convention as :class:`AttnBlock`)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size)
+        self.norm_context = nn.LayerNorm(hidden_size)
+        self.norm2 = nn.LayerNorm(hidden_size)
+        self.cross_attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x)
+        context = self.norm_context(context)
+        x = x + self.cross_attn(x, context, context, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class EfficientUpdateFormer(nn.Module):
+    """Alternating time attention (per track) and space attention routed through virtual tracks."""
+
+    def __init__(self, config: TrackerConfig, input_dim: int, output_dim: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        depth = config.depth
+        space_depth = depth if config.use_spaceatt else 0
+        self.num_virtual_tracks = config.num_virtual_tracks
+        self.add_space_attn = config.use_spaceatt
+        self.input_norm = nn.LayerNorm(input_dim)
+        self.input_transform = nn.Linear(input_dim, hidden)
+        self.output_norm = nn.LayerNorm(hidden)
+        self.flow_head = nn.Linear(hidden, output_dim)
+        self.virual_tracks = (nn.Parameter(torch.randn(1, config.num_virtual_tracks, 1, hidden))
+                              if config.use_spaceatt else None)
+        self.time_blocks = nn.ModuleList(AttnBlock(hidden, config.num_heads, mlp_ratio) for _ in range(depth))
+        if config.use_spaceatt:
+            self.space_virtual_blocks = nn.ModuleList(
+                AttnBlock(hidden, config.num_heads, mlp_ratio) for _ in range(space_depth))
+            self.space_point2virtual_blocks = nn.ModuleList(
+                CrossAttnBlock(hidden, config.num_heads, mlp_ratio) for _ in range(space_depth))
+            self.space_virtual2point_blocks = nn.ModuleList(
+                CrossAttnBlock(hidden, config.num_heads, mlp_ratio) for _ in range(space_depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, N, S, D] -> updates [B, N, S, output_dim]."""
+        tokens = self.input_transform(self.input_norm(x))
+        initial = tokens
+        batch, _, frames, _ = tokens.shape
+        if self.virual_tracks is not None:
+            tokens = torch.cat([tokens, self.virual_tracks.repeat(batch, 1, frames, 1)], dim=1)
+        num = tokens.shape[1]
+        space_every = len(self.time_blocks) // len(self.space_virtual_blocks) if self.add_space_attn else 0
+        space_index = 0
+        for i, time_block in enumerate(self.time_blocks):
+            tokens = time_block(tokens.reshape(batch * num, frames, -1)).reshape(batch, num, frames, -1)
+            if self.add_space_attn and i % space_every == 0:
+                space = tokens.permute(0, 2, 1, 3).reshape(batch * frames, num, -1)
+                points = space[:, : num - self.num_virtual_tracks]
+                virtual = space[:, num - self.num_virtual_tracks:]
+                virtual = self.space_virtual2point_blocks[space_index](virtual, points)
+                virtual = self.space_virtual_blocks[space_index](virtual)
+                points = self.space_point2virtual_blocks[space_index](points, virtual)
+                space = torch.cat([points, virtual], dim=1)
+                tokens = space.reshape(batch, frames, num, -1).permute(0, 2, 1, 3)
+                space_index += 1
+        if self.add_space_attn:
+            tokens = tokens[:, : num - self.num_virtual_tracks]
+        return self.flow_head(self.output_norm(tokens + initial))
+
+
+class BaseTrackerPredictor(nn.Module):
+    def __init__(self, config: TrackerConfig) -> None:
+        super().__init__()
+        self.config = config
+        latent = config.latent_dim
+        self.flows_emb_dim = latent // 2
+        self.corr_mlp = Mlp(config.corr_levels * (2 * config.corr_radius + 1) ** 2, config.hidden_size, latent)
+        self.transformer_dim = 3 * latent + 4
+        self.query_ref_token = nn.Parameter(torch.randn(1, 2, self.transformer_dim))
+        self.updateformer = EfficientUpdateFormer(config, self.transformer_dim, latent + 2)
+        self.fmap_norm = nn.LayerNorm(latent)
+        self.ffeat_norm = nn.GroupNorm(1, latent)
+        self.ffeat_updater = nn.Sequential(nn.Linear(latent, latent), nn.GELU())
+        self.vis_predictor = nn.Sequential(nn.Linear(latent, 1))
+        if config.predict_conf:
+            self.conf_predictor = nn.Sequential(nn.Linear(latent, 1))
+
+    def forward(self, query_points: torch.Tensor, fmaps: torch.Tensor, iters: int
+                ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """Query points [B, N, 2] (pixels in frame 0) and feature maps [B, S, C, h, w] ->
+        (per-iteration tracks [B, S, N, 2] in pixels, visibility [B, S, N], confidence [B, S, N])."""
+        cfg = self.config
+        batch, points, _ = query_points.shape
+        _, frames, _, height, width = fmaps.shape
+        latent = cfg.latent_dim
+        fmaps = self.fmap_norm(fmaps.permute(0, 1, 3, 4, 2)).permute(0, 1, 4, 2, 3)  # LayerNorm over channels
+        coords = (query_points / float(cfg.stride)).reshape(batch, 1, points, 2).repeat(1, frames, 1, 1)
+        query_feats = sample_point_features(fmaps[:, 0], coords[:, 0])
+        track_feats = query_feats.unsqueeze(1).repeat(1, frames, 1, 1)
+        query_coords = coords[:, 0].clone()
+        pyramid = CorrelationPyramid(fmaps, cfg.corr_levels, cfg.corr_radius)
+        pos_grid = torch.from_numpy(_grid_sincos_embedding(self.transformer_dim, height, width)).to(fmaps)
+        ref_token = torch.cat([self.query_ref_token[:, :1],
+                               self.query_ref_token[:, 1:2].expand(-1, frames - 1, -1)], dim=1)
+
+        track_list = []
+        for _ in range(iters):
+            coords = coords.detach()
+            corrs = pyramid.sample(track_feats, coords)
+            corr_emb = self.corr_mlp(corrs.permute(0, 2, 1, 3).reshape(batch * points, frames, -1))
+            flows = (coords - coords[:, :1]).permute(0, 2, 1, 3).reshape(batch * points, frames, 2)
+            flow_emb = torch.cat([flow_embedding(flows, self.flows_emb_dim), flows / cfg.max_scale,
+                                  flows / cfg.max_scale], dim=-1)
+            feats = track_feats.permute(0, 2, 1, 3).reshape(batch * points, frames, latent)
+            x = torch.cat([flow_emb, corr_emb, feats], dim=2)
+            pos = sample_point_features(pos_grid.expand(batch, -1, -1, -1), coords[:, 0])
+            x = x + pos.reshape(batch * points, 1, -1) + ref_token.to(x.dtype)
+            delta = self.updateformer(x.reshape(batch, points, frames, -1)).reshape(batch * points, frames, -1)
+            feats = feats.reshape(-1, latent)
+            feats = self.ffeat_updater(self.ffeat_norm(delta[..., 2:].reshape(-1, latent))) + feats
+            track_feats = feats.reshape(batch, points, frames, latent).permute(0, 2, 1, 3)
+            coords = coords + delta[..., :2].reshape(batch, points, frames, 2).permute(0, 2, 1, 3)
+            coords = torch.cat([query_coords.unsqueeze(1), coords[:, 1:]], dim=1)  # frame 0 stays the query
+            track_list.append(coords * cfg.stride)
+
+        flat = track_feats.reshape(batch * frames * points, latent)
+        vis = torch.sigmoid(self.vis_predictor(flat).reshape(batch, frames, points))
+        conf = (torch.sigmoid(self.conf_predictor(flat).reshape(batch, frames, points))
+                if cfg.predict_conf else None)
+        return track_list, vis, conf
+
+
+class TrackHead(nn.Module):
+    def __init__(self, config: TrackHeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.feature_extractor = DPTHead(config.feature_extractor)
+        self.tracker = BaseTrackerPredictor(config.tracker)
+
+    def forward(self, aggregated_tokens: list[torch.Tensor | None], images: torch.Tensor, patch_start_idx: int,
+                query_points: torch.Tensor, iters: int | None = None
+                ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        fmaps = self.feature_extractor(aggregated_tokens, images, patch_start_idx)
+        return self.tracker(query_points, fmaps, iters or self.config.iters)
