@@ -76,7 +76,7 @@ class Aggregator(nn.Module):
 
         pos, num_positions = None, 0
         if self.rope is not None:
-            grid_h, grid_w = height // self.patch_size, width // self.patch_size
+            grid_h, grid_w = int(height) // self.patch_size, int(width) // self.patch_size  # fixed per export
             grid = patch_grid_positions(grid_h, grid_w, images.device) + 1
             special = torch.zeros(self.patch_start_idx, 2, dtype=grid.dtype, device=grid.device)
             pos = torch.cat([special, grid], dim=0).expand(batch * frames, -1, -1)

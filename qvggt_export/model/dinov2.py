@@ -81,7 +81,8 @@ class DinoVisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images [N, 3, H, W] -> final-norm patch tokens [N, h*w, dim]."""
-        grid_h, grid_w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        # int(): under tracing, sizes are tensors; the resolution is fixed per export, the frame count is not.
+        grid_h, grid_w = int(images.shape[-2]) // self.patch_size, int(images.shape[-1]) // self.patch_size
         x = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + self.interpolate_pos_encoding(grid_h, grid_w)

@@ -41,7 +41,7 @@ def _uv_embedding(width: int, height: int, channels: int, aspect_ratio: float) -
 
 
 def add_uv_embedding(x: torch.Tensor, image_width: int, image_height: int) -> torch.Tensor:
-    emb = _uv_embedding(x.shape[-1], x.shape[-2], x.shape[1], image_width / image_height)
+    emb = _uv_embedding(int(x.shape[-1]), int(x.shape[-2]), int(x.shape[1]), int(image_width) / int(image_height))
     return x + torch.from_numpy(np.ascontiguousarray(emb)).to(device=x.device, dtype=x.dtype)
 
 
@@ -139,6 +139,7 @@ class DPTHead(nn.Module):
     def _decode(self, aggregated_tokens: list[torch.Tensor | None], images: torch.Tensor, patch_start_idx: int
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         batch, frames, _, height, width = images.shape
+        height, width = int(height), int(width)  # fixed per export (tensors under tracing)
         grid_h, grid_w = height // self.patch_size, width // self.patch_size
         pyramid = []
         for level, layer in enumerate(self.config.intermediate_layer_idx):

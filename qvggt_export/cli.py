@@ -1,0 +1,132 @@
+"""``qvggt-export``: a thin command line over :func:`qvggt_export.pipeline.run_pipeline`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from qvggt_export import __version__
+from qvggt_export.errors import QVGGTError
+
+EXIT_OK, EXIT_PARITY_FAILED, EXIT_USAGE, EXIT_ENGINE_FAILED = 0, 1, 2, 3
+
+EXAMPLES = """\
+examples:
+  qvggt-export --bits w4a4 --out out/w4a4
+      tiny VGGT, generated calibration sequences, W4A4 RTN, ONNX, parity, TensorRT-RTX engine
+  qvggt-export --bits w8a8 --model tiny-dino --frames 4 --out out/w8a8
+  qvggt-export --bits w4a4 --model vggt-1b --checkpoint facebook/VGGT-1B --calib-data photos/ --out out/1b
+      real weights from the local Hugging Face cache, calibration images from a folder
+  qvggt-export --bits fp32 --no-engine --out out/fp32          float reference export only
+  qvggt-export --bits w4a4 --out out/x --print-config          show the resolved configuration, run nothing
+
+exit codes: 0 ok, 1 parity failed, 2 bad input, 3 engine build failed
+"""
+
+
+def _image_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
+    if value < 14 or value % 14:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of the patch size 14, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qvggt_export.model.config import preset_names
+    from qvggt_export.quant import SUPPORTED_FORMATS
+
+    parser = argparse.ArgumentParser(
+        prog="qvggt-export", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Quantize VGGT, export it to ONNX with Q/DQ, check ONNX Runtime parity against PyTorch, "
+                    "and build a TensorRT / TensorRT-RTX engine.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--bits", default="w4a4", choices=[*SUPPORTED_FORMATS, "fp32"],
+                        help="format: per-channel weights / per-token dynamic activations (default w4a4)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (report.json, model.onnx, ...)")
+    parser.add_argument("--model", default="tiny",
+                        help=f"preset ({', '.join(preset_names())}) or a JSON file of official constructor "
+                             "arguments (default tiny)")
+    parser.add_argument("--checkpoint", help="model.pt / .safetensors / folder / cached HF repo id "
+                                             "(default: seeded random weights)")
+    parser.add_argument("--method", default="rtn", choices=["rtn"], help="quantization method (default rtn)")
+    parser.add_argument("--calib-data", help="folder of images, or of image folders (default: generated sequences)")
+    parser.add_argument("--calib-sequences", type=_positive, default=4, help="calibration sequences (default 4)")
+    parser.add_argument("--frames", type=_positive, default=3, help="frames per sequence (default 3)")
+    parser.add_argument("--image-size", type=_image_size, help="resize width (default: the model's img_size)")
+    parser.add_argument("--preprocess", default="crop", choices=["crop", "pad"],
+                        help="official loader mode; pad gives square inputs (default crop)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data generation and random init (default 0)")
+    parser.add_argument("--no-engine", action="store_true", help="stop after ONNX export and parity")
+    parser.add_argument("--engine-profile", default="rtx-default",
+                        help="build profile name (engines/*.json) or path (default rtx-default)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "rtx", "trt"],
+                        help="TensorRT-RTX (builds without a GPU) or full TensorRT (default auto)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from qvggt_export.pipeline import PipelineConfig, run_pipeline
+
+    try:
+        config = PipelineConfig(
+            out_dir=args.out, bits=args.bits, model=args.model, checkpoint=args.checkpoint, method=args.method,
+            calib_data=args.calib_data, calib_sequences=args.calib_sequences, frames=args.frames,
+            image_size=args.image_size, preprocess=args.preprocess, seed=args.seed, engine=not args.no_engine,
+            engine_profile=args.engine_profile, backend=args.backend, progress=not args.no_progress)
+        if args.print_config:
+            print(json.dumps(config.to_dict(), indent=2))
+            return EXIT_OK
+        report = run_pipeline(config)
+    except QVGGTError as exc:
+        print(f"qvggt-export: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("qvggt-export: interrupted", file=sys.stderr)
+        return 130
+
+    parity = report["parity"]
+    engine = report["engine"]
+    print(f"report: {config.out_dir / 'report.json'}")
+    print(f"onnx:   {report['onnx']['path']} ({report['onnx']['size_bytes'] / 1e6:.2f} MB)")
+    if engine.get("path"):
+        print(f"engine: {engine['path']} ({engine.get('size_bytes', 0) / 1e6:.2f} MB, "
+              f"targets {' '.join(engine.get('target_sms') or [])})")
+    else:
+        print(f"engine: none ({engine['reason']})")
+    for name, out in parity["outputs"].items():
+        status = "ok" if out["passed"] else "FAILED"
+        print(f"parity {name:18s} max_abs {out['max_abs']:.2e}  rel_l2 {out['rel_l2']:.2e}  "
+              f"tol {out['tolerance']:.2e}  {status}")
+    if not parity["passed"]:
+        print("qvggt-export: parity check FAILED", file=sys.stderr)
+        return EXIT_PARITY_FAILED
+    if engine.get("failed"):
+        return EXIT_ENGINE_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Engine stage: build TensorRT / TensorRT-RTX engines from exported ONNX models.
+
+Importing this package does not import TensorRT; :func:`load_backend` and :func:`build_engine` do, when
+called.
+
+Example::
+
+    from qvggt_export.engine import build_engine
+
+    result = build_engine("vggt_w8a8.onnx", "engines/vggt_w8a8.engine", "rtx-default")
+    print(result.target_sms, result.num_layers, result.size_bytes)
+"""
+
+from qvggt_export.engine.backend import (
+    Backend,
+    cuda_compute_capabilities,
+    cuda_device_count,
+    ensure_rtx_parser_symlink,
+    load_backend,
+)
+from qvggt_export.engine.build import FRAME_AXIS, EngineBuildResult, build_engine
+from qvggt_export.engine.profiles import EngineProfile, FrameRange, list_profiles, load_profile
+
+__all__ = [
+    "FRAME_AXIS",
+    "Backend",
+    "EngineBuildResult",
+    "EngineProfile",
+    "FrameRange",
+    "build_engine",
+    "cuda_compute_capabilities",
+    "cuda_device_count",
+    "ensure_rtx_parser_symlink",
+    "list_profiles",
+    "load_backend",
+    "load_profile",
+]

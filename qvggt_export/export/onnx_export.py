@@ -1,0 +1,186 @@
+"""Canonical ONNX export of a (quantized) VGGT: one input, official output names, Q/DQ lowering.
+
+The graph takes ``images`` [B, S, 3, H, W] float32 in [0, 1] (ImageNet normalisation is inside),
+with the frame count S dynamic and the resolution fixed per export, and returns the dense outputs of
+the official dict (``pose_enc``, ``depth``, ``depth_conf``, ``world_points``, ``world_points_conf``,
+as the enabled heads provide). The tracking head needs query points and stays out of this graph.
+Files are written to a temporary folder beside the target and renamed into place, so an interrupted
+export never leaves a ``model.onnx`` that looks whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from qvggt_export.errors import QVGGTError
+from qvggt_export.export.qdq import count_placeholders, lower_qlinear_placeholders
+from qvggt_export.quant.modules import PLACEHOLDER_DOMAIN, QuantLinear
+
+logger = logging.getLogger(__name__)
+
+OPSET = 21
+DENSE_OUTPUTS = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")
+# Protobuf's hard limit is 2 GiB; switch to external data a little below it.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+class _DenseOutputs(nn.Module):
+    """images -> tuple of the dense official outputs, in :data:`DENSE_OUTPUTS` order."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        predictions = self.model(images)
+        return tuple(predictions[name] for name in self.names)
+
+
+def output_names_for(model: nn.Module) -> tuple[str, ...]:
+    names = []
+    if getattr(model, "camera_head", None) is not None:
+        names.append("pose_enc")
+    if getattr(model, "depth_head", None) is not None:
+        names += ["depth", "depth_conf"]
+    if getattr(model, "point_head", None) is not None:
+        names += ["world_points", "world_points_conf"]
+    if not names:
+        raise QVGGTError("the model has no camera, depth or point head to export")
+    return tuple(names)
+
+
+@dataclass
+class ExportResult:
+    onnx_path: Path
+    size_bytes: int
+    external_data: bool
+    input_shape: list[int | str]
+    outputs: list[str]
+    opset: int
+    num_nodes: int
+    num_qlinear: int
+    export_seconds: float
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+
+def _has_quantized_layers(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+@contextlib.contextmanager
+def _fixed_resolution(model: nn.Module, height: int, width: int) -> Iterator[None]:
+    """Freeze resolution-dependent constants (the DINO pos-embed resample) for the export."""
+    patch_embed = getattr(getattr(model, "aggregator", None), "patch_embed", None)
+    freeze = getattr(patch_embed, "freeze_pos_embed", None)
+    if freeze is None:
+        yield
+        return
+    patch = patch_embed.patch_size
+    freeze(height // patch, width // patch)
+    try:
+        yield
+    finally:
+        patch_embed.unfreeze_pos_embed()
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QVGGTError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
+    if not os.access(out_dir, os.W_OK):
+        raise QVGGTError(f"output folder {out_dir} is not writable")
+
+
+def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_images: torch.Tensor, *,
+                opset: int = OPSET) -> ExportResult:
+    """Export ``model`` (float or fake-quantized) to ``onnx_path``; does not modify the model.
+
+    Args:
+        model: a VGGT, optionally with :class:`~qvggt_export.quant.QuantLinear` layers.
+        onnx_path: target file; weights go to ``<name>.data`` beside it when over ~1.8 GB.
+        example_images: [B, S, 3, H, W] in [0, 1]; fixes the resolution (S stays dynamic).
+        opset: ONNX opset (21 or newer: INT4 and per-axis Q/DQ).
+    """
+    if opset < OPSET:
+        raise QVGGTError(f"opset {opset} is too old: INT4 Q/DQ needs opset {OPSET} or newer")
+    if example_images.dim() != 5 or example_images.shape[2] != 3:
+        raise QVGGTError(f"example images must be [B, S, 3, H, W], got {tuple(example_images.shape)}")
+    onnx_path = Path(onnx_path)
+    _check_writable(onnx_path.parent)
+    names = output_names_for(model)
+    wrapper = _DenseOutputs(model, names).eval()
+    height, width = example_images.shape[-2:]
+    started = time.perf_counter()
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=onnx_path.parent))
+    try:
+        raw_path = tmp_dir / "raw.onnx"
+        with _fixed_resolution(model, height, width), torch.no_grad(), warnings.catch_warnings():
+            # The tracer warns about Python ints taken from fixed image sizes: intended (fixed resolution).
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            torch.onnx.export(
+                wrapper, (example_images,), str(raw_path), dynamo=False, opset_version=opset,
+                input_names=["images"], output_names=list(names),
+                dynamic_axes={"images": {1: "frames"}, **{n: {1: "frames"} for n in names}},
+                custom_opsets={PLACEHOLDER_DOMAIN: 1} if _has_quantized_layers(model) else None,
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(raw_path))
+        num_q = count_placeholders(proto)
+        lowered = lower_qlinear_placeholders(proto)
+        if lowered != num_q:
+            raise QVGGTError(f"lowered {lowered} of {num_q} quantized linears")
+        proto.producer_name = "qvggt-export"
+        size = proto.ByteSize()
+        external = size > EXTERNAL_DATA_THRESHOLD
+        final_tmp = tmp_dir / onnx_path.name
+        data_name = onnx_path.name + ".data"
+        if external:
+            onnx.save(proto, str(final_tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=data_name, size_threshold=1024)
+            onnx.checker.check_model(str(final_tmp), full_check=True)
+        else:
+            onnx.checker.check_model(proto, full_check=True)
+            onnx.save(proto, str(final_tmp))
+        if external:
+            os.replace(tmp_dir / data_name, onnx_path.parent / data_name)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                (onnx_path.parent / data_name).unlink()  # a stale data file from an older export
+        os.replace(final_tmp, onnx_path)
+    except onnx.checker.ValidationError as exc:
+        raise QVGGTError(f"the exported graph failed the ONNX checker: {exc}") from exc
+    except OSError as exc:
+        raise QVGGTError(f"writing {onnx_path} failed: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    op_counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
+    input_dims = proto.graph.input[0].type.tensor_type.shape.dim
+    result = ExportResult(
+        onnx_path=onnx_path, size_bytes=onnx_path.stat().st_size + (
+            (onnx_path.parent / (onnx_path.name + ".data")).stat().st_size if external else 0),
+        external_data=external, input_shape=[d.dim_param or d.dim_value for d in input_dims],
+        outputs=list(names), opset=opset, num_nodes=len(proto.graph.node), num_qlinear=num_q,
+        export_seconds=time.perf_counter() - started, op_counts=dict(sorted(op_counts.items())),
+    )
+    logger.info("exported %s (%d nodes, %d quantized linears, %.1f MB) in %.1f s", onnx_path, result.num_nodes,
+                num_q, result.size_bytes / 1e6, result.export_seconds)
+    return result

@@ -1,0 +1,286 @@
+"""The whole job, as one API call: model -> calibration data -> quantize -> ONNX -> parity -> engine.
+
+:func:`run_pipeline` validates every input before it writes anything, writes each artifact
+atomically, and ends with ``report.json`` (plus ``config.json``, the resolved configuration) in the
+output folder. The CLI is a thin layer over this function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qvggt_export import __version__
+from qvggt_export.errors import MissingDependencyError, QVGGTError
+
+logger = logging.getLogger(__name__)
+
+FLOAT_FORMATS = ("fp32",)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything one run needs; written beside the artifacts as ``config.json``.
+
+    Attributes:
+        out_dir: output folder (created if missing).
+        bits: ``"w4a4"``, ``"w8a8"``, or ``"fp32"`` (no quantization: the float reference export).
+        model: preset name (``"tiny"``, ``"tiny-dino"``, ``"vggt-1b"``) or a JSON file with official
+            constructor arguments per submodule.
+        checkpoint: weights (``model.pt``, ``*.safetensors``, a folder, or a cached HF repo id); ``None``
+            keeps the seeded random initialisation (fine for testing the toolchain, not for accuracy).
+        method: quantization method (``"rtn"``).
+        calib_data: a folder of images or of image folders; ``None`` generates pseudo multi-view sequences.
+        calib_sequences: number of calibration sequences used (generated or read).
+        frames: frames per sequence.
+        image_size: preprocessing / generation size; ``None`` = the model's ``img_size``.
+        preprocess: ``"crop"`` (official default) or ``"pad"`` (square, for fixed-resolution engines).
+        seed: seeds data generation and the random initialisation.
+        engine: build an engine after export.
+        engine_profile: name of a profile in ``engines/`` or a path to a profile JSON.
+        backend: ``"auto"``, ``"rtx"`` (TensorRT-RTX) or ``"trt"`` (full TensorRT).
+        progress: show progress bars.
+    """
+
+    out_dir: Path
+    bits: str = "w4a4"
+    model: str = "tiny"
+    checkpoint: str | None = None
+    method: str = "rtn"
+    calib_data: str | None = None
+    calib_sequences: int = 4
+    frames: int = 3
+    image_size: int | None = None
+    preprocess: str = "crop"
+    seed: int = 0
+    engine: bool = True
+    engine_profile: str = "rtx-default"
+    backend: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from qvggt_export.model.preprocess import PREPROCESS_MODES
+        from qvggt_export.quant import parse_bits
+
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.bits not in FLOAT_FORMATS:
+            parse_bits(self.bits)
+        if self.calib_sequences < 1:
+            raise QVGGTError(f"calib_sequences must be >= 1, got {self.calib_sequences}")
+        if self.frames < 1:
+            raise QVGGTError(f"frames must be >= 1, got {self.frames}")
+        if self.image_size is not None and (self.image_size < 14 or self.image_size % 14):
+            raise QVGGTError(f"image_size must be a positive multiple of 14, got {self.image_size}")
+        if self.preprocess not in PREPROCESS_MODES:
+            raise QVGGTError(f"preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}")
+        if self.backend not in ("auto", "rtx", "trt"):
+            raise QVGGTError(f"backend must be auto, rtx or trt, got {self.backend!r}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits not in FLOAT_FORMATS
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["out_dir"] = str(self.out_dir)
+        return data
+
+
+@dataclass
+class StageTimer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        logger.info("stage %s ...", name)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - started, 3)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temp file in the same folder, fsync, rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, default=str)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _load_model(config: PipelineConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from qvggt_export.model import build_vggt, load_checkpoint
+
+    spec: Any = config.model
+    if config.model.endswith(".json"):
+        path = Path(config.model).expanduser()
+        if not path.is_file():
+            raise QVGGTError(f"model config file not found: {path}")
+        try:
+            spec = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise QVGGTError(f"model config {path} is not valid JSON: {exc}") from exc
+    model = build_vggt(spec, seed=config.seed)
+    info: dict[str, Any] = {"preset": config.model, "name": model.config.name,
+                            "parameters": sum(p.numel() for p in model.parameters()),
+                            "checkpoint": config.checkpoint}
+    if config.checkpoint:
+        load_checkpoint(model, config.checkpoint)
+        info["weights"] = "checkpoint"
+    else:
+        info["weights"] = f"random init (seed {config.seed}): exercises the toolchain; accuracy numbers are not meaningful"
+        logger.warning("no --checkpoint: using seeded random weights (fine for testing the toolchain, not for accuracy)")
+    return model.eval(), info
+
+
+def _calibration_data(config: PipelineConfig, model: torch.nn.Module) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    size = config.image_size or model.config.aggregator.img_size
+    patch = model.config.aggregator.patch_size
+    if config.calib_data:
+        from qvggt_export.calib.folders import iter_folder_sequences
+
+        sequences = list(iter_folder_sequences(config.calib_data, config.frames, size, config.preprocess, patch,
+                                               max_sequences=config.calib_sequences))
+        source = {"kind": "folder", "path": str(config.calib_data)}
+    else:
+        from qvggt_export.calib import SyntheticSequenceConfig, generate_sequences
+
+        sequences = generate_sequences(SyntheticSequenceConfig(
+            num_sequences=config.calib_sequences, frames=config.frames, height=size, width=size, seed=config.seed))
+        source = {"kind": "generated", "generator": "calib.synthetic (homography-warped scikit-image photos)"}
+    shapes = sorted({tuple(s.shape[-2:]) for s in sequences})
+    if len(shapes) > 1:
+        raise QVGGTError(f"calibration sequences have different resolutions {shapes}; an export has one "
+                         "fixed resolution: use --preprocess pad (square) or images of one aspect ratio")
+    source.update(sequences=len(sequences), frames=config.frames, resolution=list(shapes[0]))
+    return [s.unsqueeze(0) for s in sequences], source
+
+
+def _output_errors(float_model: torch.nn.Module, model: torch.nn.Module, batches: list[torch.Tensor],
+                   progress: Callable[[Any], Any]) -> dict[str, dict[str, float]]:
+    """Quantized-vs-float error per output on the calibration data (relative L2, worst and mean)."""
+    errors: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for images in progress(batches):
+            ref, got = float_model(images), model(images)
+            for name in ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf"):
+                if name in ref:
+                    num = (got[name] - ref[name]).norm()
+                    den = ref[name].norm().clamp_min(1e-30)
+                    errors.setdefault(name, []).append(float(num / den))
+    return {k: {"rel_l2_mean": sum(v) / len(v), "rel_l2_max": max(v)} for k, v in errors.items()}
+
+
+def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """Run every stage; returns the report (also written to ``out_dir/report.json``)."""
+    from tqdm.auto import tqdm
+
+    def progress(items: Any, **kwargs: Any) -> Any:
+        return tqdm(items, disable=not config.progress, leave=False, **kwargs)
+
+    timer = StageTimer()
+    started = time.perf_counter()
+    report: dict[str, Any] = {"tool": f"qvggt-export {__version__}", "bits": config.bits, "method": config.method
+                              if config.quantized else None, "torch": torch.__version__,
+                              "python": platform.python_version()}
+
+    # Inputs first: nothing is written until model, weights and data are known to be good.
+    with timer.stage("load_model"):
+        model, report["model"] = _load_model(config)
+    with timer.stage("calibration_data"):
+        batches, report["calibration"] = _calibration_data(config, model)
+
+    out_dir = config.out_dir
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QVGGTError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
+    if not os.access(out_dir, os.W_OK):
+        raise QVGGTError(f"output folder {out_dir} is not writable")
+    write_json_atomic(out_dir / "config.json", config.to_dict())
+
+    float_model = None
+    if config.quantized:
+        from qvggt_export.quant import QuantConfig, quantize_model
+
+        with timer.stage("quantize"):
+            float_model = copy.deepcopy(model)
+            layers = quantize_model(model, QuantConfig(bits=config.bits, method=config.method))
+            report["quantization"] = {
+                "layers": len(layers),
+                "roles": sorted({layer.role for layer in layers}),
+                "weight_rel_error": {layer.name: round(layer.weight_rel_error, 6) for layer in layers},
+            }
+        with timer.stage("quant_error"):
+            report["quantization"]["output_error_vs_float"] = _output_errors(float_model, model, batches, progress)
+
+    from qvggt_export.export import export_onnx
+
+    onnx_path = out_dir / "model.onnx"
+    with timer.stage("export_onnx"):
+        exported = export_onnx(model, onnx_path, batches[0])
+    report["onnx"] = {"path": str(onnx_path), "size_bytes": exported.size_bytes, "opset": exported.opset,
+                      "nodes": exported.num_nodes, "quantized_linears": exported.num_qlinear,
+                      "input_shape": exported.input_shape, "outputs": exported.outputs,
+                      "external_data": exported.external_data}
+
+    from qvggt_export.parity import check_parity
+
+    with timer.stage("parity"):
+        # Every calibration batch, plus a frame count the export was not traced with (dynamic axis).
+        inputs = list(batches)
+        if batches[0].shape[1] > 1:
+            inputs.append(batches[0][:, :1])
+        parity = check_parity(model, onnx_path, inputs, float_model=float_model)
+    report["parity"] = parity.to_dict()
+
+    report["engine"] = _build_engine_stage(config, onnx_path, timer)
+    report["timings_s"] = dict(timer.seconds, total=round(time.perf_counter() - started, 3))
+    write_json_atomic(out_dir / "report.json", report)
+    return report
+
+
+def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTimer) -> dict[str, Any]:
+    if not config.engine:
+        return {"path": None, "reason": "engine build disabled (--no-engine)"}
+    try:
+        from qvggt_export.engine import build_engine
+    except ImportError as exc:  # pragma: no cover - the engine package itself is always present
+        return {"path": None, "reason": f"engine stage unavailable: {exc}"}
+    engine_path = config.out_dir / "model.engine"
+    with timer.stage("build_engine"):
+        try:
+            result = build_engine(onnx_path, engine_path, config.engine_profile,
+                                  backend=None if config.backend == "auto" else config.backend)
+        except MissingDependencyError as exc:
+            logger.warning("no engine built: %s", exc)
+            return {"path": None, "reason": str(exc)}
+        except QVGGTError as exc:
+            logger.error("engine build failed: %s", exc)
+            return {"path": None, "reason": f"build failed: {exc}", "failed": True}
+    data = result.to_dict()
+    return {"path": data.pop("engine_path"), **data}
