@@ -32,6 +32,10 @@ from qvggt_export.quant.modules import PLACEHOLDER_DOMAIN, QuantLinear
 logger = logging.getLogger(__name__)
 
 OPSET = 21
+# The TorchScript exporter emits opset <= 20; the graph is traced at 20 and declared 21 after the Q/DQ
+# lowering (INT4 needs 21). Every operator it emits has the same semantics in 21 for these types
+# (opset 21 only widened type lists), which the full ONNX checker verifies.
+TRACE_OPSET = 20
 DENSE_OUTPUTS = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")
 # Protobuf's hard limit is 2 GiB; switch to external data a little below it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -132,9 +136,12 @@ def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_ima
         with _fixed_resolution(model, height, width), torch.no_grad(), warnings.catch_warnings():
             # The tracer warns about Python ints taken from fixed image sizes: intended (fixed resolution).
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            # The TorchScript exporter is deprecated upstream (its warning is not actionable for users);
+            # QuantLinear also emits dynamo-exporter placeholders, so moving over is a contained change.
+            warnings.filterwarnings("ignore", message=".*feature will be removed.*", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             torch.onnx.export(
-                wrapper, (example_images,), str(raw_path), dynamo=False, opset_version=opset,
+                wrapper, (example_images,), str(raw_path), dynamo=False, opset_version=TRACE_OPSET,
                 input_names=["images"], output_names=list(names),
                 dynamic_axes={"images": {1: "frames"}, **{n: {1: "frames"} for n in names}},
                 custom_opsets={PLACEHOLDER_DOMAIN: 1} if _has_quantized_layers(model) else None,
@@ -145,6 +152,9 @@ def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_ima
         lowered = lower_qlinear_placeholders(proto)
         if lowered != num_q:
             raise QVGGTError(f"lowered {lowered} of {num_q} quantized linears")
+        for entry in proto.opset_import:
+            if entry.domain in ("", "ai.onnx"):
+                entry.version = opset
         proto.producer_name = "qvggt-export"
         size = proto.ByteSize()
         external = size > EXTERNAL_DATA_THRESHOLD

@@ -71,7 +71,7 @@ class RotaryPositionEmbedding2D(nn.Module):
         ``num_positions`` bounds the table (all positions are < it); passing it from the patch grid
         avoids the official ``int(positions.max())``, a data-dependent value no exporter can trace.
         """
-        half = tokens.shape[-1] // 2
+        half = int(tokens.shape[-1]) // 2  # a Python int even under tracing (head size is static)
         cos_np, sin_np = _rope_tables(half, num_positions, self.base_frequency)
         cos_table = torch.from_numpy(cos_np).to(device=tokens.device, dtype=tokens.dtype)
         sin_table = torch.from_numpy(sin_np).to(device=tokens.device, dtype=tokens.dtype)
