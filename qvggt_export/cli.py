@@ -16,8 +16,10 @@ EXIT_OK, EXIT_PARITY_FAILED, EXIT_USAGE, EXIT_ENGINE_FAILED = 0, 1, 2, 3
 EXAMPLES = """\
 examples:
   qvggt-export --bits w4a4 --out out/w4a4
-      tiny VGGT, generated calibration sequences, W4A4 RTN, ONNX, parity, TensorRT-RTX engine
-  qvggt-export --bits w8a8 --model tiny-dino --frames 4 --out out/w8a8
+      tiny VGGT, generated calibration sequences, W4A4 DSFQ, ONNX, parity, TensorRT-RTX engine
+  qvggt-export --bits w4a4 --method rtn --model tiny-outliers --out out/rtn
+      the paper's "Base" on a small model with VGGT-like planted outliers
+  qvggt-export --bits w8a8 --model tiny-dino --frames 4 --recon-iters 50 --out out/w8a8
   qvggt-export --bits w4a4 --model vggt-1b --checkpoint facebook/VGGT-1B --calib-data photos/ --out out/1b
       real weights from the local Hugging Face cache, calibration images from a folder
   qvggt-export --bits fp32 --no-engine --out out/fp32          float reference export only
@@ -47,9 +49,30 @@ def _positive(text: str) -> int:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qvggt_export.model.config import preset_names
     from qvggt_export.quant import SUPPORTED_FORMATS
+    from qvggt_export.quant.config import METHODS
 
     parser = argparse.ArgumentParser(
         prog="qvggt-export", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -64,7 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "arguments (default tiny)")
     parser.add_argument("--checkpoint", help="model.pt / .safetensors / folder / cached HF repo id "
                                              "(default: seeded random weights)")
-    parser.add_argument("--method", default="rtn", choices=["rtn"], help="quantization method (default rtn)")
+    parser.add_argument("--method", default="dsfq", choices=list(METHODS),
+                        help="transform before quantization (paper Tab. 4): dsfq = Hadamard rotation then "
+                             "smoothing in the rotated space; rtn = none (default dsfq)")
+    parser.add_argument("--alpha", type=_unit_interval, default=0.5, help="smoothing strength (default 0.5)")
+    parser.add_argument("--recon-iters", type=_non_negative, default=0,
+                        help="block-reconstruction steps per block, learning smoothing factors and weight steps "
+                             "(default 0 = off)")
     parser.add_argument("--calib-data", help="folder of images, or of image folders (default: generated sequences)")
     parser.add_argument("--calib-sequences", type=_positive, default=4, help="calibration sequences (default 4)")
     parser.add_argument("--frames", type=_positive, default=3, help="frames per sequence (default 3)")
@@ -93,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = PipelineConfig(
             out_dir=args.out, bits=args.bits, model=args.model, checkpoint=args.checkpoint, method=args.method,
+            alpha=args.alpha, recon_iters=args.recon_iters,
             calib_data=args.calib_data, calib_sequences=args.calib_sequences, frames=args.frames,
             image_size=args.image_size, preprocess=args.preprocess, seed=args.seed, engine=not args.no_engine,
             engine_profile=args.engine_profile, backend=args.backend, progress=not args.no_progress)

@@ -42,7 +42,9 @@ class PipelineConfig:
             constructor arguments per submodule.
         checkpoint: weights (``model.pt``, ``*.safetensors``, a folder, or a cached HF repo id); ``None``
             keeps the seeded random initialisation (fine for testing the toolchain, not for accuracy).
-        method: quantization method (``"rtn"``).
+        method: ``"dsfq"`` (default), ``"rtn"``, ``"smooth"``, ``"rotate"`` or ``"smooth_rotate"`` (paper Tab. 4).
+        alpha: smoothing strength (eq. 7).
+        recon_iters: block-reconstruction steps per block (0 = off).
         calib_data: a folder of images or of image folders; ``None`` generates pseudo multi-view sequences.
         calib_sequences: number of calibration sequences used (generated or read).
         frames: frames per sequence.
@@ -59,7 +61,9 @@ class PipelineConfig:
     bits: str = "w4a4"
     model: str = "tiny"
     checkpoint: str | None = None
-    method: str = "rtn"
+    method: str = "dsfq"
+    alpha: float = 0.5
+    recon_iters: int = 0
     calib_data: str | None = None
     calib_sequences: int = 4
     frames: int = 3
@@ -78,6 +82,7 @@ class PipelineConfig:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.bits not in FLOAT_FORMATS:
             parse_bits(self.bits)
+            self.quant_config()  # validates method, alpha, recon_iters
         if self.calib_sequences < 1:
             raise QVGGTError(f"calib_sequences must be >= 1, got {self.calib_sequences}")
         if self.frames < 1:
@@ -88,6 +93,12 @@ class PipelineConfig:
             raise QVGGTError(f"preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}")
         if self.backend not in ("auto", "rtx", "trt"):
             raise QVGGTError(f"backend must be auto, rtx or trt, got {self.backend!r}")
+
+    def quant_config(self) -> Any:
+        from qvggt_export.quant import QuantConfig
+
+        return QuantConfig(bits=self.bits, method=self.method, alpha=self.alpha, seed=self.seed,
+                           recon_iters=self.recon_iters)
 
     @property
     def quantized(self) -> bool:
@@ -145,7 +156,7 @@ def _load_model(config: PipelineConfig) -> tuple[torch.nn.Module, dict[str, Any]
         except json.JSONDecodeError as exc:
             raise QVGGTError(f"model config {path} is not valid JSON: {exc}") from exc
     model = build_vggt(spec, seed=config.seed)
-    info: dict[str, Any] = {"preset": config.model, "name": model.config.name,
+    info: dict[str, Any] = {"preset": config.model, "name": model.config.name, "spec": spec,
                             "parameters": sum(p.numel() for p in model.parameters()),
                             "checkpoint": config.checkpoint}
     if config.checkpoint:
@@ -225,16 +236,26 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
     float_model = None
     if config.quantized:
-        from qvggt_export.quant import QuantConfig, quantize_model
+        from qvggt_export.quant.calibrate import calibrate
 
+        quant_config = config.quant_config()
         with timer.stage("quantize"):
             float_model = copy.deepcopy(model)
-            layers = quantize_model(model, QuantConfig(bits=config.bits, method=config.method))
+            result = calibrate(model, quant_config, batches, progress)
+            layers = result.layers
             report["quantization"] = {
+                "config": dataclasses.asdict(quant_config),
                 "layers": len(layers),
+                "transformed_layers": result.transformed,
+                "calibration_tokens": result.calibration_tokens,
                 "roles": sorted({layer.role for layer in layers}),
                 "weight_rel_error": {layer.name: round(layer.weight_rel_error, 6) for layer in layers},
+                "reconstruction": result.reconstruction,
             }
+        from qvggt_export.quant.state import save_quantized
+
+        weights_path, _ = save_quantized(model, out_dir / "quantized_model", report["model"]["spec"], quant_config)
+        report["quantization"]["state"] = str(weights_path)
         with timer.stage("quant_error"):
             report["quantization"]["output_error_vs_float"] = _output_errors(float_model, model, batches, progress)
 

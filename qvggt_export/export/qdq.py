@@ -55,6 +55,40 @@ def _constant_values(graph: onnx.GraphProto, name: str) -> np.ndarray:
     raise QVGGTError(f"QLinear input {name!r} is not a constant; the quantized weights must be initializers")
 
 
+def _lower_input_transform(x: str, layer: str, transform_names: list[str], rotate: bool, graph: onnx.GraphProto,
+                           nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], shared: dict[str, str]) -> str:
+    """Emit ``((x * pre) @ H) * post`` (factors that are all ones are skipped); returns the output name.
+
+    The rotation is a dense MatMul with the normalised Hadamard matrix here (one shared initializer per
+    size): exact and runnable everywhere, O(d^2) per token.
+    """
+    if not transform_names:
+        return x
+    pre_name, post_name = transform_names
+    pre = _constant_values(graph, pre_name).astype(np.float32)
+    post = _constant_values(graph, post_name).astype(np.float32)
+    p = f"{layer}/"
+    if not np.all(pre == 1.0):
+        inits.append(numpy_helper.from_array(pre, p + "input_pre"))
+        nodes.append(helper.make_node("Mul", [x, p + "input_pre"], [p + "x_pre"], name=p + "input_pre_scale"))
+        x = p + "x_pre"
+    if rotate:
+        size = pre.shape[0]
+        matrix = f"qvggt/hadamard_{size}"
+        if matrix not in shared:
+            from qvggt_export.quant.hadamard import hadamard_matrix
+
+            inits.append(numpy_helper.from_array(hadamard_matrix(size).float().numpy(), matrix))
+            shared[matrix] = matrix
+        nodes.append(helper.make_node("MatMul", [x, matrix], [p + "x_rot"], name=p + "input_hadamard"))
+        x = p + "x_rot"
+    if not np.all(post == 1.0):
+        inits.append(numpy_helper.from_array(post, p + "input_post"))
+        nodes.append(helper.make_node("Mul", [x, p + "input_post"], [p + "x_post"], name=p + "input_post_scale"))
+        x = p + "x_post"
+    return x
+
+
 def count_placeholders(model: onnx.ModelProto) -> int:
     return sum(1 for n in model.graph.node if n.domain == PLACEHOLDER_DOMAIN and n.op_type == PLACEHOLDER_OP)
 
@@ -84,11 +118,13 @@ def lower_qlinear_placeholders(model: onnx.ModelProto) -> int:
         layer = attrs.get("layer", b"")
         layer = layer.decode() if isinstance(layer, bytes) else str(layer)
         layer = layer or f"qlinear_{count}"
-        x, codes_name, step_name, bias_name = node.input
+        x, codes_name, step_name, bias_name, *transform_names = node.input
         codes = _constant_values(graph, codes_name).astype(np.int8)
         step = _constant_values(graph, step_name).astype(np.float32)
         bias = _constant_values(graph, bias_name).astype(np.float32)
-        consumed.update({codes_name, step_name, bias_name})
+        consumed.update({codes_name, step_name, bias_name, *transform_names})
+        x = _lower_input_transform(x, layer, transform_names, bool(attrs.get("rotate", 0)), graph, new_nodes,
+                                   new_inits, shared)
         wmin, wmax = qrange(wbits)
         if codes.min() < wmin or codes.max() > wmax:
             raise QVGGTError(f"{layer}: weight codes outside the {wbits}-bit range [{wmin}, {wmax}]")

@@ -26,6 +26,7 @@ from qvggt_export.model.config import (
     preset_names,
     resolve_config,
 )
+from qvggt_export.model.outliers import PlantedOutliers, plant_outliers
 from qvggt_export.model.preprocess import load_and_preprocess_images, preprocess_image
 from qvggt_export.model.vggt import VGGT
 
@@ -33,6 +34,7 @@ __all__ = [
     "VGGT", "VGGTConfig", "AggregatorConfig", "DinoConfig", "CameraHeadConfig", "DPTHeadConfig", "TrackHeadConfig",
     "TrackerConfig", "build_vggt", "config_from_dict", "preset_names", "resolve_config", "load_checkpoint",
     "load_state_dict_file", "find_hf_checkpoint", "load_and_preprocess_images", "preprocess_image",
+    "PlantedOutliers", "plant_outliers",
 ]
 
 
@@ -41,7 +43,7 @@ def build_vggt(config: str | Mapping[str, Any] | VGGTConfig = "tiny", *, device:
     """Build a VGGT in eval mode from a preset name, an official-layout config dict or a :class:`VGGTConfig`.
 
     Args:
-        config: ``"vggt-1b"``, ``"tiny"``, ``"tiny-dino"`` (see :func:`preset_names`), a dict of official
+        config: ``"vggt-1b"``, ``"tiny"``, ``"tiny-dino"``, ``"tiny-outliers"`` (see :func:`preset_names`), a dict of official
             constructor arguments per submodule (a fixture's ``model`` section), or a config object.
         device: where to allocate parameters; ``"meta"`` builds the structure without memory.
         seed: seeds the random initialisation so that a weight-less build is reproducible; ``None``
@@ -55,6 +57,8 @@ def build_vggt(config: str | Mapping[str, Any] | VGGTConfig = "tiny", *, device:
     try:
         with torch.device(device) if device is not None else contextlib.nullcontext():
             model = VGGT(resolved)
+        if resolved.planted_outliers is not None and not any(p.is_meta for p in model.parameters()):
+            plant_outliers(model, resolved.planted_outliers)
     finally:
         if generator_state is not None:
             torch.random.set_rng_state(generator_state)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qvggt_export.errors import QVGGTError
+from qvggt_export.model.outliers import PlantedOutliers
 
 # DINOv2 backbones the official aggregator can build by name (patch_embed=...). The register variants
 # are the ones VGGT uses; "giant" needs a SwiGLU MLP that VGGT never ships, so it is not offered.
@@ -220,6 +221,9 @@ class VGGTConfig:
     point_head: DPTHeadConfig | None = field(default_factory=DPTHeadConfig)
     track_head: TrackHeadConfig | None = field(default_factory=TrackHeadConfig)
     name: str = "custom"
+    # Test/benchmark models only: heavy-tailed activations built into the random initialisation
+    # (see qvggt_export.model.outliers). A loaded checkpoint replaces all weights.
+    planted_outliers: PlantedOutliers | None = None
 
     def __post_init__(self) -> None:
         agg = self.aggregator
@@ -309,7 +313,12 @@ def _tiny_dino() -> VGGTConfig:
     )
 
 
-PRESETS = {"vggt-1b": _vggt_1b, "tiny": _tiny, "tiny-dino": _tiny_dino}
+def _tiny_outliers() -> VGGTConfig:
+    """``tiny`` with VGGT-like massive activations planted (fixed seed): exercises smoothing and rotation."""
+    return dataclasses.replace(_tiny(), name="tiny-outliers", planted_outliers=PlantedOutliers(seed=0))
+
+
+PRESETS = {"vggt-1b": _vggt_1b, "tiny": _tiny, "tiny-dino": _tiny_dino, "tiny-outliers": _tiny_outliers}
 
 
 def preset_names() -> list[str]:

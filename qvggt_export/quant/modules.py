@@ -6,6 +6,8 @@ quantizes its input per token at run time. Its eager forward computes
 also the form TensorRT turns into an integer GEMM. During ONNX export it emits one placeholder node,
 ``qvggt.export::QLinear``, which the exporter expands into standard Q/DQ operators, so the quantization
 math has a single definition on the PyTorch side and a single lowering on the ONNX side.
+:class:`TransformedLinear` is the float stage in between: the same online input transform (rotation /
+smoothing, see :mod:`.transforms`) with the folded float weight, exact up to float rounding.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qvggt_export.quant import functional as qf
+from qvggt_export.quant.transforms import transform_input
 
 PLACEHOLDER_DOMAIN = "qvggt.export"
 PLACEHOLDER_OP = "QLinear"
@@ -24,15 +27,19 @@ class _QLinearPlaceholder(torch.autograd.Function):
     """Carries a quantized linear through the TorchScript exporter as one custom node."""
 
     @staticmethod
-    def forward(ctx, x, codes, step, bias, weight_bits, act_bits, layer):  # noqa: ANN001, ARG004
-        return _qlinear_math(x, codes, step, bias, act_bits)
+    def forward(ctx, x, codes, step, bias, pre, post, weight_bits, act_bits, rotate, layer):  # noqa: ANN001, ARG004
+        # The symbolic node replaces this body in the graph; the tracer only needs an output of the right
+        # shape and dtype (the model has no value-dependent control flow). Computing the real value here
+        # would run fwht, whose cached stage matrices the tracer then meets again in the next layer's
+        # scope and rejects ("unordered_map::at").
+        return x.new_zeros(*x.shape[:-1], codes.shape[0])
 
     @staticmethod
-    def symbolic(g, x, codes, step, bias, weight_bits, act_bits, layer):  # noqa: ANN001
+    def symbolic(g, x, codes, step, bias, pre, post, weight_bits, act_bits, rotate, layer):  # noqa: ANN001
         from torch.onnx import symbolic_helper
 
-        out = g.op(f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}", x, codes, step, bias,
-                   weight_bits_i=weight_bits, act_bits_i=act_bits, layer_s=layer)
+        out = g.op(f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}", x, codes, step, bias, pre, post,
+                   weight_bits_i=weight_bits, act_bits_i=act_bits, rotate_i=rotate, layer_s=layer)
         # Declare the output type/shape so the exporter's shape inference continues past the custom node.
         sizes = symbolic_helper._get_tensor_sizes(x)
         out_features = symbolic_helper._get_tensor_sizes(codes)[0]
@@ -48,18 +55,72 @@ def _qlinear_math(x: torch.Tensor, codes: torch.Tensor, step: torch.Tensor, bias
     return F.linear(qf.quantize(x, x_step, act_bits), weight) * x_step + bias
 
 
-class QuantLinear(nn.Module):
-    """W{N}A{M} linear: N-bit per-output-channel weights, M-bit per-token dynamic activations.
+class _InputTransform(nn.Module):
+    """Optional online input transform ``T(x) = ((x * input_pre) @ H) * input_post`` of a linear."""
+
+    def _init_transform(self, in_features: int) -> None:
+        self.in_features = in_features
+        self.rotate = False
+        self.register_buffer("input_pre", None)
+        self.register_buffer("input_post", None)
+
+    def set_transform(self, pre: torch.Tensor | None, post: torch.Tensor | None, rotate: bool) -> None:
+        for name, value in (("input_pre", pre), ("input_post", post)):
+            if value is not None and value.shape != (self.in_features,):
+                raise ValueError(f"{name} must have shape [{self.in_features}], got {tuple(value.shape)}")
+            setattr(self, name, None if value is None else value.detach().float().clone())
+        self.rotate = bool(rotate)
+
+    def copy_transform_from(self, other: nn.Module) -> None:
+        if isinstance(other, _InputTransform):
+            self.set_transform(other.input_pre, other.input_post, other.rotate)
+
+    @property
+    def has_transform(self) -> bool:
+        return self.rotate or self.input_pre is not None or self.input_post is not None
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        return transform_input(x, self.input_pre, self.input_post, self.rotate)
+
+    def _transform_repr(self) -> str:
+        parts = [name for name, on in (("pre-scale", self.input_pre is not None), ("hadamard", self.rotate),
+                                       ("post-scale", self.input_post is not None)) if on]
+        return f", input transform: {' -> '.join(parts)}" if parts else ""
+
+
+class TransformedLinear(_InputTransform):
+    """A float linear behind an online input transform: ``y = T(x) W'^T + b`` (equal to the original
+    ``x W^T + b`` up to float rounding). The stage between equivalence transforms and quantization."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pre: torch.Tensor | None,
+                 post: torch.Tensor | None, rotate: bool) -> None:
+        super().__init__()
+        self.out_features = weight.shape[0]
+        self._init_transform(weight.shape[1])
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.set_transform(pre, post, rotate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform(x), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}{self._transform_repr()}"
+
+
+class QuantLinear(_InputTransform):
+    """W{N}A{M} linear: N-bit per-output-channel weights, M-bit per-token dynamic activations, behind an
+    optional online input transform (rotation / smoothing).
 
     Buffers: ``weight_codes`` int8 [out, in] (INT4 codes are stored in int8 and packed at export),
-    ``weight_step`` float32 [out], ``bias`` float32 [out].
+    ``weight_step`` float32 [out], ``bias`` float32 [out], optional ``input_pre`` / ``input_post`` [in].
     """
 
     def __init__(self, in_features: int, out_features: int, weight_bits: int, act_bits: int, name: str = "") -> None:
         super().__init__()
         qf.qrange(weight_bits)
         qf.qrange(act_bits)
-        self.in_features = in_features
+        self._init_transform(in_features)
         self.out_features = out_features
         self.weight_bits = weight_bits
         self.act_bits = act_bits
@@ -69,15 +130,25 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, weight_bits: int, act_bits: int, name: str = "") -> QuantLinear:
-        """Round-to-nearest quantization of a float linear's weight (steps from float64 max)."""
+    def from_linear(cls, linear: nn.Module, weight_bits: int, act_bits: int, name: str = "",
+                    weight_step: torch.Tensor | None = None) -> QuantLinear:
+        """Round-to-nearest quantization of a float (or transformed) linear's weight.
+
+        Args:
+            linear: ``nn.Linear`` or :class:`TransformedLinear` (its transform is kept).
+            weight_bits, act_bits: bit widths.
+            name: dotted module path, carried into the exported graph.
+            weight_step: per-output-channel steps [out] (e.g. learned); default ``max|W_row| / qmax``
+                computed in float64.
+        """
         module = cls(linear.in_features, linear.out_features, weight_bits, act_bits, name)
         weight = linear.weight.detach().to(torch.float64)
-        step = qf.per_channel_step(weight, weight_bits)
+        step = qf.per_channel_step(weight, weight_bits) if weight_step is None else weight_step.detach().double()
         module.weight_codes.copy_(qf.quantize(weight, step[:, None], weight_bits).to(torch.int8))
         module.weight_step.copy_(step.to(torch.float32))
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach().float())
+        module.copy_transform_from(linear)
         return module.to(linear.weight.device)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -86,17 +157,21 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             return self._export_forward(x)
-        return _qlinear_math(x, self.weight_codes, self.weight_step, self.bias, self.act_bits)
+        return _qlinear_math(self.transform(x), self.weight_codes, self.weight_step, self.bias, self.act_bits)
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones(self.in_features, dtype=x.dtype, device=x.device)
+        pre = ones if self.input_pre is None else self.input_pre
+        post = ones if self.input_post is None else self.input_post
         if torch.jit.is_tracing():  # TorchScript exporter
-            return _QLinearPlaceholder.apply(x, self.weight_codes, self.weight_step, self.bias, self.weight_bits,
-                                             self.act_bits, self.name)
+            return _QLinearPlaceholder.apply(x, self.weight_codes, self.weight_step, self.bias, pre, post,
+                                             self.weight_bits, self.act_bits, int(self.rotate), self.name)
         return torch.onnx.ops.symbolic(
-            f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}", (x, self.weight_codes, self.weight_step, self.bias),
-            {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "layer": self.name},
+            f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}", (x, self.weight_codes, self.weight_step, self.bias, pre, post),
+            {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "rotate": int(self.rotate),
+             "layer": self.name},
             dtype=x.dtype, shape=[*x.shape[:-1], self.out_features], version=1)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"w{self.weight_bits}a{self.act_bits} per-channel/per-token")
+                f"w{self.weight_bits}a{self.act_bits} per-channel/per-token{self._transform_repr()}")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from qvggt_export.errors import QVGGTError
 from qvggt_export.quant.config import QuantConfig
-from qvggt_export.quant.modules import QuantLinear
+from qvggt_export.quant.modules import QuantLinear, TransformedLinear
 from qvggt_export.quant.roles import find_targets, iter_modules, replace_module
 
 logger = logging.getLogger(__name__)
@@ -24,22 +25,31 @@ class QuantizedLayer:
     weight_rel_error: float  # ||W - W_q||_F / ||W||_F
 
 
-def quantize_model(model: nn.Module, config: QuantConfig) -> list[QuantizedLayer]:
-    """Replace the targeted ``nn.Linear`` modules of ``model`` by :class:`QuantLinear` (in place).
+def quantize_model(model: nn.Module, config: QuantConfig,
+                   weight_steps: dict[str, torch.Tensor] | None = None) -> list[QuantizedLayer]:
+    """Replace the targeted linears of ``model`` (``nn.Linear`` or, after :func:`apply_transforms`,
+    :class:`TransformedLinear`) by :class:`QuantLinear`, in place, with round-to-nearest weight codes.
 
-    Returns one :class:`QuantizedLayer` per replaced linear, with its weight quantization error.
+    Args:
+        model: a VGGT.
+        config: bits and roles.
+        weight_steps: optional per-layer per-output-channel steps (learned by reconstruction).
+
+    Returns one :class:`QuantizedLayer` per replaced linear, with its weight quantization error
+    (relative to the float weight it replaced, i.e. the transformed weight when transforms were applied).
     """
     targets = find_targets(model, config.roles)
     layers = []
     for target, module in iter_modules(model, targets):
         if isinstance(module, QuantLinear):
             raise QVGGTError(f"{target.name} is already quantized; build a fresh model to quantize again")
-        if not isinstance(module, nn.Linear):
-            raise QVGGTError(f"{target.name} (role {target.role}) is a {type(module).__name__}, not nn.Linear")
-        quantized = QuantLinear.from_linear(module, config.weight_bits, config.act_bits, target.name)
+        if not isinstance(module, nn.Linear | TransformedLinear):
+            raise QVGGTError(f"{target.name} (role {target.role}) is a {type(module).__name__}, not a linear")
+        quantized = QuantLinear.from_linear(module, config.weight_bits, config.act_bits, target.name,
+                                            weight_step=(weight_steps or {}).get(target.name))
         weight = module.weight.detach().float()
         error = float((weight - quantized.dequantized_weight()).norm() / weight.norm().clamp_min(1e-12))
         replace_module(model, target.name, quantized)
         layers.append(QuantizedLayer(target.name, target.role, module.in_features, module.out_features, error))
-    logger.info("quantized %d linears to %s (%s)", len(layers), config.bits, config.method)
+    logger.info("quantized %d linears to %s", len(layers), config.bits)
     return layers

@@ -1,0 +1,84 @@
+"""Planted outliers: a small VGGT whose activations are heavy-tailed the way VGGT-1B's are.
+
+The real model's camera and register tokens carry massive activations in a few channels, and a few
+channels are large for every token (paper Fig. 3); a randomly initialised small model has neither, so
+quantization methods cannot be told apart on it. :func:`plant_outliers` builds that structure into the
+weights, deterministically from a seed, in three steps:
+
+1. **Reference-style perturbation** (as the official reference fixtures do, so heads are not flat):
+   the learned special tokens (``camera_token``, ``register_token``, ``camera_head.empty_pose_tokens``)
+   become N(0, 1); every parameter whose elements are all equal at initialisation gets noise
+   (LayerScale ``gamma``: c + 0.2 N(0, 1), anything else: c + 0.1 N(0, 1)).
+2. **Massive special-token activations**: in ``special_token_channels`` channels (chosen by the seed),
+   the camera and register tokens get ``special_token_scale`` x their N(0,1) values. They ride the
+   residual stream through every aggregator block, so each block's ``norm1``/``norm2`` output has
+   token-specific outliers on the special tokens (the tokens that are 1 + registers of every frame).
+3. **Systematic channel outliers**: in every aggregator block, ``norm_channels`` channels of ``norm1``
+   and ``norm2`` weights are multiplied by ``norm_scale`` (qkv / fc1 inputs: large for all tokens);
+   ``hidden_units`` rows of ``fc1`` by ``hidden_scale`` (heavy-tailed fc2 inputs after GELU); and
+   ``value_channels`` rows of the value part of ``qkv`` by ``value_scale`` (heavy-tailed proj inputs).
+
+Every choice comes from ``torch.Generator().manual_seed(seed)``, visiting parameters in
+``named_parameters()`` order; the result is identical on every machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_SPECIAL_TOKENS = ("aggregator.camera_token", "aggregator.register_token", "camera_head.empty_pose_tokens")
+
+
+@dataclass(frozen=True)
+class PlantedOutliers:
+    seed: int = 0
+    special_token_channels: int = 3
+    special_token_scale: float = 40.0
+    norm_channels: int = 2
+    norm_scale: float = 10.0
+    hidden_units: int = 4
+    hidden_scale: float = 6.0
+    value_channels: int = 2
+    value_scale: float = 6.0
+
+
+@torch.no_grad()
+def perturb_like_reference(model: nn.Module, generator: torch.Generator) -> None:
+    """Step 1: N(0,1) special tokens, noise on every constant-initialised parameter."""
+    for name, param in model.named_parameters():
+        if name in _SPECIAL_TOKENS or name.endswith("patch_embed.cls_token") or name.endswith("register_tokens"):
+            param.copy_(torch.randn(param.shape, generator=generator))
+        elif param.numel() > 1 and bool((param == param.flatten()[0]).all()):
+            spread = 0.2 if name.endswith(".gamma") else 0.1
+            param.add_(spread * torch.randn(param.shape, generator=generator))
+
+
+@torch.no_grad()
+def plant_outliers(model: nn.Module, config: PlantedOutliers) -> None:
+    """Apply steps 1-3 of the module docstring to ``model`` in place."""
+    generator = torch.Generator().manual_seed(config.seed)
+    perturb_like_reference(model, generator)
+    aggregator = model.aggregator
+    dim = aggregator.camera_token.shape[-1]
+
+    def pick(count: int, size: int) -> torch.Tensor:
+        return torch.randperm(size, generator=generator)[: min(count, size)]
+
+    special = pick(config.special_token_channels, dim)
+    aggregator.camera_token[..., special] *= config.special_token_scale
+    aggregator.register_token[..., special] *= config.special_token_scale
+    for blocks in (aggregator.frame_blocks, aggregator.global_blocks):
+        for block in blocks:
+            for norm in (block.norm1, block.norm2):
+                norm.weight[pick(config.norm_channels, dim)] *= config.norm_scale
+            fc1 = block.mlp.fc1
+            rows = pick(config.hidden_units, fc1.out_features)
+            fc1.weight[rows] *= config.hidden_scale
+            fc1.bias[rows] *= config.hidden_scale
+            qkv = block.attn.qkv
+            value_rows = 2 * dim + pick(config.value_channels, dim)  # rows are ordered q | k | v
+            qkv.weight[value_rows] *= config.value_scale
+            qkv.bias[value_rows] *= config.value_scale

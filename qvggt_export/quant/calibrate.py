@@ -1,0 +1,61 @@
+"""The quantization stage as one call: statistics -> transforms -> (block reconstruction) -> quantize."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qvggt_export.errors import QVGGTError
+from qvggt_export.quant.config import QuantConfig
+from qvggt_export.quant.dsfq import apply_transforms, check_rotatable, collect_channel_stats
+from qvggt_export.quant.roles import find_targets
+from qvggt_export.quant.rtn import QuantizedLayer, quantize_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationResult:
+    layers: list[QuantizedLayer]
+    transformed: int
+    calibration_tokens: int = 0
+    reconstruction: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def calibrate(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor] = (),
+              progress: Callable[[Iterable], Iterable] = lambda x: x) -> CalibrationResult:
+    """Quantize ``model`` in place with ``config``.
+
+    Args:
+        model: a float VGGT (eval mode).
+        config: format, method (``rtn``/``smooth``/``rotate``/``smooth_rotate``/``dsfq``), roles, alpha, seed,
+            reconstruction settings.
+        batches: calibration images, each [B, S, 3, H, W] in [0, 1]; required by the smoothing methods and
+            by reconstruction.
+        progress: wraps long loops (e.g. a tqdm factory).
+    """
+    targets = find_targets(model, config.roles)
+    if config.method in ("rotate", "smooth_rotate", "dsfq"):
+        check_rotatable(targets, model)
+    stats = None
+    tokens = 0
+    if config.needs_calibration:
+        if len(batches) == 0:
+            raise QVGGTError(f"method {config.method} needs calibration data, but the calibration set is empty")
+        stats = collect_channel_stats(model, targets, batches, config.seed,
+                                      raw=config.method in ("smooth", "smooth_rotate"),
+                                      rotated=config.method == "dsfq", progress=progress)
+        tokens = next(iter(stats.values())).tokens
+    transformed = apply_transforms(model, targets, config.method, stats, config.alpha, config.seed)
+    weight_steps = None
+    recon_report: dict[str, dict[str, float]] = {}
+    if config.recon_iters > 0:
+        from qvggt_export.quant.reconstruct import reconstruct_blocks
+
+        weight_steps, recon_report = reconstruct_blocks(model, targets, config, batches, progress)
+    layers = quantize_model(model, config, weight_steps)
+    return CalibrationResult(layers, transformed, tokens, recon_report)

@@ -1,0 +1,140 @@
+"""DSFQ model surgery: calibration statistics, then rotation / smoothing transforms of every target linear.
+
+:func:`apply_transforms` replaces each targeted ``nn.Linear`` by a :class:`TransformedLinear` whose
+float output equals the original up to float rounding (the transforms are exact equivalences);
+:func:`~qvggt_export.quant.rtn.quantize_model` then quantizes those. Statistics come from one float
+forward pass over the calibration batches with hooks on the target linears; because every transform
+preserves its layer's output, statistics of the float model are the statistics every layer sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qvggt_export.errors import QVGGTError
+from qvggt_export.quant.hadamard import fwht, hadamard_factors, random_signs
+from qvggt_export.quant.modules import TransformedLinear
+from qvggt_export.quant.roles import QuantTarget, iter_modules, replace_module
+from qvggt_export.quant.transforms import fold_weight, smoothing_scales, weight_column_absmax
+
+logger = logging.getLogger(__name__)
+
+TRANSFORM_METHODS = ("rtn", "smooth", "rotate", "smooth_rotate", "dsfq")
+_NEEDS_RAW_STATS = {"smooth", "smooth_rotate"}
+_NEEDS_ROTATED_STATS = {"dsfq"}
+_ROTATES = {"rotate", "smooth_rotate", "dsfq"}
+
+
+@dataclass
+class ChannelStats:
+    """Per-input-channel max |x| of one linear's input over the calibration data (raw and rotated)."""
+
+    raw_absmax: torch.Tensor | None = None
+    rotated_absmax: torch.Tensor | None = None
+    tokens: int = 0
+
+
+def layer_signs(name: str, size: int, seed: int) -> torch.Tensor:
+    """The random +-1 signs of one layer: seeded by the run seed and the layer's name (stable across runs
+    and independent of which other layers are quantized)."""
+    return random_signs(size, seed=(seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+
+
+def check_rotatable(targets: Sequence[QuantTarget], model: nn.Module) -> None:
+    for target, module in iter_modules(model, targets):
+        try:
+            hadamard_factors(module.in_features)
+        except QVGGTError as exc:
+            raise QVGGTError(f"{target.name}: cannot rotate its {module.in_features} input channels: {exc}") from exc
+
+
+@torch.no_grad()
+def collect_channel_stats(model: nn.Module, targets: Sequence[QuantTarget], batches: Iterable[torch.Tensor],
+                          seed: int, raw: bool, rotated: bool,
+                          progress: Callable[[Iterable], Iterable] = lambda x: x) -> dict[str, ChannelStats]:
+    """Run the float model over ``batches`` and record each target's input channel maxima.
+
+    Raises:
+        QVGGTError: no batches, or a non-finite activation (naming the layer and batch).
+    """
+    stats = {t.name: ChannelStats() for t in targets}
+    batch_index = 0
+
+    def make_hook(name: str, in_features: int) -> Callable:
+        signs = layer_signs(name, in_features, seed) if rotated else None
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if not torch.isfinite(x).all():
+                raise QVGGTError(f"non-finite activation (NaN/Inf) entering {name} on calibration batch "
+                                 f"{batch_index}; check the input images and the checkpoint")
+            entry = stats[name]
+            entry.tokens += x.shape[0]
+            if raw:
+                value = x.abs().amax(dim=0)
+                entry.raw_absmax = value if entry.raw_absmax is None else torch.maximum(entry.raw_absmax, value)
+            if rotated:
+                value = fwht(x, signs=signs.to(x.device)).abs().amax(dim=0)
+                entry.rotated_absmax = (value if entry.rotated_absmax is None
+                                        else torch.maximum(entry.rotated_absmax, value))
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(t.name, module.in_features))
+               for t, module in iter_modules(model, targets)]
+    try:
+        for batch_index, images in enumerate(progress(batches)):  # noqa: B007 (read by the hook)
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not stats or next(iter(stats.values())).tokens == 0:
+        raise QVGGTError("calibration produced no statistics: the calibration set is empty")
+    return stats
+
+
+def apply_transforms(model: nn.Module, targets: Sequence[QuantTarget], method: str,
+                     stats: dict[str, ChannelStats] | None, alpha: float = 0.5, seed: int = 0) -> int:
+    """Replace each target ``nn.Linear`` by the :class:`TransformedLinear` of ``method`` (in place).
+
+    Returns the number of transformed layers (0 for ``rtn``).
+    """
+    if method not in TRANSFORM_METHODS:
+        raise QVGGTError(f"unknown method {method!r}; available: {', '.join(TRANSFORM_METHODS)}")
+    if method == "rtn":
+        return 0
+    rotate = method in _ROTATES
+    if rotate:
+        check_rotatable(targets, model)
+    count = 0
+    for target, module in iter_modules(model, targets):
+        if not isinstance(module, nn.Linear):
+            raise QVGGTError(f"{target.name} is a {type(module).__name__}; transforms apply to float nn.Linear")
+        weight = module.weight.detach()
+        signs = layer_signs(target.name, module.in_features, seed).double() if rotate else None
+        pre = signs
+        post = None
+        if method in _NEEDS_RAW_STATS or method in _NEEDS_ROTATED_STATS:
+            entry = (stats or {}).get(target.name)
+            if entry is None:
+                raise QVGGTError(f"method {method} needs calibration statistics for {target.name}")
+        if method in _NEEDS_RAW_STATS:
+            c = smoothing_scales(entry.raw_absmax, weight.abs().amax(dim=0), alpha)
+            pre = 1.0 / c if signs is None else signs / c
+        elif method in _NEEDS_ROTATED_STATS:
+            # DSFQ: smoothing in the rotated space, from the rotated weight's column maxima (not the raw
+            # weight's, which the published code uses by mistake).
+            c = smoothing_scales(entry.rotated_absmax, weight_column_absmax(weight, signs, rotate=True), alpha)
+            post = 1.0 / c
+        folded = fold_weight(weight, pre, post, rotate)
+        transformed = TransformedLinear(folded, module.bias, None if pre is None else pre.float(),
+                                        None if post is None else post.float(), rotate)
+        replace_module(model, target.name, transformed.to(weight.device))
+        count += 1
+    logger.info("applied %s transforms to %d linears", method, count)
+    return count

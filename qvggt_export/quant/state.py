@@ -1,0 +1,99 @@
+"""Saving and reloading a quantized VGGT exactly: one safetensors file plus a JSON description.
+
+The safetensors file holds the whole state dict (integer weight codes, steps, transform vectors and
+every float weight that stayed float). The JSON holds what rebuilds the structure: the model spec given
+to :func:`~qvggt_export.model.build_vggt` (a preset name or an official-layout config dict), the
+resolved quantization config, and per quantized layer its bit widths and transform flags. Both files
+are written atomically (temp file, then rename), the weights first, so a JSON never points at a
+missing or half-written weight file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from qvggt_export.errors import QVGGTError
+from qvggt_export.quant.config import QuantConfig
+from qvggt_export.quant.modules import QuantLinear
+from qvggt_export.quant.roles import replace_module
+
+FORMAT_VERSION = 1
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike[str], model_spec: str | dict[str, Any],
+                   config: QuantConfig) -> tuple[Path, Path]:
+    """Write ``<path>.safetensors`` and ``<path>.json``; returns both paths."""
+    from safetensors.torch import save_file
+
+    base = Path(path)
+    weights, meta = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    layers = {name: {"weight_bits": m.weight_bits, "act_bits": m.act_bits, "rotate": m.rotate,
+                     "pre": m.input_pre is not None, "post": m.input_post is not None,
+                     "in_features": m.in_features, "out_features": m.out_features}
+              for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise QVGGTError("the model has no quantized layers to save")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    description = {"format": "qvggt-export quantized model", "version": FORMAT_VERSION, "model": model_spec,
+                   "quantization": dataclasses.asdict(config), "layers": layers, "weights": weights.name}
+    _atomic_write(weights, lambda tmp: save_file(state, tmp))
+    _atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2) + "\n"))
+    return weights, meta
+
+
+def load_quantized(path: str | os.PathLike[str]) -> tuple[nn.Module, QuantConfig]:
+    """Rebuild a model saved by :func:`save_quantized` (``path`` = the JSON or the shared stem)."""
+    from safetensors.torch import load_file
+
+    from qvggt_export.model import build_vggt, load_checkpoint
+
+    meta = Path(path).with_suffix(".json")
+    if not meta.is_file():
+        raise QVGGTError(f"quantized model description not found: {meta}")
+    try:
+        description = json.loads(meta.read_text())
+        version = description["version"]
+        layers = description["layers"]
+        quant = description["quantization"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise QVGGTError(f"{meta} is not a qvggt-export quantized model description: {exc}") from exc
+    if version != FORMAT_VERSION:
+        raise QVGGTError(f"{meta}: format version {version} is not supported (expected {FORMAT_VERSION})")
+    config = QuantConfig(**{**quant, "roles": tuple(quant["roles"])})
+    model = build_vggt(description["model"], device="meta")
+    for name, spec in layers.items():
+        layer = QuantLinear(spec["in_features"], spec["out_features"], spec["weight_bits"], spec["act_bits"], name)
+        layer.rotate = bool(spec["rotate"])
+        for key, flag in (("input_pre", "pre"), ("input_post", "post")):
+            if spec[flag]:
+                setattr(layer, key, layer.weight_step.new_ones(spec["in_features"]))
+        replace_module(model, name, layer.to("meta"))
+    weights = meta.parent / description.get("weights", meta.with_suffix(".safetensors").name)
+    if not weights.is_file():
+        raise QVGGTError(f"quantized weights not found: {weights}")
+    state = load_file(str(weights))
+    load_checkpoint(model, state)
+    return model.eval(), config
