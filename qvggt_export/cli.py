@@ -20,8 +20,9 @@ examples:
   qvggt-export --bits w4a4 --method rtn --model tiny-outliers --out out/rtn
       the paper's "Base" on a small model with VGGT-like planted outliers
   qvggt-export --bits w8a8 --model tiny-dino --frames 4 --recon-iters 50 --out out/w8a8
-  qvggt-export --bits w4a4 --model vggt-1b --checkpoint facebook/VGGT-1B --calib-data photos/ --out out/1b
-      real weights from the local Hugging Face cache, calibration images from a folder
+  qvggt-export --bits w4a4 --model vggt-1b --checkpoint facebook/VGGT-1B --calib-data co3d/ \
+      --calib-strategy nfds --calib-pool 400 --calib-size 40 --frames 10 --out out/1b
+      real weights from the local Hugging Face cache, the paper's NFDS calibration set
   qvggt-export --bits fp32 --no-engine --out out/fp32          float reference export only
   qvggt-export --bits w4a4 --out out/x --print-config          show the resolved configuration, run nothing
 
@@ -94,8 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recon-iters", type=_non_negative, default=0,
                         help="block-reconstruction steps per block, learning smoothing factors and weight steps "
                              "(default 0 = off)")
-    parser.add_argument("--calib-data", help="folder of images, or of image folders (default: generated sequences)")
-    parser.add_argument("--calib-sequences", type=_positive, default=4, help="calibration sequences (default 4)")
+    parser.add_argument("--calib-data", help="image folder (or folder of them), CO3Dv2 root, video file or folder, "
+                                             "or list file (default: generated sequences)")
+    parser.add_argument("--calib-strategy", default="nfds", choices=["nfds", "random", "filtered", "clustered"],
+                        help="calibration-set selection (default nfds: noise filter + frame-aware clustering)")
+    parser.add_argument("--calib-size", type=_positive, default=4, help="sequences selected (default 4; paper 40)")
+    parser.add_argument("--calib-pool", type=_positive, default=16,
+                        help="candidate sequences drawn before selection (default 16; paper 400)")
+    parser.add_argument("--nfds-p", type=_unit_interval, default=0.2,
+                        help="NFDS: fraction of highest-scoring (noisiest) candidates dropped (default 0.2)")
+    parser.add_argument("--nfds-k", type=_positive, default=8, help="NFDS: K-Means clusters (default 8)")
+    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable calibration files with a warning")
     parser.add_argument("--frames", type=_positive, default=3, help="frames per sequence (default 3)")
     parser.add_argument("--image-size", type=_image_size, help="resize width (default: the model's img_size)")
     parser.add_argument("--preprocess", default="crop", choices=["crop", "pad"],
@@ -123,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         config = PipelineConfig(
             out_dir=args.out, bits=args.bits, model=args.model, checkpoint=args.checkpoint, method=args.method,
             alpha=args.alpha, recon_iters=args.recon_iters,
-            calib_data=args.calib_data, calib_sequences=args.calib_sequences, frames=args.frames,
+            calib_data=args.calib_data, calib_size=args.calib_size, calib_pool=args.calib_pool,
+            calib_strategy=args.calib_strategy, nfds_p=args.nfds_p, nfds_k=args.nfds_k, skip_bad=args.skip_bad,
+            frames=args.frames,
             image_size=args.image_size, preprocess=args.preprocess, seed=args.seed, engine=not args.no_engine,
             engine_profile=args.engine_profile, backend=args.backend, progress=not args.no_progress)
         if args.print_config:

@@ -45,8 +45,14 @@ class PipelineConfig:
         method: ``"dsfq"`` (default), ``"rtn"``, ``"smooth"``, ``"rotate"`` or ``"smooth_rotate"`` (paper Tab. 4).
         alpha: smoothing strength (eq. 7).
         recon_iters: block-reconstruction steps per block (0 = off).
-        calib_data: a folder of images or of image folders; ``None`` generates pseudo multi-view sequences.
-        calib_sequences: number of calibration sequences used (generated or read).
+        calib_data: image folder(s), CO3Dv2 root, video(s) or list file; ``None`` generates pseudo
+            multi-view sequences.
+        calib_size: calibration sequences selected (the paper: 40).
+        calib_pool: candidate sequences drawn before selection (the paper: 400).
+        calib_strategy: ``"nfds"`` (noise filter + frame-aware clustering), ``"random"``, ``"filtered"``
+            or ``"clustered"``.
+        nfds_p, nfds_k: NFDS filter fraction (drop the top p) and K-Means clusters.
+        skip_bad: skip unreadable calibration files with a warning instead of failing.
         frames: frames per sequence.
         image_size: preprocessing / generation size; ``None`` = the model's ``img_size``.
         preprocess: ``"crop"`` (official default) or ``"pad"`` (square, for fixed-resolution engines).
@@ -65,7 +71,12 @@ class PipelineConfig:
     alpha: float = 0.5
     recon_iters: int = 0
     calib_data: str | None = None
-    calib_sequences: int = 4
+    calib_size: int = 4
+    calib_pool: int = 16
+    calib_strategy: str = "nfds"
+    nfds_p: float = 0.2
+    nfds_k: int = 8
+    skip_bad: bool = False
     frames: int = 3
     image_size: int | None = None
     preprocess: str = "crop"
@@ -83,8 +94,11 @@ class PipelineConfig:
         if self.bits not in FLOAT_FORMATS:
             parse_bits(self.bits)
             self.quant_config()  # validates method, alpha, recon_iters
-        if self.calib_sequences < 1:
-            raise QVGGTError(f"calib_sequences must be >= 1, got {self.calib_sequences}")
+        if self.calib_size < 1:
+            raise QVGGTError(f"calib_size must be >= 1, got {self.calib_size}")
+        if self.calib_pool < self.calib_size:
+            raise QVGGTError(f"calib_pool ({self.calib_pool}) must be >= calib_size ({self.calib_size})")
+        self.nfds_config()  # validates strategy, p, k
         if self.frames < 1:
             raise QVGGTError(f"frames must be >= 1, got {self.frames}")
         if self.image_size is not None and (self.image_size < 14 or self.image_size % 14):
@@ -93,6 +107,12 @@ class PipelineConfig:
             raise QVGGTError(f"preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}")
         if self.backend not in ("auto", "rtx", "trt"):
             raise QVGGTError(f"backend must be auto, rtx or trt, got {self.backend!r}")
+
+    def nfds_config(self) -> Any:
+        from qvggt_export.calib import NFDSConfig
+
+        return NFDSConfig(strategy=self.calib_strategy, budget=self.calib_size, p=self.nfds_p, k=self.nfds_k,
+                          seed=self.seed)
 
     def quant_config(self) -> Any:
         from qvggt_export.quant import QuantConfig
@@ -163,32 +183,42 @@ def _load_model(config: PipelineConfig) -> tuple[torch.nn.Module, dict[str, Any]
         load_checkpoint(model, config.checkpoint)
         info["weights"] = "checkpoint"
     else:
-        info["weights"] = f"random init (seed {config.seed}): exercises the toolchain; accuracy numbers are not meaningful"
-        logger.warning("no --checkpoint: using seeded random weights (fine for testing the toolchain, not for accuracy)")
+        info["weights"] = (f"random init (seed {config.seed}): exercises the toolchain; "
+                           "accuracy numbers are not meaningful")
+        logger.warning("no --checkpoint: seeded random weights (fine for testing the toolchain, not for accuracy)")
     return model.eval(), info
 
 
-def _calibration_data(config: PipelineConfig, model: torch.nn.Module) -> tuple[list[torch.Tensor], dict[str, Any]]:
+def _calibration_data(config: PipelineConfig, model: torch.nn.Module, progress: bool
+                      ) -> tuple[list[torch.Tensor], dict[str, Any], Any]:
+    """Draw a lazy candidate pool, select the calibration set (NFDS by default), load the selection."""
+    from qvggt_export.calib import SyntheticSequenceConfig, build_candidate_pool, select_calibration_set
+
     size = config.image_size or model.config.aggregator.img_size
     patch = model.config.aggregator.patch_size
     if config.calib_data:
-        from qvggt_export.calib.folders import iter_folder_sequences
-
-        sequences = list(iter_folder_sequences(config.calib_data, config.frames, size, config.preprocess, patch,
-                                               max_sequences=config.calib_sequences))
-        source = {"kind": "folder", "path": str(config.calib_data)}
+        source: Any = config.calib_data
+        info: dict[str, Any] = {"kind": "files", "path": str(config.calib_data)}
     else:
-        from qvggt_export.calib import SyntheticSequenceConfig, generate_sequences
-
-        sequences = generate_sequences(SyntheticSequenceConfig(
-            num_sequences=config.calib_sequences, frames=config.frames, height=size, width=size, seed=config.seed))
-        source = {"kind": "generated", "generator": "calib.synthetic (homography-warped scikit-image photos)"}
-    shapes = sorted({tuple(s.shape[-2:]) for s in sequences})
+        source = SyntheticSequenceConfig(num_sequences=config.calib_pool, frames=config.frames, height=size,
+                                         width=size, seed=config.seed)
+        info = {"kind": "generated", "generator": "calib.synthetic (scikit-image photos as planes, homographies)"}
+    pool = build_candidate_pool(source, config.frames, size, config.preprocess, pool_size=config.calib_pool,
+                                seed=config.seed, skip_bad=config.skip_bad, patch_size=patch)
+    if len(pool) < config.calib_size:
+        raise QVGGTError(f"the calibration source yields {len(pool)} candidate sequences of {config.frames} frames, "
+                         f"fewer than --calib-size {config.calib_size}")
+    selection = select_calibration_set(pool, model, config.nfds_config(), progress=progress)
+    batches = [sample.unsqueeze(0) for sample in selection.samples()]
+    shapes = sorted({tuple(b.shape[-2:]) for b in batches})
     if len(shapes) > 1:
         raise QVGGTError(f"calibration sequences have different resolutions {shapes}; an export has one "
-                         "fixed resolution: use --preprocess pad (square) or images of one aspect ratio")
-    source.update(sequences=len(sequences), frames=config.frames, resolution=list(shapes[0]))
-    return [s.unsqueeze(0) for s in sequences], source
+                         "fixed resolution: use --preprocess pad (square) or sources of one aspect ratio")
+    info.update(strategy=config.calib_strategy, pool=len(pool), selected=len(batches), frames=config.frames,
+                resolution=list(shapes[0]), selection_seconds=round(sum(
+                    v for k, v in selection.timing.items() if k in ("statistics_s", "selection_s")), 3),
+                kept_after_filter=int(sum(bool(k) for k in selection.kept)), clusters=selection.k_used)
+    return batches, info, selection
 
 
 def _output_errors(float_model: torch.nn.Module, model: torch.nn.Module, batches: list[torch.Tensor],
@@ -223,7 +253,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     with timer.stage("load_model"):
         model, report["model"] = _load_model(config)
     with timer.stage("calibration_data"):
-        batches, report["calibration"] = _calibration_data(config, model)
+        batches, report["calibration"], selection = _calibration_data(config, model, config.progress)
 
     out_dir = config.out_dir
     try:
@@ -233,6 +263,11 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     if not os.access(out_dir, os.W_OK):
         raise QVGGTError(f"output folder {out_dir} is not writable")
     write_json_atomic(out_dir / "config.json", config.to_dict())
+    from qvggt_export.calib import write_selection_report
+
+    report["calibration"]["selection_file"] = str(selection.save(out_dir / "calibration_selection.json"))
+    report["calibration"]["selection_report"] = {k: str(v) for k, v in write_selection_report(
+        selection, out_dir / "calibration").items()}
 
     float_model = None
     if config.quantized:
@@ -241,7 +276,9 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         quant_config = config.quant_config()
         with timer.stage("quantize"):
             float_model = copy.deepcopy(model)
-            result = calibrate(model, quant_config, batches, progress)
+            # Reconstruction checkpoints into the output folder: rerunning the same command resumes.
+            checkpoint = out_dir / "reconstruction_checkpoint.safetensors" if config.recon_iters else None
+            result = calibrate(model, quant_config, batches, progress, recon_checkpoint=checkpoint)
             layers = result.layers
             report["quantization"] = {
                 "config": dataclasses.asdict(quant_config),
@@ -281,6 +318,10 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
     report["engine"] = _build_engine_stage(config, onnx_path, timer)
     report["timings_s"] = dict(timer.seconds, total=round(time.perf_counter() - started, 3))
+    if config.quantized:
+        calibration_s = report["calibration"]["selection_seconds"] + timer.seconds.get("quantize", 0.0)
+        report["calibration"]["selection_share_of_calibration"] = round(
+            report["calibration"]["selection_seconds"] / max(calibration_s, 1e-9), 3)
     write_json_atomic(out_dir / "report.json", report)
     return report
 

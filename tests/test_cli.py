@@ -47,7 +47,7 @@ def test_main_command_writes_complete_report(tmp_path, capsys):
 
 def test_w8a8_dino_without_engine(tmp_path):
     out = tmp_path / "w8"
-    assert main(["--bits", "w8a8", "--model", "tiny-dino", "--frames", "2", "--calib-sequences", "2",
+    assert main(["--bits", "w8a8", "--model", "tiny-dino", "--frames", "2", "--calib-size", "2", "--calib-pool", "4",
                  "--no-engine", "--out", str(out), "--no-progress"]) == EXIT_OK
     report = json.loads((out / "report.json").read_text())
     assert report["engine"]["path"] is None and "disabled" in report["engine"]["reason"]
@@ -58,10 +58,11 @@ def test_w8a8_dino_without_engine(tmp_path):
 def test_real_photos_as_calibration_data(tmp_path):
     data = require_shared_data()
     out = tmp_path / "real"
-    assert main(["--bits", "w4a4", "--calib-data", str(data / "sequences" / "llff_fern"), "--calib-sequences", "2",
+    assert main(["--bits", "w4a4", "--calib-data", str(data / "sequences" / "llff_fern"), "--calib-size", "2",
+                 "--calib-pool", "4",
                  "--no-engine", "--out", str(out), "--no-progress"]) == EXIT_OK
     report = json.loads((out / "report.json").read_text())
-    assert report["calibration"]["kind"] == "folder" and report["calibration"]["sequences"] == 2
+    assert report["calibration"]["kind"] == "files" and report["calibration"]["selected"] == 2
 
 
 def _assert_clean_failure(capsys, out: Path, argv: list[str], match: str) -> None:
@@ -79,7 +80,7 @@ def test_bad_inputs_fail_cleanly(tmp_path, capsys):
     wrong = tmp_path / "wrong.safetensors"
     save_file({"not.a.vggt.key": torch.zeros(2)}, str(wrong))
     _assert_clean_failure(capsys, out, ["--checkpoint", str(wrong)], "missing keys")
-    _assert_clean_failure(capsys, out, ["--calib-data", str(tmp_path / "no_such_dir")], "calibration data not found")
+    _assert_clean_failure(capsys, out, ["--calib-data", str(tmp_path / "no_such_dir")], "not found")
     broken = tmp_path / "broken"
     broken.mkdir()
     for i in range(3):
@@ -122,5 +123,5 @@ def test_checkpoint_option_loads_weights(tmp_path):
     save_file(build_vggt("tiny", seed=7).state_dict(), str(weights))
     out = tmp_path / "ck"
     assert main(["--bits", "w8a8", "--checkpoint", str(weights), "--no-engine", "--out", str(out),
-                 "--no-progress", "--calib-sequences", "1"]) == EXIT_OK
+                 "--no-progress", "--calib-size", "1", "--calib-pool", "2"]) == EXIT_OK
     assert json.loads((out / "report.json").read_text())["model"]["checkpoint"] == str(weights)

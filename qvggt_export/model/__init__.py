@@ -43,8 +43,9 @@ def build_vggt(config: str | Mapping[str, Any] | VGGTConfig = "tiny", *, device:
     """Build a VGGT in eval mode from a preset name, an official-layout config dict or a :class:`VGGTConfig`.
 
     Args:
-        config: ``"vggt-1b"``, ``"tiny"``, ``"tiny-dino"``, ``"tiny-outliers"`` (see :func:`preset_names`), a dict of official
-            constructor arguments per submodule (a fixture's ``model`` section), or a config object.
+        config: ``"vggt-1b"``, ``"tiny"``, ``"tiny-dino"``, ``"tiny-outliers"`` (see :func:`preset_names`),
+            a dict of official constructor arguments per submodule (a fixture's ``model`` section), or a
+            config object.
         device: where to allocate parameters; ``"meta"`` builds the structure without memory.
         seed: seeds the random initialisation so that a weight-less build is reproducible; ``None``
             leaves the global RNG alone.

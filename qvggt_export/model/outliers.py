@@ -13,6 +13,8 @@ weights, deterministically from a seed, in three steps:
    the camera and register tokens get ``special_token_scale`` x their N(0,1) values. They ride the
    residual stream through every aggregator block, so each block's ``norm1``/``norm2`` output has
    token-specific outliers on the special tokens (the tokens that are 1 + registers of every frame).
+   The ``norm1``/``norm2`` weights of those channels are multiplied by ``special_norm_scale`` in every
+   aggregator block, so the outliers survive LayerNorm (which would otherwise cap them at ~sqrt(C)).
 3. **Systematic channel outliers**: in every aggregator block, ``norm_channels`` channels of ``norm1``
    and ``norm2`` weights are multiplied by ``norm_scale`` (qkv / fc1 inputs: large for all tokens);
    ``hidden_units`` rows of ``fc1`` by ``hidden_scale`` (heavy-tailed fc2 inputs after GELU); and
@@ -43,6 +45,7 @@ class PlantedOutliers:
     hidden_scale: float = 6.0
     value_channels: int = 2
     value_scale: float = 6.0
+    special_norm_scale: float = 4.0
 
 
 @torch.no_grad()
@@ -74,6 +77,7 @@ def plant_outliers(model: nn.Module, config: PlantedOutliers) -> None:
         for block in blocks:
             for norm in (block.norm1, block.norm2):
                 norm.weight[pick(config.norm_channels, dim)] *= config.norm_scale
+                norm.weight[special] *= config.special_norm_scale
             fc1 = block.mlp.fc1
             rows = pick(config.hidden_units, fc1.out_features)
             fc1.weight[rows] *= config.hidden_scale

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,7 +28,8 @@ class CalibrationResult:
 
 
 def calibrate(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor] = (),
-              progress: Callable[[Iterable], Iterable] = lambda x: x) -> CalibrationResult:
+              progress: Callable[[Iterable], Iterable] = lambda x: x,
+              recon_checkpoint: str | Path | None = None) -> CalibrationResult:
     """Quantize ``model`` in place with ``config``.
 
     Args:
@@ -37,6 +39,8 @@ def calibrate(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Ten
         batches: calibration images, each [B, S, 3, H, W] in [0, 1]; required by the smoothing methods and
             by reconstruction.
         progress: wraps long loops (e.g. a tqdm factory).
+        recon_checkpoint: where block reconstruction saves its learned parameters after each block; an
+            interrupted run given the same file resumes after the last finished block.
     """
     targets = find_targets(model, config.roles)
     if config.method in ("rotate", "smooth_rotate", "dsfq"):
@@ -56,6 +60,7 @@ def calibrate(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Ten
     if config.recon_iters > 0:
         from qvggt_export.quant.reconstruct import reconstruct_blocks
 
-        weight_steps, recon_report = reconstruct_blocks(model, targets, config, batches, progress)
+        weight_steps, recon_report = reconstruct_blocks(model, targets, config, batches, progress,
+                                                        checkpoint=recon_checkpoint)
     layers = quantize_model(model, config, weight_steps)
     return CalibrationResult(layers, transformed, tokens, recon_report)

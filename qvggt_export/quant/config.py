@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from qvggt_export.errors import QVGGTError
 from qvggt_export.quant.roles import ALL_ROLES, DEFAULT_ROLES
 
-# Formats this version implements end to end (fake-quant, ONNX Q/DQ, engine build). The paper's W6A6 and
-# the beyond-paper FP8/NVFP4/W4A16 formats are planned (DESIGN.md section 3) and refused with a clear error.
-SUPPORTED_FORMATS = ("w8a8", "w4a4")
+# Formats implemented end to end (fake-quant, ONNX Q/DQ, engine build); W6A6 uses INT8 containers clipped to
+# the 6-bit range. The beyond-paper FP8/NVFP4/W4A16 formats are planned (DESIGN.md section 3) and refused
+# with a clear error.
+SUPPORTED_FORMATS = ("w8a8", "w6a6", "w4a4")
 METHODS = ("rtn", "smooth", "rotate", "smooth_rotate", "dsfq")
 CALIBRATED_METHODS = ("smooth", "smooth_rotate", "dsfq")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from qvggt_export.calib import iter_folder_sequences, scene_folders
 
+from qvggt_export.calib import iter_folder_sequences, scene_folders
 from qvggt_export.errors import QVGGTError
 from tests.conftest import require_shared_data
 

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from qvggt_export.calib import (
     CalibrationSelection,
     CandidateStatistics,
@@ -29,7 +30,6 @@ from qvggt_export.calib import (
     selection_table,
     write_selection_report,
 )
-
 from qvggt_export.errors import QVGGTError
 from qvggt_export.model import build_vggt
 from tests.conftest import require_shared_data

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from qvggt_export.calib import (
     CandidatePool,
     SampleRef,
@@ -21,7 +22,6 @@ from qvggt_export.calib import (
     video_frame_count,
 )
 from qvggt_export.calib import readers as readers_module
-
 from qvggt_export.errors import QVGGTError
 from tests.conftest import require_shared_data
 

@@ -12,6 +12,7 @@ import pytest
 import skimage
 import torch
 import torch.nn.functional as F
+
 from qvggt_export.calib import (
     SyntheticSequence,
     SyntheticSequenceConfig,
@@ -23,7 +24,6 @@ from qvggt_export.calib import (
     load_source_image,
     synthetic,
 )
-
 from qvggt_export.errors import QVGGTError
 
 # Geometry-only rendering: no jitter, no noise, no card, so pixel values depend on geometry alone.

@@ -36,7 +36,7 @@ def test_round_half_to_even_and_zero_tokens():
 
 def test_parse_bits():
     assert parse_bits("W4A4") == (4, 4) and parse_bits("w8a8") == (8, 8)
-    for bad in ("w3a3", "w4a16", "int8", "fp8"):
+    for bad in ("w3a3", "w4a16", "int8", "fp8"):  # w6a6 is supported (INT8 containers)
         with pytest.raises(QVGGTError, match="unsupported format"):
             parse_bits(bad)
 

@@ -1,0 +1,594 @@
+"""Block-wise output reconstruction (DSFQ step 4): learn smoothing corrections and weight steps per block.
+
+QuantVGGT makes the smoothing factors ``c`` and the weight steps ``D`` learnable and fits them block by
+block, BRECQ-style: for each transformer block ``b`` in execution order, minimise
+
+    || block_b^fp(x_b^fp) - block_b^q(x_b^q) ||^2
+
+where ``x_b^fp`` is the block's input in the float model and ``x_b^q`` its input in the model whose
+earlier blocks are already quantized with their learned parameters (the *quantized chain*), so each
+block also learns to absorb the error that reaches it from upstream.
+
+**Parameters per target linear** (``y = T(x) W^T + b`` after :func:`~qvggt_export.quant.dsfq.apply_transforms`):
+
+* ``s`` [in]: a per-input-channel correction on top of the existing transform, an exact equivalence
+  ``T(x) W^T = (T(x) / s)(W diag(s))^T``. Parametrised as ``log s`` (init 0, so ``s = 1``): positive
+  by construction and the Adam step is relative (lr 5e-3 moves ``s`` by about 0.5 % per step).
+* ``D`` [out]: the per-output-channel weight step, init ``max|W_row| / qmax`` (round-to-nearest),
+  parametrised as ``log D`` for the same reasons (lr 5e-2: about 5 % per step).
+
+**Learning forward** of each target (the paper's quantizer, eq. 3, with straight-through rounding):
+``x_t = T(x) / s`` is fake-quantized per token with the *dynamic* step ``max|x_t| / qmax`` computed
+from ``x_t`` itself; the weight ``W diag(s)`` is fake-quantized per output channel with the learnable
+``D`` (LSQ gradient, :func:`~qvggt_export.quant.functional.fake_quantize_ste`). The activation step is
+**not detached**: with ``D = max / qmax`` the clamp never binds, so the only way the loss can tell that
+shrinking an outlier channel shrinks every other channel's rounding error is the gradient through the
+token's max (OmniQuant's learnable equivalent transforms train through dynamic per-token steps the same
+way). Loss: MSE of the block output against the float target; Adam with two groups (``lr_smooth`` for
+``s``, ``lr_step`` for ``D``); ``recon_iters`` steps per block, each on one calibration batch in an
+order drawn from ``(seed, block)``, so a block's result does not depend on which blocks ran before in
+this process (that is what makes resuming exact).
+
+**How block inputs are captured.** Blocks are found by grouping targets by their parent block path
+(``aggregator.frame_blocks.3``, ``aggregator.patch_embed.blocks.0``, ``camera_head.trunk.1``) and
+ordered by one float forward pass with hooks that records the sequence of block calls (a block may be
+called more than once per forward: the camera trunk runs once per refinement iteration). For block
+``b`` the model itself is run on every calibration batch (``model.aggregator(images)`` when all targets
+live in the aggregator, else ``model(images)``) with forward pre-hooks (``with_kwargs=True``) that copy
+the block's ``(args, kwargs)``; the forward is cut short right after the block's last call. Tokens are
+therefore exactly what the model feeds the block (frame blocks ``[B*S, P, C]``, global blocks
+``[B, S*P, C]``); nothing is reshaped here. Two passes per block:
+
+1. *float chain*: the model as it is (finished blocks carry their baked ``s``, a float equivalence), a
+   forward hook records the block's output = the reconstruction target;
+2. *quantized chain*: the targets of finished blocks are temporarily swapped for the very
+   :class:`~qvggt_export.quant.modules.QuantLinear` modules that :func:`~qvggt_export.quant.rtn.quantize_model`
+   will build from them (baked transform, learned ``D``), and the block's inputs are recorded.
+
+After learning, ``s`` is baked into the float module (:func:`bake_smoothing`) and ``D`` kept for
+``quantize_model``; the model therefore stays a float model, equivalent to the original, until
+``quantize_model`` runs. On an error the block being learned is restored, earlier blocks stay baked
+(still float-equivalent).
+
+**Memory.** One block at a time: its inputs and float targets for all calibration batches are cached
+(two token tensors per batch and call, plus the small ``pos`` tensors), plus the int8 ``QuantLinear``
+copies of the finished targets (a quarter of their float weights). Fine for the tiny test models and
+for VGGT-1B on a GPU with the paper's 40 calibration sequences at moderate frame counts; for larger
+sets reduce the number of batches per block.
+
+**Cost.** Per block, two forward passes over the calibration set truncated after the block (the
+float pass could be shared across blocks, but that would cache every block's input at once), then
+``recon_iters`` forward/backward steps of the block alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qvggt_export.errors import QVGGTError
+from qvggt_export.quant import functional as qf
+from qvggt_export.quant.config import QuantConfig
+from qvggt_export.quant.modules import QuantLinear, TransformedLinear
+from qvggt_export.quant.roles import QuantTarget, replace_module
+from qvggt_export.quant.transforms import transform_input
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "qvggt-export/reconstruction/1"
+# A learned parameter that leaves this range means the learning diverged: it is reported, not clamped.
+_LOG_LIMIT = 30.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Surgery helpers (public: small, pure model surgery that the invariance tests check directly).
+
+
+def block_path(target: QuantTarget | str) -> str:
+    """Dotted path of the transformer block holding a target linear: ``aggregator.frame_blocks.3.attn.qkv``
+    -> ``aggregator.frame_blocks.3`` (every role names a ``{block}.{attn|mlp}.{linear}`` module)."""
+    name = target if isinstance(target, str) else target.name
+    parts = name.rsplit(".", 2)
+    if len(parts) != 3:
+        raise QVGGTError(f"target {name!r} is not inside a block (expected '<block>.<attn|mlp>.<linear>')")
+    return parts[0]
+
+
+def group_by_block(targets: Iterable[QuantTarget]) -> dict[str, list[QuantTarget]]:
+    """Targets grouped by :func:`block_path`, each group in the given target order."""
+    groups: dict[str, list[QuantTarget]] = {}
+    for target in targets:
+        groups.setdefault(block_path(target), []).append(target)
+    return groups
+
+
+@torch.no_grad()
+def bake_smoothing(module: nn.Module, smooth: torch.Tensor) -> TransformedLinear:
+    """Fold a per-input-channel correction ``s`` into a float linear: ``x -> T(x) / s``, ``W -> W diag(s)``.
+
+    Exact in real arithmetic (``(T(x) / s)(W diag(s))^T = T(x) W^T``); folded in float64 and cast once.
+
+    Args:
+        module: a :class:`TransformedLinear` (modified in place: ``input_post`` becomes
+            ``input_post / s``, created if absent, and the weight columns are multiplied by ``s``) or
+            an ``nn.Linear`` (left untouched).
+        smooth: ``s`` [in_features], positive.
+
+    Returns:
+        The module to put in the model: ``module`` itself for a :class:`TransformedLinear`, a new
+        :class:`TransformedLinear` (``post = 1 / s``, no rotation) for an ``nn.Linear``.
+    """
+    if not isinstance(module, TransformedLinear | nn.Linear):
+        raise QVGGTError(f"smoothing can be baked into a float linear only, got {type(module).__name__}")
+    in_features = module.in_features
+    if smooth.shape != (in_features,):
+        raise QVGGTError(f"smoothing correction must have shape [{in_features}], got {tuple(smooth.shape)}")
+    s = smooth.detach().to(device=module.weight.device, dtype=torch.float64)
+    if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+        raise QVGGTError("smoothing correction must be finite and positive")
+    weight = (module.weight.detach().to(torch.float64) * s).to(module.weight.dtype)
+    if isinstance(module, TransformedLinear):
+        post = module.input_post
+        post = (torch.ones_like(s) if post is None else post.to(torch.float64)) / s
+        # A new Parameter rather than copy_: the layer may have been made under torch.inference_mode().
+        module.weight = nn.Parameter(weight, requires_grad=False)
+        module.set_transform(module.input_pre, post, module.rotate)
+        return module
+    return TransformedLinear(weight, module.bias, None, (1.0 / s).float(), rotate=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The learnable fake-quant stand-in used while a block is learned.
+
+
+class _LearnableQuantLinear(nn.Module):
+    """``y = Q_w(W diag(s); D) applied to Q_a(T(x) / s)`` with learnable ``log s`` [in] and ``log D`` [out].
+
+    Holds copies of the float layer's tensors (one block at a time, so the memory is small): copies made
+    here are ordinary tensors even when the caller created the layer under ``torch.inference_mode()``.
+    """
+
+    def __init__(self, base: nn.Module, weight_bits: int, act_bits: int) -> None:
+        super().__init__()
+        self.weight_bits = weight_bits
+        self.act_bits = act_bits
+        self.rotate = bool(getattr(base, "rotate", False))
+        for name in ("weight", "bias", "input_pre", "input_post"):
+            value = getattr(base, name, None)
+            self.register_buffer(name, None if value is None else value.detach().clone())
+        self.log_smooth = nn.Parameter(torch.zeros(base.in_features, device=self.weight.device))
+        self.register_buffer("init_step", qf.per_channel_step(self.weight.to(torch.float64), weight_bits).float())
+        self.log_step = nn.Parameter(self.init_step.log())
+
+    def smooth(self) -> torch.Tensor:
+        return self.log_smooth.exp()
+
+    def step(self) -> torch.Tensor:
+        return self.log_step.exp().clamp_min(qf.MIN_STEP)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.smooth()
+        x = transform_input(x, self.input_pre, self.input_post, self.rotate) / s.to(x.dtype)
+        # Dynamic per-token step from x itself, not detached (see the module docstring).
+        x = qf.fake_quantize_ste(x, qf.per_token_step(x, self.act_bits), self.act_bits)
+        weight = qf.fake_quantize_ste(self.weight * s, self.step()[:, None], self.weight_bits)
+        return F.linear(x, weight.to(x.dtype), self.bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Capturing block calls from the running model.
+
+
+@dataclass
+class BlockCall:
+    """One call of a block during a forward pass: its positional and keyword arguments, and (float pass) output."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    output: torch.Tensor | None = None
+
+
+class _StopForwardSignal(Exception):  # noqa: N818 (a control-flow signal, not an error)
+    """Raised by a hook to cut a capture pass short once the block of interest has run for the last time."""
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple | list):
+        return type(value)(_copy(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    return value
+
+
+def _as_images(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if not isinstance(batch, torch.Tensor):
+        raise QVGGTError(f"calibration batches must be image tensors, got {type(batch).__name__}")
+    images = batch.unsqueeze(0) if batch.dim() == 4 else batch
+    if images.dim() != 5:
+        raise QVGGTError(f"calibration batches must be [B, S, 3, H, W] or [S, 3, H, W], got {tuple(batch.shape)}")
+    return images.to(device)
+
+
+class _Runner:
+    """Runs the smallest part of the model that executes every block of interest, and captures block calls."""
+
+    def __init__(self, model: nn.Module, blocks: Sequence[str], batches: Sequence[torch.Tensor]) -> None:
+        self.model = model
+        self.blocks = list(blocks)
+        aggregator = getattr(model, "aggregator", None)
+        in_aggregator = aggregator is not None and all(b.startswith("aggregator.") for b in blocks)
+        self.forward: Callable[[torch.Tensor], Any] = aggregator if in_aggregator else model
+        device = next(model.parameters()).device
+        self.batches = [_as_images(b, device) for b in batches]
+        self.sequence = self._call_sequence()
+
+    def _hooks(self, make: Callable[[str], Callable]) -> list:
+        return [self.model.get_submodule(b).register_forward_pre_hook(make(b), with_kwargs=True) for b in self.blocks]
+
+    @torch.no_grad()
+    def _call_sequence(self) -> list[str]:
+        """The order in which the blocks of interest are called in one forward pass (first batch)."""
+        sequence: list[str] = []
+
+        def make(path: str) -> Callable:
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                sequence.append(path)
+            return hook
+
+        handles = self._hooks(make)
+        try:
+            self.forward(self.batches[0])
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [b for b in self.blocks if b not in sequence]
+        if missing:
+            raise QVGGTError(f"block(s) {missing} hold quantization targets but never run in the forward pass")
+        return sequence
+
+    def order(self) -> list[str]:
+        """Blocks of interest in execution order (first call)."""
+        return list(dict.fromkeys(self.sequence))
+
+    @torch.no_grad()
+    def capture(self, block: str, with_output: bool) -> list[list[BlockCall]]:
+        """Every call of ``block`` on every batch: ``result[batch][call]``.
+
+        The forward stops right after the block's last call in :attr:`sequence` (or after its input, when
+        ``with_output`` is false). The call order is checked against the recorded sequence so a model whose
+        control flow changed between batches is reported rather than silently mis-captured.
+        """
+        last = max(i for i, p in enumerate(self.sequence) if p == block)
+        expected = self.sequence.count(block)
+        position = -1
+        calls: list[BlockCall] = []
+
+        def make(path: str) -> Callable:
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                nonlocal position
+                position += 1
+                if position > last:
+                    raise _StopForwardSignal
+                if self.sequence[position] != path:
+                    raise QVGGTError(f"the model called {path} where {self.sequence[position]} was expected: "
+                                     "its block call order differs between calibration batches")
+                if path == block:
+                    calls.append(BlockCall(_copy(args), _copy(kwargs)))
+                    if position == last and not with_output:
+                        raise _StopForwardSignal
+            return hook
+
+        def output_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if not isinstance(output, torch.Tensor):
+                raise QVGGTError(f"block {block} returned {type(output).__name__}; reconstruction needs a tensor")
+            calls[-1].output = output.detach().clone()
+            if position == last:
+                raise _StopForwardSignal
+
+        handles = self._hooks(make)
+        if with_output:
+            handles.append(self.model.get_submodule(block).register_forward_hook(output_hook, with_kwargs=True))
+        result = []
+        try:
+            for images in self.batches:
+                position = -1
+                calls = []
+                with contextlib.suppress(_StopForwardSignal):
+                    self.forward(images)
+                if len(calls) != expected:
+                    raise QVGGTError(f"block {block} ran {len(calls)} times on a calibration batch, "
+                                     f"expected {expected}")
+                result.append(calls)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return result
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
+    """Temporarily put ``modules`` (dotted path -> module) into the model."""
+    originals = {name: model.get_submodule(name) for name in modules}
+    try:
+        for name, module in modules.items():
+            replace_module(model, name, module)
+        yield
+    finally:
+        for name, module in originals.items():
+            replace_module(model, name, module)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Learning one block.
+
+
+def _block_loss(block: nn.Module, calls: Sequence[BlockCall]) -> torch.Tensor:
+    losses = [F.mse_loss(block(*call.args, **call.kwargs).float(), call.output.float()) for call in calls]
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def _mean_loss(block: nn.Module, batches: Sequence[Sequence[BlockCall]]) -> float:
+    return float(sum(float(_block_loss(block, calls)) for calls in batches) / len(batches))
+
+
+def _block_seed(seed: int, block: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(block.encode())) % (2**63)
+
+
+def _batch_order(seed: int, block: str, num_batches: int, iters: int) -> list[int]:
+    """``iters`` batch indices: shuffled passes over the batches, drawn from ``(seed, block)`` only."""
+    generator = torch.Generator().manual_seed(_block_seed(seed, block))
+    order: list[int] = []
+    while len(order) < iters:
+        order.extend(torch.randperm(num_batches, generator=generator).tolist())
+    return order[:iters]
+
+
+@dataclass
+class _BlockResult:
+    smooth: dict[str, torch.Tensor]
+    steps: dict[str, torch.Tensor]
+    report: dict[str, float] = field(default_factory=dict)
+
+
+def _learn_block(model: nn.Module, block: str, targets: Sequence[QuantTarget], batches: Sequence[Sequence[BlockCall]],
+                 config: QuantConfig) -> _BlockResult:
+    module = model.get_submodule(block)
+    wrappers = {t.name: _LearnableQuantLinear(model.get_submodule(t.name), config.weight_bits, config.act_bits)
+                for t in targets}
+    with _swapped(model, wrappers):
+        if any(t.is_inference() for t in (*module.parameters(), *module.buffers())):
+            raise QVGGTError(f"{block} holds tensors created under torch.inference_mode(), which cannot take part "
+                             "in learning; build the model outside inference mode (torch.no_grad() is fine)")
+        loss_before = _mean_loss(module, batches)
+        if not math.isfinite(loss_before):
+            raise QVGGTError(f"reconstruction of {block}: the initial loss is {loss_before} (non-finite inputs or "
+                             "targets; check the calibration images and the checkpoint)")
+        optimizer = torch.optim.Adam([
+            {"params": [w.log_smooth for w in wrappers.values()], "lr": config.lr_smooth},
+            {"params": [w.log_step for w in wrappers.values()], "lr": config.lr_step},
+        ])
+        with torch.enable_grad():
+            for iteration, index in enumerate(_batch_order(config.seed, block, len(batches), config.recon_iters)):
+                optimizer.zero_grad(set_to_none=True)
+                loss = _block_loss(module, batches[index])
+                if not torch.isfinite(loss):
+                    raise QVGGTError(f"reconstruction of {block} diverged: loss {float(loss)} at step {iteration} "
+                                     f"(batch {index}); lower lr_smooth/lr_step ({config.lr_smooth}, {config.lr_step})")
+                loss.backward()
+                optimizer.step()
+        for name, wrapper in wrappers.items():
+            drift = (wrapper.log_step.detach() - wrapper.init_step.log()).abs().max()
+            worst = max(float(wrapper.log_smooth.detach().abs().max()), float(drift))
+            if not math.isfinite(worst) or worst > _LOG_LIMIT:
+                raise QVGGTError(f"reconstruction of {block} diverged: {name} learned a factor of exp({worst:.1f}); "
+                                 f"lower lr_smooth/lr_step ({config.lr_smooth}, {config.lr_step})")
+        loss_after = _mean_loss(module, batches)
+        if not math.isfinite(loss_after):
+            raise QVGGTError(f"reconstruction of {block} diverged: final loss {loss_after}")
+        smooth = {name: w.smooth().detach().float() for name, w in wrappers.items()}
+        steps = {name: w.step().detach().float() for name, w in wrappers.items()}
+        init_steps = {name: w.init_step.float() for name, w in wrappers.items()}
+    report = {"loss_before": loss_before, "loss_after": loss_after, "iters": float(config.recon_iters)}
+    for target in targets:
+        local = target.name[len(block) + 1:]
+        ratio = steps[target.name] / init_steps[target.name]
+        report.update({f"{local}.smooth_min": float(smooth[target.name].min()),
+                       f"{local}.smooth_max": float(smooth[target.name].max()),
+                       f"{local}.step_ratio_min": float(ratio.min()),
+                       f"{local}.step_ratio_max": float(ratio.max())})
+    return _BlockResult(smooth, steps, report)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint (resume).
+
+
+def _fingerprint(model: nn.Module, targets: Sequence[QuantTarget], config: QuantConfig,
+                 batches: Sequence[torch.Tensor]) -> str:
+    """What a checkpoint's learned values depend on: settings, target weights and calibration data (summaries)."""
+    settings = {k: getattr(config, k) for k in ("bits", "method", "alpha", "seed", "recon_iters", "lr_smooth",
+                                                  "lr_step")}
+    with torch.no_grad():
+        weights = [(t.name, repr(float(model.get_submodule(t.name).weight.double().sum())),
+                    repr(float(model.get_submodule(t.name).weight.double().abs().sum()))) for t in targets]
+        data = [(list(b.shape), repr(float(b.double().sum())), repr(float(b.double().square().sum())))
+                for b in batches]
+    blob = json.dumps({"settings": settings, "weights": weights, "data": data}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise QVGGTError(f"cannot read the reconstruction checkpoint {path}: {exc}") from exc
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise QVGGTError(f"{path} is not a reconstruction checkpoint (format {metadata.get('format')!r}, "
+                         f"expected {CHECKPOINT_FORMAT!r})")
+    if metadata.get("fingerprint") != fingerprint:
+        raise QVGGTError(f"the reconstruction checkpoint {path} was made with other settings, weights or calibration "
+                         "data; delete it or pass another checkpoint path")
+    return tensors, json.loads(metadata.get("report", "{}"))
+
+
+def _save_checkpoint(path: Path, fingerprint: str, tensors: dict[str, torch.Tensor],
+                     report: dict[str, dict[str, float]]) -> None:
+    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temporary = Path(name)
+    metadata = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "report": json.dumps(report)}
+    try:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(temporary), metadata)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The stage.
+
+
+def reconstruct_blocks(model: nn.Module, targets: Sequence[QuantTarget], config: QuantConfig,
+                       batches: Sequence[torch.Tensor], progress: Callable[[Iterable], Iterable] = lambda x: x,
+                       *, checkpoint: str | Path | None = None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+    """Learn per-channel smoothing corrections and weight steps block by block (in place; DSFQ step 4).
+
+    Runs after :func:`~qvggt_export.quant.dsfq.apply_transforms` (targets are :class:`TransformedLinear`,
+    or ``nn.Linear`` for ``rtn``) and before :func:`~qvggt_export.quant.rtn.quantize_model`. Each learned
+    correction ``s`` is baked into its layer (the model stays float and equivalent to the original);
+    the learned steps are returned for ``quantize_model``. See the module docstring for the method.
+
+    Args:
+        model: the VGGT, float, eval mode; its parameters are frozen during the call and restored after.
+        targets: the linears to quantize (:func:`~qvggt_export.quant.roles.find_targets`), possibly spread
+            over aggregator, patch-embed and camera-trunk blocks.
+        config: bits, seed, ``recon_iters`` (steps per block), ``lr_smooth``, ``lr_step``.
+        batches: calibration images, each [B, S, 3, H, W] (or [S, 3, H, W]) in [0, 1].
+        progress: wraps the loop over blocks (e.g. a tqdm factory).
+        checkpoint: optional safetensors file; the learned ``s``/``D`` of every finished block are written
+            to it (atomically) after each block, and blocks already in it are applied and skipped. A
+            checkpoint from other settings, weights or data is refused.
+
+    Returns:
+        ``(weight_steps, report)``: the learned step ``D`` [out] (float32) per target name, and per block
+        path ``loss_before`` / ``loss_after`` (mean block-output MSE over the calibration batches with the
+        initial / learned parameters), ``iters``, ``seconds`` (capture + learning), ``resumed`` (1.0 if taken
+        from the checkpoint) and per layer ``<attn.qkv>.smooth_min`` / ``smooth_max`` / ``step_ratio_min`` /
+        ``step_ratio_max`` (``D`` over its round-to-nearest initial value).
+
+    Raises:
+        QVGGTError: no calibration batches, a target that is not a float linear, a non-finite or diverging
+            loss (naming the block), or an unusable checkpoint.
+    """
+    if len(batches) == 0:
+        raise QVGGTError("block reconstruction needs calibration data, but the calibration set is empty")
+    targets = list(targets)
+    if not targets or config.recon_iters == 0:
+        return {}, {}
+    for target in targets:
+        module = model.get_submodule(target.name)
+        if not isinstance(module, TransformedLinear | nn.Linear):
+            raise QVGGTError(f"{target.name} is a {type(module).__name__}; reconstruction runs on float linears, "
+                             "before quantize_model")
+    groups = group_by_block(targets)
+    path = None if checkpoint is None else Path(checkpoint)
+    # Only the learnable corrections get gradients. (Inference tensors cannot change their flag; they are
+    # refused with a clear message when their block is learned.)
+    frozen = [p for p in model.parameters() if p.requires_grad and not p.is_inference()]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    # Inference-mode tensors cannot be saved for backward; learning needs ordinary tensors even if the caller
+    # runs under torch.inference_mode().
+    with torch.inference_mode(False):
+        try:
+            return _reconstruct(model, targets, groups, config, batches, progress, path)
+        finally:
+            for parameter in frozen:
+                parameter.requires_grad_(True)
+
+
+def _reconstruct(model: nn.Module, targets: list[QuantTarget], groups: dict[str, list[QuantTarget]],
+                 config: QuantConfig, batches: Sequence[torch.Tensor], progress: Callable[[Iterable], Iterable],
+                 path: Path | None) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+    fingerprint = _fingerprint(model, targets, config, batches) if path is not None else ""
+    saved, report = ({}, {})
+    if path is not None and path.exists():
+        saved, report = _load_checkpoint(path, fingerprint)
+    runner = _Runner(model, list(groups), batches)
+    steps: dict[str, torch.Tensor] = {}
+    quantized: dict[str, QuantLinear] = {}  # finished targets as quantize_model will build them
+    learned: dict[str, torch.Tensor] = {}  # what the checkpoint holds
+
+    def finish(block_targets: Sequence[QuantTarget], smooth: dict[str, torch.Tensor],
+               block_steps: dict[str, torch.Tensor]) -> None:
+        for target in block_targets:
+            baked = bake_smoothing(model.get_submodule(target.name), smooth[target.name])
+            replace_module(model, target.name, baked)
+            step = block_steps[target.name].to(device=baked.weight.device, dtype=torch.float32)
+            steps[target.name] = step
+            quantized[target.name] = QuantLinear.from_linear(baked, config.weight_bits, config.act_bits, target.name,
+                                                             weight_step=step)
+            learned[f"{target.name}.smooth"] = smooth[target.name]
+            learned[f"{target.name}.weight_step"] = step
+
+    for block in progress(runner.order()):
+        block_targets = groups[block]
+        keys = [f"{t.name}.{kind}" for t in block_targets for kind in ("smooth", "weight_step")]
+        if block in report and all(k in saved for k in keys):
+            finish(block_targets, {t.name: saved[f"{t.name}.smooth"] for t in block_targets},
+                   {t.name: saved[f"{t.name}.weight_step"] for t in block_targets})
+            report[block] = {**report[block], "resumed": 1.0}
+            logger.info("reconstruction of %s: taken from %s", block, path)
+            continue
+        started = time.perf_counter()
+        float_chain = runner.capture(block, with_output=True)
+        if quantized:
+            with _swapped(model, quantized):
+                quant_chain = runner.capture(block, with_output=False)
+            for fp_calls, q_calls in zip(float_chain, quant_chain, strict=True):
+                for fp_call, q_call in zip(fp_calls, q_calls, strict=True):
+                    q_call.output = fp_call.output
+        else:  # nothing upstream is quantized yet: both chains feed the block the same input
+            quant_chain = float_chain
+        del float_chain
+        result = _learn_block(model, block, block_targets, quant_chain, config)
+        del quant_chain
+        finish(block_targets, result.smooth, result.steps)
+        report[block] = {**result.report, "seconds": time.perf_counter() - started, "resumed": 0.0}
+        before, after = report[block]["loss_before"], report[block]["loss_after"]
+        logger.info("reconstruction of %s: loss %.4g -> %.4g in %.1f s", block, before, after, report[block]["seconds"])
+        if after > before:
+            logger.warning("reconstruction of %s ended above its initial loss (%.4g > %.4g); consider more "
+                           "calibration data, more iterations or lower learning rates", block, after, before)
+        if path is not None:
+            _save_checkpoint(path, fingerprint, learned, {b: {k: v for k, v in report[b].items() if k != "resumed"}
+                                                          for b in report if b in groups})
+    return steps, {block: report[block] for block in runner.order()}
