@@ -29,6 +29,7 @@ from qvggt_export.errors import MissingDependencyError, QVGGTError
 logger = logging.getLogger(__name__)
 
 FLOAT_FORMATS = ("fp32",)
+RECON_CHECKPOINT = "reconstruction_checkpoint.safetensors"
 
 
 @dataclass(frozen=True)
@@ -256,74 +257,99 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         batches, report["calibration"], selection = _calibration_data(config, model, config.progress)
 
     out_dir = config.out_dir
+    existed = out_dir.exists()
+    before = set(out_dir.iterdir()) if existed and out_dir.is_dir() else set()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise QVGGTError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
     if not os.access(out_dir, os.W_OK):
         raise QVGGTError(f"output folder {out_dir} is not writable")
-    write_json_atomic(out_dir / "config.json", config.to_dict())
-    from qvggt_export.calib import write_selection_report
+    try:
+        write_json_atomic(out_dir / "config.json", config.to_dict())
+        from qvggt_export.calib import write_selection_report
 
-    report["calibration"]["selection_file"] = str(selection.save(out_dir / "calibration_selection.json"))
-    report["calibration"]["selection_report"] = {k: str(v) for k, v in write_selection_report(
-        selection, out_dir / "calibration").items()}
+        report["calibration"]["selection_file"] = str(selection.save(out_dir / "calibration_selection.json"))
+        report["calibration"]["selection_report"] = {k: str(v) for k, v in write_selection_report(
+            selection, out_dir / "calibration").items()}
 
-    float_model = None
-    if config.quantized:
-        from qvggt_export.quant.calibrate import calibrate
+        float_model = None
+        if config.quantized:
+            from qvggt_export.quant.calibrate import calibrate
 
-        quant_config = config.quant_config()
-        with timer.stage("quantize"):
-            float_model = copy.deepcopy(model)
-            # Reconstruction checkpoints into the output folder: rerunning the same command resumes.
-            checkpoint = out_dir / "reconstruction_checkpoint.safetensors" if config.recon_iters else None
-            result = calibrate(model, quant_config, batches, progress, recon_checkpoint=checkpoint)
-            layers = result.layers
-            report["quantization"] = {
-                "config": dataclasses.asdict(quant_config),
-                "layers": len(layers),
-                "transformed_layers": result.transformed,
-                "calibration_tokens": result.calibration_tokens,
-                "roles": sorted({layer.role for layer in layers}),
-                "weight_rel_error": {layer.name: round(layer.weight_rel_error, 6) for layer in layers},
-                "reconstruction": result.reconstruction,
-            }
-        from qvggt_export.quant.state import save_quantized
+            quant_config = config.quant_config()
+            with timer.stage("quantize"):
+                float_model = copy.deepcopy(model)
+                # Reconstruction checkpoints into the output folder: rerunning the same command resumes.
+                checkpoint = out_dir / RECON_CHECKPOINT if config.recon_iters else None
+                result = calibrate(model, quant_config, batches, progress, recon_checkpoint=checkpoint)
+                layers = result.layers
+                report["quantization"] = {
+                    "config": dataclasses.asdict(quant_config),
+                    "layers": len(layers),
+                    "transformed_layers": result.transformed,
+                    "calibration_tokens": result.calibration_tokens,
+                    "roles": sorted({layer.role for layer in layers}),
+                    "weight_rel_error": {layer.name: round(layer.weight_rel_error, 6) for layer in layers},
+                    "reconstruction": result.reconstruction,
+                }
+            from qvggt_export.quant.state import save_quantized
 
-        weights_path, _ = save_quantized(model, out_dir / "quantized_model", report["model"]["spec"], quant_config)
-        report["quantization"]["state"] = str(weights_path)
-        with timer.stage("quant_error"):
-            report["quantization"]["output_error_vs_float"] = _output_errors(float_model, model, batches, progress)
+            weights_path, _ = save_quantized(model, out_dir / "quantized_model", report["model"]["spec"], quant_config)
+            report["quantization"]["state"] = str(weights_path)
+            with timer.stage("quant_error"):
+                report["quantization"]["output_error_vs_float"] = _output_errors(float_model, model, batches, progress)
 
-    from qvggt_export.export import export_onnx
+        from qvggt_export.export import export_onnx
 
-    onnx_path = out_dir / "model.onnx"
-    with timer.stage("export_onnx"):
-        exported = export_onnx(model, onnx_path, batches[0])
-    report["onnx"] = {"path": str(onnx_path), "size_bytes": exported.size_bytes, "opset": exported.opset,
-                      "nodes": exported.num_nodes, "quantized_linears": exported.num_qlinear,
-                      "input_shape": exported.input_shape, "outputs": exported.outputs,
-                      "external_data": exported.external_data}
+        onnx_path = out_dir / "model.onnx"
+        with timer.stage("export_onnx"):
+            exported = export_onnx(model, onnx_path, batches[0])
+        report["onnx"] = {"path": str(onnx_path), "size_bytes": exported.size_bytes, "opset": exported.opset,
+                          "nodes": exported.num_nodes, "quantized_linears": exported.num_qlinear,
+                          "input_shape": exported.input_shape, "outputs": exported.outputs,
+                          "external_data": exported.external_data}
 
-    from qvggt_export.parity import check_parity
+        from qvggt_export.parity import check_parity
 
-    with timer.stage("parity"):
-        # Every calibration batch, plus a frame count the export was not traced with (dynamic axis).
-        inputs = list(batches)
-        if batches[0].shape[1] > 1:
-            inputs.append(batches[0][:, :1])
-        parity = check_parity(model, onnx_path, inputs, float_model=float_model)
-    report["parity"] = parity.to_dict()
+        with timer.stage("parity"):
+            # Every calibration batch, plus a frame count the export was not traced with (dynamic axis).
+            inputs = list(batches)
+            if batches[0].shape[1] > 1:
+                inputs.append(batches[0][:, :1])
+            parity = check_parity(model, onnx_path, inputs, float_model=float_model)
+        report["parity"] = parity.to_dict()
 
-    report["engine"] = _build_engine_stage(config, onnx_path, timer)
-    report["timings_s"] = dict(timer.seconds, total=round(time.perf_counter() - started, 3))
-    if config.quantized:
-        calibration_s = report["calibration"]["selection_seconds"] + timer.seconds.get("quantize", 0.0)
-        report["calibration"]["selection_share_of_calibration"] = round(
-            report["calibration"]["selection_seconds"] / max(calibration_s, 1e-9), 3)
-    write_json_atomic(out_dir / "report.json", report)
-    return report
+        report["engine"] = _build_engine_stage(config, onnx_path, timer)
+        report["timings_s"] = dict(timer.seconds, total=round(time.perf_counter() - started, 3))
+        if config.quantized:
+            calibration_s = report["calibration"]["selection_seconds"] + timer.seconds.get("quantize", 0.0)
+            report["calibration"]["selection_share_of_calibration"] = round(
+                report["calibration"]["selection_seconds"] / max(calibration_s, 1e-9), 3)
+        write_json_atomic(out_dir / "report.json", report)
+        return report
+    except BaseException:
+        _remove_partial_outputs(out_dir, existed, before)
+        raise
+
+
+def _remove_partial_outputs(out_dir: Path, existed: bool, before: set[Path]) -> None:
+    """After a failed run, remove what this run wrote (a failed run must not leave outputs that look like
+    a result), except a block-reconstruction checkpoint, kept so that the same command resumes."""
+    import shutil
+
+    if not out_dir.is_dir():
+        return
+    for path in set(out_dir.iterdir()) - before:
+        if path.name == RECON_CHECKPOINT:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    if not existed and not any(out_dir.iterdir()):
+        out_dir.rmdir()
 
 
 def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTimer) -> dict[str, Any]:

@@ -125,3 +125,21 @@ def test_checkpoint_option_loads_weights(tmp_path):
     assert main(["--bits", "w8a8", "--checkpoint", str(weights), "--no-engine", "--out", str(out),
                  "--no-progress", "--calib-size", "1", "--calib-pool", "2"]) == EXIT_OK
     assert json.loads((out / "report.json").read_text())["model"]["checkpoint"] == str(weights)
+
+
+def test_failure_after_outputs_started_removes_them(tmp_path, monkeypatch, capsys):
+    """A failure mid-run (here: calibration hitting a NaN activation) leaves no partial output folder."""
+    import qvggt_export.quant.calibrate as calibrate_module
+    from qvggt_export.errors import QVGGTError
+
+    def nan_failure(*args, **kwargs):
+        raise QVGGTError("non-finite activation (NaN/Inf) entering aggregator.frame_blocks.0.attn.qkv")
+
+    monkeypatch.setattr(calibrate_module, "calibrate", nan_failure)
+    out = tmp_path / "nan"
+    _assert_clean_failure(capsys, out, ["--bits", "w4a4", "--no-engine"], "non-finite activation")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    assert main(["--bits", "w4a4", "--no-engine", "--out", str(existing), "--no-progress"]) == EXIT_USAGE
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"], "only this run's files are removed"

@@ -116,10 +116,14 @@ def test_fwht_matches_dense_float64(d: int) -> None:
 
 @pytest.mark.parametrize("d", POWERS[6:] + [12, 24, 384, 768, 320, 224])
 def test_fwht_matches_dense_float32(d: int) -> None:
-    x = torch.randn(40, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
-    ref = x @ hadamard_matrix(d)
-    err = (fwht(x.float()).double() - ref).abs().max().item()
-    assert err <= 1e-6, f"max |fwht - x @ H| = {err:.2e} (threshold 1e-6)"
+    x = torch.randn(40, d, generator=torch.Generator().manual_seed(d))
+    ref = x.double() @ hadamard_matrix(d)  # exact transform of the same fp32 input
+    err = (fwht(x).double() - ref).abs().max().item()
+    dense_err = ((x @ hadamard_matrix(d, torch.float32)).double() - ref).abs().max().item()
+    # 1e-6 relative to the output scale (a few fp32 ulps; observed <= 8e-7 at |y| ~ 4.5), and no worse
+    # than the dense fp32 product it replaces (observed 1.1e-6 .. 1.6e-6).
+    assert err <= 1e-6 * ref.abs().max().item(), f"max |fwht - x @ H| = {err:.2e}"
+    assert err <= 1.5 * dense_err, f"fwht {err:.2e} vs dense fp32 {dense_err:.2e}"
 
 
 def test_fwht_signs_post_scale_and_unnormalised_semantics() -> None:
