@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -53,6 +52,7 @@ import torch
 from torch import nn
 
 from qvggt_export.errors import QVGGTError
+from qvggt_export.io import write_json_atomic
 
 from .readers import CandidatePool, SampleRef
 
@@ -653,16 +653,7 @@ class CalibrationSelection:
         """Write the selection as JSON, atomically (a temporary file, then ``os.replace``)."""
         path = Path(path).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=1)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                stream.write(text)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
+        return write_json_atomic(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CalibrationSelection:

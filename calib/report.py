@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from qvggt_export.errors import QVGGTError
+from qvggt_export.io import write_text_atomic
 
 from .nfds import CalibrationSelection
 
@@ -132,17 +133,6 @@ def selection_table(selection: CalibrationSelection, fmt: str = "markdown") -> s
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def plot_selection(selection: CalibrationSelection, path: str | os.PathLike[str]) -> Path | None:
     """Write the PCA plot of the correlation vectors as PNG; ``None`` (with a warning) if it cannot be drawn.
 
@@ -207,8 +197,8 @@ def write_selection_report(selection: CalibrationSelection, out_dir: str | os.Pa
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     written = {"markdown": out / "selection.md", "csv": out / "selection.csv"}
-    _atomic_write_text(written["markdown"], selection_table(selection, "markdown"))
-    _atomic_write_text(written["csv"], selection_table(selection, "csv"))
+    write_text_atomic(written["markdown"], selection_table(selection, "markdown"))
+    write_text_atomic(written["csv"], selection_table(selection, "csv"))
     if plot:
         png = plot_selection(selection, out / "selection.png")
         if png is not None:

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from qvggt_export import __version__
@@ -30,44 +31,31 @@ exit codes: 0 ok, 1 parity failed, 2 bad input, 3 engine build failed
 """
 
 
-def _image_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
-    if value < 14 or value % 14:
-        raise argparse.ArgumentTypeError(f"must be a positive multiple of the patch size 14, got {value}")
-    return value
+def _number(kind: type, minimum: float | None = None, maximum: float | None = None, multiple_of: int | None = None,
+            ) -> Callable[[str], int | float]:
+    """An argparse type: parse ``kind`` and check its bounds, with a message that says what was expected."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from exc
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
+        if multiple_of is not None and value % multiple_of:
+            raise argparse.ArgumentTypeError(f"must be a multiple of the patch size {multiple_of}, got {value}")
+        return value
+
+    return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive = _number(int, minimum=1)
+_non_negative = _number(int, minimum=0)
+_unit_interval = _number(float, minimum=0.0, maximum=1.0)
+_image_size = _number(int, minimum=14, multiple_of=14)
 
 
 def build_parser() -> argparse.ArgumentParser:

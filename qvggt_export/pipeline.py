@@ -12,9 +12,7 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ import torch
 
 from qvggt_export import __version__
 from qvggt_export.errors import MissingDependencyError, QVGGTError
+from qvggt_export.io import ensure_writable_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -145,25 +144,6 @@ class StageTimer:
             self.seconds[name] = round(time.perf_counter() - started, 3)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file in the same folder, fsync, rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, default=str)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _load_model(config: PipelineConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     from qvggt_export.model import build_vggt, load_checkpoint
 
@@ -259,12 +239,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     out_dir = config.out_dir
     existed = out_dir.exists()
     before = set(out_dir.iterdir()) if existed and out_dir.is_dir() else set()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise QVGGTError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
-    if not os.access(out_dir, os.W_OK):
-        raise QVGGTError(f"output folder {out_dir} is not writable")
+    ensure_writable_dir(out_dir)
     try:
         write_json_atomic(out_dir / "config.json", config.to_dict())
         from qvggt_export.calib import write_selection_report

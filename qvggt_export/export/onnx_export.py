@@ -27,6 +27,7 @@ from torch import nn
 
 from qvggt_export.errors import QVGGTError
 from qvggt_export.export.qdq import count_placeholders, lower_qlinear_placeholders
+from qvggt_export.io import ensure_writable_dir
 from qvggt_export.quant.modules import PLACEHOLDER_DOMAIN, QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -101,15 +102,6 @@ def _fixed_resolution(model: nn.Module, height: int, width: int) -> Iterator[Non
         patch_embed.unfreeze_pos_embed()
 
 
-def _check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise QVGGTError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
-    if not os.access(out_dir, os.W_OK):
-        raise QVGGTError(f"output folder {out_dir} is not writable")
-
-
 def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_images: torch.Tensor, *,
                 opset: int = OPSET) -> ExportResult:
     """Export ``model`` (float or fake-quantized) to ``onnx_path``; does not modify the model.
@@ -125,7 +117,7 @@ def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_ima
     if example_images.dim() != 5 or example_images.shape[2] != 3:
         raise QVGGTError(f"example images must be [B, S, 3, H, W], got {tuple(example_images.shape)}")
     onnx_path = Path(onnx_path)
-    _check_writable(onnx_path.parent)
+    ensure_writable_dir(onnx_path.parent)
     names = output_names_for(model)
     wrapper = _DenseOutputs(model, names).eval()
     height, width = example_images.shape[-2:]

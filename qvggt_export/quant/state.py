@@ -10,37 +10,21 @@ missing or half-written weight file.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from qvggt_export.errors import QVGGTError
+from qvggt_export.io import atomic_write, write_json_atomic
 from qvggt_export.quant.config import QuantConfig
 from qvggt_export.quant.modules import QuantLinear
 from qvggt_export.quant.roles import replace_module
 
 FORMAT_VERSION = 1
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike[str], model_spec: str | dict[str, Any],
@@ -59,8 +43,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], model_spec: s
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     description = {"format": "qvggt-export quantized model", "version": FORMAT_VERSION, "model": model_spec,
                    "quantization": dataclasses.asdict(config), "layers": layers, "weights": weights.name}
-    _atomic_write(weights, lambda tmp: save_file(state, tmp))
-    _atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2) + "\n"))
+    atomic_write(weights, lambda tmp: save_file(state, tmp))
+    write_json_atomic(meta, description)
     return weights, meta
 
 
