@@ -132,3 +132,16 @@ def test_failed_export_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(QVGGTError, match="simulated"):
         export_onnx(model, tmp_path / "model.onnx", _images(1))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_bytes_are_deterministic(tmp_path):
+    """Same seed and inputs -> byte-identical ONNX (DSFQ signs, steps and initializer order included)."""
+    from qvggt_export.quant.calibrate import calibrate
+
+    digests = []
+    for run in range(2):
+        model = build_vggt("tiny-outliers")
+        calibrate(model, QuantConfig(bits="w4a4", method="dsfq"), [_images(2, seed=0)])
+        path = export_onnx(model, tmp_path / f"run{run}.onnx", _images(2, seed=1)).onnx_path
+        digests.append(path.read_bytes())
+    assert digests[0] == digests[1]
