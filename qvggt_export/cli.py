@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preprocess", default="crop", choices=["crop", "pad"],
                         help="official loader mode; pad gives square inputs (default crop)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data generation and random init (default 0)")
+    parser.add_argument("--hadamard", default="function", choices=["function", "dense"],
+                        help="ONNX form of DSFQ's online rotation: an O(d log d) local function, or a dense "
+                             "d x d MatMul for comparison (default function)")
     parser.add_argument("--no-engine", action="store_true", help="stop after ONNX export and parity")
     parser.add_argument("--engine-profile", default="rtx-default",
                         help="build profile name (engines/*.json) or path (default rtx-default)")
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             calib_strategy=args.calib_strategy, nfds_p=args.nfds_p, nfds_k=args.nfds_k, skip_bad=args.skip_bad,
             frames=args.frames,
             image_size=args.image_size, preprocess=args.preprocess, seed=args.seed, engine=not args.no_engine,
-            engine_profile=args.engine_profile, backend=args.backend, progress=not args.no_progress)
+            hadamard=args.hadamard, engine_profile=args.engine_profile, backend=args.backend,
+            progress=not args.no_progress)
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=2))
             return EXIT_OK

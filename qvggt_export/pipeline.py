@@ -57,6 +57,8 @@ class PipelineConfig:
         image_size: preprocessing / generation size; ``None`` = the model's ``img_size``.
         preprocess: ``"crop"`` (official default) or ``"pad"`` (square, for fixed-resolution engines).
         seed: seeds data generation and the random initialisation.
+        hadamard: ONNX form of the online rotation: ``"function"`` (O(d log d) local function) or
+            ``"dense"`` (d x d MatMul).
         engine: build an engine after export.
         engine_profile: name of a profile in ``engines/`` or a path to a profile JSON.
         backend: ``"auto"``, ``"rtx"`` (TensorRT-RTX) or ``"trt"`` (full TensorRT).
@@ -81,6 +83,7 @@ class PipelineConfig:
     image_size: int | None = None
     preprocess: str = "crop"
     seed: int = 0
+    hadamard: str = "function"
     engine: bool = True
     engine_profile: str = "rtx-default"
     backend: str = "auto"
@@ -105,6 +108,9 @@ class PipelineConfig:
             raise QVGGTError(f"image_size must be a positive multiple of 14, got {self.image_size}")
         if self.preprocess not in PREPROCESS_MODES:
             raise QVGGTError(f"preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}")
+        if self.hadamard not in ("function", "dense"):
+            raise QVGGTError(f"hadamard must be 'function' or 'dense', got {self.hadamard!r} (the plugin form "
+                             "needs the TensorRT plugin and cannot be checked in ONNX Runtime)")
         if self.backend not in ("auto", "rtx", "trt"):
             raise QVGGTError(f"backend must be auto, rtx or trt, got {self.backend!r}")
 
@@ -279,7 +285,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
         onnx_path = out_dir / "model.onnx"
         with timer.stage("export_onnx"):
-            exported = export_onnx(model, onnx_path, batches[0])
+            exported = export_onnx(model, onnx_path, batches[0], hadamard=config.hadamard)
         report["onnx"] = {"path": str(onnx_path), "size_bytes": exported.size_bytes, "opset": exported.opset,
                           "nodes": exported.num_nodes, "quantized_linears": exported.num_qlinear,
                           "input_shape": exported.input_shape, "outputs": exported.outputs,

@@ -60,6 +60,9 @@ _STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.tra
 # How many builder/parser errors the exception message quotes; the build log has all of them.
 _MAX_QUOTED_ERRORS = 5
 
+# Every repeated call of an ONNX local function (our Hadamard_<d>) makes the parser warn that the body's
+# node names exist already; the layers are built correctly (checked in the per-layer report).
+_BENIGN_WARNING = "already exists, the output tensors of this new instance will not be queryable"
 # ILogger.Severity values, identical in TensorRT and TensorRT-RTX (lower = more severe).
 _INTERNAL_ERROR, _ERROR, _WARNING, _INFO, _VERBOSE = range(5)
 _SEVERITY_TAGS = {_INTERNAL_ERROR: "F", _ERROR: "E", _WARNING: "W", _INFO: "I", _VERBOSE: "V"}
@@ -419,7 +422,10 @@ def _make_capturing_logger(trt: ModuleType) -> Any:
             if level <= _INFO or msg.startswith(_LAYER_RECORD_PREFIXES):
                 self.records.append((level, msg))
             if level in _SEVERITY_TO_LOGGING:
-                _trt_logger.log(_SEVERITY_TO_LOGGING[level], "%s", msg)
+                python_level = _SEVERITY_TO_LOGGING[level]
+                if level == _WARNING and _BENIGN_WARNING in msg:
+                    python_level = logging.DEBUG  # kept in the build log, not shown to the user
+                _trt_logger.log(python_level, "%s", msg)
 
     return _CapturingLogger()
 

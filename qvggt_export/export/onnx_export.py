@@ -103,7 +103,7 @@ def _fixed_resolution(model: nn.Module, height: int, width: int) -> Iterator[Non
 
 
 def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_images: torch.Tensor, *,
-                opset: int = OPSET) -> ExportResult:
+                opset: int = OPSET, hadamard: str = "function") -> ExportResult:
     """Export ``model`` (float or fake-quantized) to ``onnx_path``; does not modify the model.
 
     Args:
@@ -111,6 +111,10 @@ def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_ima
         onnx_path: target file; weights go to ``<name>.data`` beside it when over ~1.8 GB.
         example_images: [B, S, 3, H, W] in [0, 1]; fixes the resolution (S stays dynamic).
         opset: ONNX opset (21 or newer: INT4 and per-axis Q/DQ).
+        hadamard: form of the online rotation of DSFQ layers: ``"function"`` (default: an O(d log d) ONNX
+            local function that ONNX Runtime and TensorRT both run), ``"dense"`` (a d x d MatMul, for
+            comparison) or ``"plugin"`` (a ``qvggt::Hadamard`` node for TensorRT with the plugin; ONNX
+            Runtime cannot run it).
     """
     if opset < OPSET:
         raise QVGGTError(f"opset {opset} is too old: INT4 Q/DQ needs opset {OPSET} or newer")
@@ -141,13 +145,15 @@ def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_ima
             )
         proto = onnx.load(str(raw_path))
         num_q = count_placeholders(proto)
-        lowered = lower_qlinear_placeholders(proto)
+        lowered = lower_qlinear_placeholders(proto, hadamard=hadamard, opset=opset)
         if lowered != num_q:
             raise QVGGTError(f"lowered {lowered} of {num_q} quantized linears")
-        for entry in proto.opset_import:
+        for entry in [*proto.opset_import, *(i for f in proto.functions for i in f.opset_import)]:
             if entry.domain in ("", "ai.onnx"):
-                entry.version = opset
+                entry.version = opset  # function bodies must declare the model's opset
         proto.producer_name = "qvggt-export"
+        # A plugin node has no schema or body, so shape inference (the full check) cannot type it.
+        full_check = hadamard != "plugin"
         size = proto.ByteSize()
         external = size > EXTERNAL_DATA_THRESHOLD
         final_tmp = tmp_dir / onnx_path.name
@@ -155,9 +161,9 @@ def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_ima
         if external:
             onnx.save(proto, str(final_tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                       location=data_name, size_threshold=1024)
-            onnx.checker.check_model(str(final_tmp), full_check=True)
+            onnx.checker.check_model(str(final_tmp), full_check=full_check)
         else:
-            onnx.checker.check_model(proto, full_check=True)
+            onnx.checker.check_model(proto, full_check=full_check)
             onnx.save(proto, str(final_tmp))
         if external:
             os.replace(tmp_dir / data_name, onnx_path.parent / data_name)

@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qvggt_export.errors import QVGGTError
+from qvggt_export.export.hadamard_onnx import VARIANTS, HadamardEmission, add_to_model, emit_hadamard
 from qvggt_export.quant.functional import MIN_STEP, qrange
 from qvggt_export.quant.modules import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
 
@@ -56,11 +57,13 @@ def _constant_values(graph: onnx.GraphProto, name: str) -> np.ndarray:
 
 
 def _lower_input_transform(x: str, layer: str, transform_names: list[str], rotate: bool, graph: onnx.GraphProto,
-                           nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], shared: dict[str, str]) -> str:
+                           nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto],
+                           emissions: list[HadamardEmission], hadamard: str, opset: int) -> str:
     """Emit ``((x * pre) @ H) * post`` (factors that are all ones are skipped); returns the output name.
 
-    The rotation is a dense MatMul with the normalised Hadamard matrix here (one shared initializer per
-    size): exact and runnable everywhere, O(d^2) per token.
+    The rotation is the Hadamard op of :mod:`.hadamard_onnx` in the requested form: ``"function"``
+    (O(d log d) local function, runs everywhere), ``"dense"`` (d x d MatMul) or ``"plugin"`` (the
+    TensorRT plugin node, no body).
     """
     if not transform_names:
         return x
@@ -68,23 +71,23 @@ def _lower_input_transform(x: str, layer: str, transform_names: list[str], rotat
     pre = _constant_values(graph, pre_name).astype(np.float32)
     post = _constant_values(graph, post_name).astype(np.float32)
     p = f"{layer}/"
-    if not np.all(pre == 1.0):
-        inits.append(numpy_helper.from_array(pre, p + "input_pre"))
-        nodes.append(helper.make_node("Mul", [x, p + "input_pre"], [p + "x_pre"], name=p + "input_pre_scale"))
-        x = p + "x_pre"
+    pre_ref = None if np.all(pre == 1.0) else p + "input_pre"
+    post_ref = None if np.all(post == 1.0) else p + "input_post"
+    if pre_ref:
+        inits.append(numpy_helper.from_array(pre, pre_ref))
+    if post_ref:
+        inits.append(numpy_helper.from_array(post, post_ref))
     if rotate:
-        size = pre.shape[0]
-        matrix = f"qvggt/hadamard_{size}"
-        if matrix not in shared:
-            from qvggt_export.quant.hadamard import hadamard_matrix
-
-            inits.append(numpy_helper.from_array(hadamard_matrix(size).float().numpy(), matrix))
-            shared[matrix] = matrix
-        nodes.append(helper.make_node("MatMul", [x, matrix], [p + "x_rot"], name=p + "input_hadamard"))
-        x = p + "x_rot"
-    if not np.all(post == 1.0):
-        inits.append(numpy_helper.from_array(post, p + "input_post"))
-        nodes.append(helper.make_node("Mul", [x, p + "input_post"], [p + "x_post"], name=p + "input_post_scale"))
+        emission = emit_hadamard(x, p + "x_rot", pre.shape[0], pre_ref, post_ref, prefix=p + "input_",
+                                 variant=hadamard, opset=opset)
+        nodes.extend(emission.nodes)
+        emissions.append(emission)
+        return emission.output
+    if pre_ref:
+        nodes.append(helper.make_node("Mul", [x, pre_ref], [p + "x_pre"], name=p + "input_pre_scale"))
+        x = p + "x_pre"
+    if post_ref:
+        nodes.append(helper.make_node("Mul", [x, post_ref], [p + "x_post"], name=p + "input_post_scale"))
         x = p + "x_post"
     return x
 
@@ -93,8 +96,17 @@ def count_placeholders(model: onnx.ModelProto) -> int:
     return sum(1 for n in model.graph.node if n.domain == PLACEHOLDER_DOMAIN and n.op_type == PLACEHOLDER_OP)
 
 
-def lower_qlinear_placeholders(model: onnx.ModelProto) -> int:
-    """Replace every QLinear placeholder in ``model`` (in place) by Q/DQ operators; returns the count."""
+def lower_qlinear_placeholders(model: onnx.ModelProto, *, hadamard: str = "function", opset: int = 21) -> int:
+    """Replace every QLinear placeholder in ``model`` (in place) by Q/DQ operators; returns the count.
+
+    Args:
+        model: the traced graph.
+        hadamard: form of the online rotation: ``"function"``, ``"dense"`` or ``"plugin"``.
+        opset: the default-domain opset the lowered graph declares (for the Hadamard function bodies).
+    """
+    if hadamard not in VARIANTS:
+        raise QVGGTError(f"unknown Hadamard form {hadamard!r}; choose one of {', '.join(VARIANTS)}")
+    emissions: list[HadamardEmission] = []
     graph = model.graph
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
@@ -124,7 +136,7 @@ def lower_qlinear_placeholders(model: onnx.ModelProto) -> int:
         bias = _constant_values(graph, bias_name).astype(np.float32)
         consumed.update({codes_name, step_name, bias_name, *transform_names})
         x = _lower_input_transform(x, layer, transform_names, bool(attrs.get("rotate", 0)), graph, new_nodes,
-                                   new_inits, shared)
+                                   new_inits, emissions, hadamard, opset)
         wmin, wmax = qrange(wbits)
         if codes.min() < wmin or codes.max() > wmax:
             raise QVGGTError(f"{layer}: weight codes outside the {wbits}-bit range [{wmin}, {wmax}]")
@@ -188,7 +200,9 @@ def lower_qlinear_placeholders(model: onnx.ModelProto) -> int:
     graph.node.extend(kept_nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept_inits + new_inits)
-    for opset in list(model.opset_import):
-        if opset.domain == PLACEHOLDER_DOMAIN:
-            model.opset_import.remove(opset)
+    for entry in list(model.opset_import):
+        if entry.domain == PLACEHOLDER_DOMAIN:
+            model.opset_import.remove(entry)
+    if emissions:
+        add_to_model(model, emissions, nodes=False)  # shared matrices, one function per size, qvggt opset
     return count

@@ -145,3 +145,28 @@ def test_export_bytes_are_deterministic(tmp_path):
         path = export_onnx(model, tmp_path / f"run{run}.onnx", _images(2, seed=1)).onnx_path
         digests.append(path.read_bytes())
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("form", ["function", "dense", "plugin"])
+def test_dsfq_rotation_forms(tmp_path, form):
+    """DSFQ's online rotation exports as the O(d log d) function (default), a dense MatMul, or a plugin node."""
+    from qvggt_export.quant.calibrate import calibrate
+
+    float_model, model = build_vggt("tiny-outliers"), build_vggt("tiny-outliers")
+    calibrate(model, QuantConfig(bits="w4a4", method="dsfq"), [_images(2, seed=0)])
+    path = export_onnx(model, tmp_path / "model.onnx", _images(2, seed=1), hadamard=form).onnx_path
+    proto = onnx.load(str(path))
+    custom = [n for n in proto.graph.node if n.domain == "qvggt"]
+    dense = [i for i in proto.graph.initializer if i.name.startswith("qvggt/hadamard_")]
+    if form == "function":
+        assert len(custom) == 32 and {n.op_type for n in custom} == {"Hadamard_64", "Hadamard_256"}
+        assert sorted(f.name for f in proto.functions) == ["Hadamard_256", "Hadamard_64"] and not dense
+    elif form == "dense":
+        assert not custom and sorted(i.name for i in dense) == ["qvggt/hadamard_256", "qvggt/hadamard_64"]
+    else:
+        assert len(custom) == 32 and {n.op_type for n in custom} == {"Hadamard"} and not proto.functions
+        assert all(helper.get_attribute_value(a) == b"qvggt" for n in custom for a in n.attribute
+                   if a.name == "plugin_namespace")
+        return  # ONNX Runtime has no Hadamard kernel: this form is for TensorRT with the plugin
+    report = check_parity(model, path, [_images(2, seed=2), _images(3, seed=3)], float_model=float_model)
+    assert report.passed, report.to_dict()
