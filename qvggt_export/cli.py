@@ -154,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         status = "ok" if out["passed"] else "FAILED"
         print(f"parity {name:18s} max_abs {out['max_abs']:.2e}  rel_l2 {out['rel_l2']:.2e}  "
               f"tol {out['tolerance']:.2e}  {status}")
+    if "layers" in parity:
+        layers = parity["layers"]
+        worst = max((entry["output_rel"] for entry in layers["layers"]), default=0.0)
+        print(f"parity {len(layers['layers'])} quantized layers (teacher-forced): worst output rel_l2 {worst:.1e}, "
+              f"first failing: {layers['first_failing_layer'] or 'none'}")
     if not parity["passed"]:
         print("qvggt-export: parity check FAILED", file=sys.stderr)
         return EXIT_PARITY_FAILED

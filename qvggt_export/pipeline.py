@@ -299,7 +299,14 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             if batches[0].shape[1] > 1:
                 inputs.append(batches[0][:, :1])
             parity = check_parity(model, onnx_path, inputs, float_model=float_model)
-        report["parity"] = parity.to_dict()
+            report["parity"] = parity.to_dict()
+            if config.quantized:
+                # Layer by layer, each from ONNX Runtime's own input: names the first wrong layer, if any.
+                from qvggt_export.parity.localize import localize_divergence
+
+                layers = localize_divergence(model, onnx_path, batches[0])
+                report["parity"]["layers"] = layers.to_dict()
+                report["parity"]["passed"] = report["parity"]["passed"] and layers.first_failing is None
 
         report["engine"] = _build_engine_stage(config, onnx_path, timer)
         report["timings_s"] = dict(timer.seconds, total=round(time.perf_counter() - started, 3))

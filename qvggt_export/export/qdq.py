@@ -18,6 +18,8 @@ so the step is reapplied first; both forms are the same math and exact in ONNX R
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -26,6 +28,8 @@ from qvggt_export.errors import QVGGTError
 from qvggt_export.export.hadamard_onnx import VARIANTS, HadamardEmission, add_to_model, emit_hadamard
 from qvggt_export.quant.functional import MIN_STEP, qrange
 from qvggt_export.quant.modules import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
+
+LAYER_MAP_KEY = "qvggt.quantized_layers"
 
 
 def _container(bits: int) -> int:
@@ -107,6 +111,7 @@ def lower_qlinear_placeholders(model: onnx.ModelProto, *, hadamard: str = "funct
     if hadamard not in VARIANTS:
         raise QVGGTError(f"unknown Hadamard form {hadamard!r}; choose one of {', '.join(VARIANTS)}")
     emissions: list[HadamardEmission] = []
+    tensor_map: dict[str, dict[str, str]] = {}
     graph = model.graph
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
@@ -135,8 +140,11 @@ def lower_qlinear_placeholders(model: onnx.ModelProto, *, hadamard: str = "funct
         step = _constant_values(graph, step_name).astype(np.float32)
         bias = _constant_values(graph, bias_name).astype(np.float32)
         consumed.update({codes_name, step_name, bias_name, *transform_names})
+        raw_input = x
         x = _lower_input_transform(x, layer, transform_names, bool(attrs.get("rotate", 0)), graph, new_nodes,
                                    new_inits, emissions, hadamard, opset)
+        tensor_map[layer] = {"input": raw_input, "transformed": x, "codes": f"{layer}/x_codes",
+                             "output": node.output[0]}
         wmin, wmax = qrange(wbits)
         if codes.min() < wmin or codes.max() > wmax:
             raise QVGGTError(f"{layer}: weight codes outside the {wbits}-bit range [{wmin}, {wmax}]")
@@ -205,4 +213,7 @@ def lower_qlinear_placeholders(model: onnx.ModelProto, *, hadamard: str = "funct
             model.opset_import.remove(entry)
     if emissions:
         add_to_model(model, emissions, nodes=False)  # shared matrices, one function per size, qvggt opset
+    # Where each quantized layer's tensors live, for the layer-by-layer parity checker.
+    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                   LAYER_MAP_KEY: json.dumps(tensor_map, sort_keys=True)})
     return count

@@ -15,7 +15,7 @@ from qvggt_export.errors import QVGGTError
 from qvggt_export.export import export_onnx
 from qvggt_export.export.qdq import lower_qlinear_placeholders
 from qvggt_export.model import build_vggt
-from qvggt_export.parity import check_parity, onnxruntime_session
+from qvggt_export.parity import check_parity, localize_divergence, onnxruntime_session
 from qvggt_export.quant import QuantConfig, QuantLinear, quantize_model
 from qvggt_export.quant import functional as qf
 from qvggt_export.quant.modules import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
@@ -110,6 +110,22 @@ def test_corrupted_scale_fails_parity(tmp_path):
     onnx.save(proto, str(path))
     report = check_parity(model, path, [_images(2)], float_model=float_model)
     assert not report.passed
+    layers = localize_divergence(model, path, _images(2))
+    assert layers.first_failing == "aggregator.frame_blocks.1.mlp.fc2"
+    assert all(layer.passed for layer in layers.layers[:layers.layers.index(
+        next(x for x in layers.layers if not x.passed))])
+
+
+def test_layer_checker_passes_a_correct_graph(tmp_path):
+    from qvggt_export.quant.calibrate import calibrate
+
+    model = build_vggt("tiny-outliers")
+    calibrate(model, QuantConfig(bits="w4a4", method="dsfq"), [_images(2, seed=0)])
+    path = export_onnx(model, tmp_path / "model.onnx", _images(2, seed=1)).onnx_path
+    layers = localize_divergence(model, path, _images(3, seed=2))
+    assert len(layers.layers) == 32 and layers.first_failing is None
+    assert max(layer.transform_rel for layer in layers.layers) < 1e-5
+    assert max(layer.output_rel for layer in layers.layers) < 1e-5
 
 
 def test_unwritable_output_is_a_clear_error(tmp_path):
