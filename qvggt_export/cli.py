@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hadamard", default="function", choices=["function", "dense"],
                         help="ONNX form of DSFQ's online rotation: an O(d log d) local function, or a dense "
                              "d x d MatMul for comparison (default function)")
+    parser.add_argument("--engine-hadamard", default="plugin", choices=["plugin", "function"],
+                        help="engine form of DSFQ's rotation: the qvggt::Hadamard TensorRT plugin, or TensorRT's "
+                             "inlining of the ONNX function (default plugin)")
     parser.add_argument("--no-engine", action="store_true", help="stop after ONNX export and parity")
     parser.add_argument("--engine-profile", default="rtx-default",
                         help="build profile name (engines/*.json) or path (default rtx-default)")
@@ -128,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             calib_strategy=args.calib_strategy, nfds_p=args.nfds_p, nfds_k=args.nfds_k, skip_bad=args.skip_bad,
             frames=args.frames,
             image_size=args.image_size, preprocess=args.preprocess, seed=args.seed, engine=not args.no_engine,
-            hadamard=args.hadamard, engine_profile=args.engine_profile, backend=args.backend,
+            hadamard=args.hadamard, engine_hadamard=args.engine_hadamard, engine_profile=args.engine_profile,
+            backend=args.backend,
             progress=not args.no_progress)
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=2))
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"onnx:   {report['onnx']['path']} ({report['onnx']['size_bytes'] / 1e6:.2f} MB)")
     if engine.get("path"):
         print(f"engine: {engine['path']} ({engine.get('size_bytes', 0) / 1e6:.2f} MB, "
-              f"targets {' '.join(engine.get('target_sms') or [])})")
+              f"targets {' '.join(engine.get('target_sms') or [])}, {engine.get('num_layers')} layers, "
+              f"Hadamard: {engine.get('hadamard')})")
     else:
         print(f"engine: none ({engine['reason']})")
     for name, out in parity["outputs"].items():

@@ -60,6 +60,9 @@ class PipelineConfig:
         hadamard: ONNX form of the online rotation: ``"function"`` (O(d log d) local function) or
             ``"dense"`` (d x d MatMul).
         engine: build an engine after export.
+        engine_hadamard: how the engine runs DSFQ rotations: ``"plugin"`` (the ``qvggt::Hadamard`` TensorRT
+            plugin; the engine is built from ``model.plugin.onnx``) or ``"function"`` (TensorRT inlines the
+            ONNX function into small GEMMs).
         engine_profile: name of a profile in ``engines/`` or a path to a profile JSON.
         backend: ``"auto"``, ``"rtx"`` (TensorRT-RTX) or ``"trt"`` (full TensorRT).
         progress: show progress bars.
@@ -85,6 +88,7 @@ class PipelineConfig:
     seed: int = 0
     hadamard: str = "function"
     engine: bool = True
+    engine_hadamard: str = "plugin"
     engine_profile: str = "rtx-default"
     backend: str = "auto"
     progress: bool = True
@@ -111,6 +115,8 @@ class PipelineConfig:
         if self.hadamard not in ("function", "dense"):
             raise QVGGTError(f"hadamard must be 'function' or 'dense', got {self.hadamard!r} (the plugin form "
                              "needs the TensorRT plugin and cannot be checked in ONNX Runtime)")
+        if self.engine_hadamard not in ("plugin", "function"):
+            raise QVGGTError(f"engine_hadamard must be 'plugin' or 'function', got {self.engine_hadamard!r}")
         if self.backend not in ("auto", "rtx", "trt"):
             raise QVGGTError(f"backend must be auto, rtx or trt, got {self.backend!r}")
 
@@ -340,18 +346,41 @@ def _remove_partial_outputs(out_dir: Path, existed: bool, before: set[Path]) -> 
         out_dir.rmdir()
 
 
+def _plugin_graph(onnx_path: Path, out_dir: Path) -> tuple[Path, int]:
+    """A copy of the canonical graph whose Hadamard function calls are TensorRT plugin nodes.
+
+    External weights stay where they are (the copy references the same ``.data`` file)."""
+    import onnx
+
+    from qvggt_export.export.hadamard_onnx import retarget_hadamard
+    from qvggt_export.io import atomic_write
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    count = retarget_hadamard(proto, "plugin")
+    if not count:
+        return onnx_path, 0
+    target = out_dir / "model.plugin.onnx"
+    atomic_write(target, lambda tmp: onnx.save(proto, tmp))
+    return target, count
+
+
 def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTimer) -> dict[str, Any]:
     if not config.engine:
         return {"path": None, "reason": "engine build disabled (--no-engine)"}
-    try:
-        from qvggt_export.engine import build_engine
-    except ImportError as exc:  # pragma: no cover - the engine package itself is always present
-        return {"path": None, "reason": f"engine stage unavailable: {exc}"}
+    from qvggt_export.engine import build_engine
+
     engine_path = config.out_dir / "model.engine"
+    backend = None if config.backend == "auto" else config.backend
     with timer.stage("build_engine"):
         try:
-            result = build_engine(onnx_path, engine_path, config.engine_profile,
-                                  backend=None if config.backend == "auto" else config.backend)
+            graph, plugin_nodes = onnx_path, 0
+            if config.engine_hadamard == "plugin":
+                graph, plugin_nodes = _plugin_graph(onnx_path, config.out_dir)
+                if plugin_nodes:
+                    from qvggt_export.plugins import register
+
+                    register(config.backend)  # the parser instantiates the plugin through its creator
+            result = build_engine(graph, engine_path, config.engine_profile, backend=backend)
         except MissingDependencyError as exc:
             logger.warning("no engine built: %s", exc)
             return {"path": None, "reason": str(exc)}
@@ -359,4 +388,7 @@ def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTim
             logger.error("engine build failed: %s", exc)
             return {"path": None, "reason": f"build failed: {exc}", "failed": True}
     data = result.to_dict()
-    return {"path": data.pop("engine_path"), **data}
+    hadamard = "plugin" if plugin_nodes else ("function" if graph == onnx_path and config.quantized and
+                                               config.method != "rtn" else "none")
+    return {"path": data.pop("engine_path"), "onnx": str(graph), "hadamard": hadamard,
+            "hadamard_plugin_nodes": plugin_nodes, **data}

@@ -40,6 +40,9 @@ def test_main_command_writes_complete_report(tmp_path, capsys):
         engine = report["engine"]
         assert Path(engine["path"]).is_file() and engine["size_bytes"] > 0
         assert engine["target_sms"] == ["SM86", "SM89", "SM120"]
+        # DSFQ's 32 online rotations run as the qvggt::Hadamard TensorRT plugin in the engine
+        assert engine["hadamard"] == "plugin" and engine["hadamard_plugin_nodes"] == 32
+        assert engine["plugin_ops"] == ["qvggt::Hadamard"] and b"Hadamard" in Path(engine["path"]).read_bytes()
     else:
         assert report["engine"]["path"] is None and "qvggt-export[rtx]" in report["engine"]["reason"]
     assert "parity pose_enc" in capsys.readouterr().out
