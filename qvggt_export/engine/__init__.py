@@ -1,7 +1,7 @@
 """Engine stage: build TensorRT / TensorRT-RTX engines from exported ONNX models.
 
-Importing this package does not import TensorRT; :func:`load_backend` and :func:`build_engine` do, when
-called.
+Importing this package does not import TensorRT; :func:`load_backend`, :func:`build_engine` and
+:class:`QVGGTEngine` (GPU-only: running an engine needs an NVIDIA GPU) do, when called.
 
 Example::
 
@@ -20,12 +20,17 @@ from qvggt_export.engine.backend import (
 )
 from qvggt_export.engine.build import FRAME_AXIS, EngineBuildResult, build_engine
 from qvggt_export.engine.profiles import EngineProfile, FrameRange, list_profiles, load_profile
+from qvggt_export.engine.runtime import EngineSpec, QVGGTEngine, check_images_shape, polygraphy_runner
 
 __all__ = [
     "FRAME_AXIS",
     "Backend",
     "EngineBuildResult",
     "EngineProfile",
+    "EngineSpec",
+    "QVGGTEngine",
+    "check_images_shape",
+    "polygraphy_runner",
     "FrameRange",
     "build_engine",
     "cuda_compute_capabilities",

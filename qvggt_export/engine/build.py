@@ -62,7 +62,10 @@ _MAX_QUOTED_ERRORS = 5
 
 # Every repeated call of an ONNX local function (our Hadamard_<d>) makes the parser warn that the body's
 # node names exist already; the layers are built correctly (checked in the per-layer report).
-_BENIGN_WARNING = "already exists, the output tensors of this new instance will not be queryable"
+# Every builder or runtime after the first in a process also warns that its logger differs from the first
+# one's; each still reports to its own logger.
+_BENIGN_WARNINGS = ("already exists, the output tensors of this new instance will not be queryable",
+                    "differs from one already registered")
 # ILogger.Severity values, identical in TensorRT and TensorRT-RTX (lower = more severe).
 _INTERNAL_ERROR, _ERROR, _WARNING, _INFO, _VERBOSE = range(5)
 _SEVERITY_TAGS = {_INTERNAL_ERROR: "F", _ERROR: "E", _WARNING: "W", _INFO: "I", _VERBOSE: "V"}
@@ -423,7 +426,7 @@ def _make_capturing_logger(trt: ModuleType) -> Any:
                 self.records.append((level, msg))
             if level in _SEVERITY_TO_LOGGING:
                 python_level = _SEVERITY_TO_LOGGING[level]
-                if level == _WARNING and _BENIGN_WARNING in msg:
+                if level == _WARNING and any(benign in msg for benign in _BENIGN_WARNINGS):
                     python_level = logging.DEBUG  # kept in the build log, not shown to the user
                 _trt_logger.log(python_level, "%s", msg)
 
