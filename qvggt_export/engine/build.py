@@ -64,8 +64,8 @@ _MAX_QUOTED_ERRORS = 5
 # node names exist already; the layers are built correctly (checked in the per-layer report).
 # Every builder or runtime after the first in a process also warns that its logger differs from the first
 # one's; each still reports to its own logger.
-_BENIGN_WARNINGS = ("already exists, the output tensors of this new instance will not be queryable",
-                    "differs from one already registered")
+_BENIGN_WARNING_RE = re.compile(
+    "already exists, the output tensors of this new instance will not be queryable|differs from one already registered")
 # ILogger.Severity values, identical in TensorRT and TensorRT-RTX (lower = more severe).
 _INTERNAL_ERROR, _ERROR, _WARNING, _INFO, _VERBOSE = range(5)
 _SEVERITY_TAGS = {_INTERNAL_ERROR: "F", _ERROR: "E", _WARNING: "W", _INFO: "I", _VERBOSE: "V"}
@@ -252,7 +252,7 @@ def build_engine(
         raise QVGGTError(f"{message}\nbuild log: {log_path}") from exc
 
     size_bytes = engine_file.stat().st_size
-    target_sms = _read_target_sms(engine_file)
+    target_sms = read_target_sms(engine_file)
     num_layers, layer_types = _layer_report(capture.records)
     build_seconds = time.perf_counter() - started
     outcome = (
@@ -426,7 +426,9 @@ def _make_capturing_logger(trt: ModuleType) -> Any:
                 self.records.append((level, msg))
             if level in _SEVERITY_TO_LOGGING:
                 python_level = _SEVERITY_TO_LOGGING[level]
-                if level == _WARNING and any(benign in msg for benign in _BENIGN_WARNINGS):
+                # Keep this callback to plain calls: a generator expression here hung the build (observed
+                # repeatedly with TensorRT-RTX 1.7.1 inside pytest).
+                if level == _WARNING and _BENIGN_WARNING_RE.search(msg):
                     python_level = logging.DEBUG  # kept in the build log, not shown to the user
                 _trt_logger.log(python_level, "%s", msg)
 
@@ -556,7 +558,8 @@ def _errors_suffix(capture: Any) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _read_target_sms(engine_file: Path) -> tuple[str, ...]:
+def read_target_sms(engine_file: Path) -> tuple[str, ...]:
+    """Architectures a TensorRT-RTX engine was compiled for (``("SM89",)``); empty when not recorded."""
     # mmap instead of read(): VGGT-1B engines are GBs; the regex scans pages without copying them.
     with open(engine_file, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
         match = _ACCELERATORS_RE.search(view)

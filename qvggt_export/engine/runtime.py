@@ -43,6 +43,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from qvggt_export.engine.backend import Backend, cuda_device_count, load_backend
+from qvggt_export.engine.build import read_target_sms
 from qvggt_export.errors import MissingDependencyError, QVGGTError
 
 if TYPE_CHECKING:
@@ -79,8 +80,6 @@ _BENIGN_LOGGER_WARNING = "differs from one already registered"
 _MAX_RECORDS = 256  # the capture is a ring: an engine that runs for days must not grow it
 _MAX_QUOTED = 4
 
-# TensorRT-RTX writes the architectures it compiled for into the engine in plain text (see build.py).
-_ACCELERATORS_RE = re.compile(rb"accelerators=\{([^}]*)\}")
 # The plugin's creator name and namespace (qvggt_export.plugins); kept literal so that scanning an engine does
 # not import the plugin package.
 _PLUGIN_MARKERS = (b"Hadamard",)
@@ -302,12 +301,6 @@ def _scan(engine_file: Path, pattern: re.Pattern[bytes] | bytes) -> bytes | None
             return pattern if view.find(pattern) >= 0 else None
         match = pattern.search(view)
         return bytes(match.group(1)) if match is not None else None
-
-
-def _target_sms(engine_file: Path) -> tuple[str, ...]:
-    """Architectures a TensorRT-RTX engine was compiled for (``("SM89",)``); empty when not recorded."""
-    listed = _scan(engine_file, _ACCELERATORS_RE) or b""
-    return tuple(token.decode("ascii", "replace").upper() for token in listed.split())
 
 
 def _uses_plugin(engine_file: Path) -> bool:
@@ -593,7 +586,7 @@ class QVGGTEngine:
         major, minor = torch.cuda.get_device_capability(torch_device)
         gpu_name = torch.cuda.get_device_name(torch_device)
         if be.name == "rtx":
-            _check_target(engine_file, _target_sms(engine_file), f"SM{major}{minor}", gpu_name)
+            _check_target(engine_file, read_target_sms(engine_file), f"SM{major}{minor}", gpu_name)
         if validity is not None:
             state, diagnostics = validity
             if state == trt.EngineValidity.INVALID:

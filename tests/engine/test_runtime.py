@@ -338,7 +338,7 @@ def test_torch_dtype_mapping() -> None:
 
 @requires_rtx
 def test_engine_bytes_scans(rtx_engine: Path, tmp_path: Path) -> None:
-    assert rt._target_sms(rtx_engine) == ("SM89",)
+    assert rt.read_target_sms(rtx_engine) == ("SM89",)
     assert not rt._uses_plugin(rtx_engine)
     marked = _copy_engine(rtx_engine, tmp_path, rtx_engine.read_bytes() + b"qvggt\0Hadamard\0")
     assert rt._uses_plugin(marked)
