@@ -217,11 +217,13 @@ def _calibration_data(config: PipelineConfig, model: torch.nn.Module, progress: 
 def _output_errors(float_model: torch.nn.Module, model: torch.nn.Module, batches: list[torch.Tensor],
                    progress: Callable[[Any], Any]) -> dict[str, dict[str, float]]:
     """Quantized-vs-float error per output on the calibration data (relative L2, worst and mean)."""
+    from qvggt_export.export.onnx_export import DENSE_OUTPUTS
+
     errors: dict[str, list[float]] = {}
     with torch.no_grad():
         for images in progress(batches):
             ref, got = float_model(images), model(images)
-            for name in ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf"):
+            for name in DENSE_OUTPUTS:
                 if name in ref:
                     num = (got[name] - ref[name]).norm()
                     den = ref[name].norm().clamp_min(1e-30)
@@ -388,7 +390,7 @@ def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTim
             logger.error("engine build failed: %s", exc)
             return {"path": None, "reason": f"build failed: {exc}", "failed": True}
     data = result.to_dict()
-    hadamard = "plugin" if plugin_nodes else ("function" if graph == onnx_path and config.quantized and
-                                               config.method != "rtn" else "none")
+    rotates = config.quantized and config.method in ("rotate", "smooth_rotate", "dsfq")
+    hadamard = "plugin" if plugin_nodes else ("function" if rotates else "none")
     return {"path": data.pop("engine_path"), "onnx": str(graph), "hadamard": hadamard,
             "hadamard_plugin_nodes": plugin_nodes, **data}
