@@ -18,11 +18,19 @@ from qvggt_export.engine.backend import (
     ensure_rtx_parser_symlink,
     load_backend,
 )
-from qvggt_export.engine.build import FRAME_AXIS, EngineBuildResult, build_engine
+from qvggt_export.engine.build import (
+    FRAME_AXIS,
+    EngineBuildResult,
+    attention_report,
+    build_engine,
+    gemm_precision_report,
+)
 from qvggt_export.engine.profiles import EngineProfile, FrameRange, list_profiles, load_profile
 from qvggt_export.engine.runtime import EngineSpec, QVGGTEngine, check_images_shape, polygraphy_runner
+from qvggt_export.engine.targets import FORMAT_MIN_SM, check_format_targets
 
 __all__ = [
+    "FORMAT_MIN_SM",
     "FRAME_AXIS",
     "Backend",
     "EngineBuildResult",
@@ -32,7 +40,10 @@ __all__ = [
     "check_images_shape",
     "polygraphy_runner",
     "FrameRange",
+    "attention_report",
     "build_engine",
+    "check_format_targets",
+    "gemm_precision_report",
     "cuda_compute_capabilities",
     "cuda_device_count",
     "ensure_rtx_parser_symlink",

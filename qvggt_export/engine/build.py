@@ -39,6 +39,7 @@ from qvggt_export.engine.backend import (
     load_backend,
 )
 from qvggt_export.engine.profiles import EngineProfile, FrameRange, load_profile
+from qvggt_export.engine.targets import check_format_targets
 from qvggt_export.errors import QVGGTError
 
 __all__ = ["FRAME_AXIS", "EngineBuildResult", "build_engine"]
@@ -81,6 +82,8 @@ _SEVERITY_TO_LOGGING = {
 _LAYER_RECORD_PREFIXES = ("Layers:", "Engine Layer Information")
 _RTX_LAYER_RE = re.compile(r"^Name: .*?, LayerType: ([^,]+),", re.MULTILINE)
 _TRT_LAYER_RE = re.compile(r"^Layer\(([^)]+)\):", re.MULTILINE)
+_DATATYPE_RE = re.compile(r"Datatype: ([A-Za-z0-9]+)")
+_ONNX_LAYER_RE = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
 # TensorRT-RTX writes the architectures it compiled for into the engine in plain text.
 _ACCELERATORS_RE = re.compile(rb"accelerators=\{([^}]*)\}")
 
@@ -105,6 +108,10 @@ class EngineBuildResult:
         profile: The resolved profile as written to ``profile_path``.
         input_shape: Shape of the engine's image input as built; -1 marks the dynamic frame axis.
         plugin_ops: Custom-domain ONNX ops (``"domain::op"``) TensorRT had to map to plugins.
+        gemm_precisions: GEMM layers per ``"<input type> x <weight type>"`` from the per-layer report, e.g.
+            ``{"Int8 x Int8": 32, "Float x Float": 80}``: shows which Q/DQ patterns became integer GEMMs.
+        attention: How the ONNX attention (MatMul -> Softmax -> MatMul) was built, from the per-layer report
+            (see :func:`attention_report`).
     """
 
     engine_path: Path
@@ -120,6 +127,8 @@ class EngineBuildResult:
     profile: dict[str, Any]
     input_shape: tuple[int, ...]
     plugin_ops: tuple[str, ...] = field(default=())
+    gemm_precisions: dict[str, int] = field(default_factory=dict)
+    attention: dict[str, Any] = field(default_factory=dict)
 
     @property
     def frames(self) -> tuple[int, int, int]:
@@ -143,6 +152,8 @@ class EngineBuildResult:
             "profile": self.profile,
             "input_shape": list(self.input_shape),
             "plugin_ops": list(self.plugin_ops),
+            "gemm_precisions": dict(self.gemm_precisions),
+            "attention": dict(self.attention),
         }
 
 
@@ -152,6 +163,7 @@ class _OnnxSummary:
 
     dims: tuple[int | None, ...]  # images dims; None marks a dynamic one
     plugin_ops: tuple[str, ...]
+    plugins: tuple[tuple[str, str, str], ...] = ()  # (name, version, namespace) the parser will look up
 
 
 def build_engine(
@@ -161,6 +173,7 @@ def build_engine(
     *,
     backend: str | None = None,
     input_name: str = "images",
+    format_name: str | None = None,
 ) -> EngineBuildResult:
     """Build a TensorRT / TensorRT-RTX engine from an ONNX model (not in place: writes new files).
 
@@ -181,13 +194,17 @@ def build_engine(
             path, or an :class:`~qvggt_export.engine.profiles.EngineProfile`.
         backend: Overrides the profile's backend (``"auto"``, ``"rtx"``, ``"trt"``).
         input_name: Name of the image input.
+        format_name: The quantization format the ONNX holds (``"w8a8"``, ``"fp8"``, ``"nvfp4"``...); when given,
+            the profile's target architectures are checked against it first
+            (:func:`~qvggt_export.engine.targets.check_format_targets`).
 
     Returns:
         Sizes, targets and layer statistics of the engine, and where its files are.
 
     Raises:
-        QVGGTError: Unusable ONNX, profile or input; unknown compute capability; a GPU is needed but absent;
-            the parser or builder rejects the model (the message quotes its first errors).
+        QVGGTError: Unusable ONNX, profile or input; unknown compute capability, or one ``format_name`` cannot
+            target; a plugin node whose creator is not registered; a GPU is needed but absent; the parser or
+            builder rejects the model (the message quotes its first errors).
         MissingDependencyError: The backend's package is not installed.
     """
     started = time.perf_counter()
@@ -200,6 +217,8 @@ def build_engine(
     if engine_file.exists() and engine_file.resolve() == onnx_file.resolve():
         raise QVGGTError(f"engine path {engine_file} is the ONNX model itself")
     frames = _resolve_frames(summary.dims, resolved.frames, input_name, resolved.name)
+    if format_name is not None:
+        check_format_targets(format_name, resolved.compute_capabilities)
 
     be = load_backend(backend if backend is not None else resolved.backend)
     targets = _resolve_targets(be, resolved)
@@ -216,6 +235,7 @@ def build_engine(
     if summary.plugin_ops and be.name == "rtx":
         # Without the link the RTX parser aborts the process (uncatchable) when it creates the plugin.
         ensure_rtx_parser_symlink()
+    _check_plugins_registered(be, summary.plugins, onnx_file)
 
     final = replace(resolved, backend=be.name, frames=frames)
     engine_file.parent.mkdir(parents=True, exist_ok=True)
@@ -254,6 +274,9 @@ def build_engine(
     size_bytes = engine_file.stat().st_size
     target_sms = read_target_sms(engine_file)
     num_layers, layer_types = _layer_report(capture.records)
+    report = _layer_record(capture.records)
+    gemm_precisions = gemm_precision_report(report) if report else {}
+    attention = attention_report(report) if report else {}
     build_seconds = time.perf_counter() - started
     outcome = (
         f"built in {build_seconds:.2f} s: {size_bytes} bytes, targets {' '.join(target_sms) or '(not recorded)'}, "
@@ -275,6 +298,8 @@ def build_engine(
         profile=final.to_dict(),
         input_shape=input_shape,
         plugin_ops=summary.plugin_ops,
+        gemm_precisions=gemm_precisions,
+        attention=attention,
     )
 
 
@@ -329,7 +354,7 @@ def _inspect_onnx(path: Path, input_name: str) -> _OnnxSummary:
             f"{path} has other inputs with dynamic dimensions ({', '.join(others)}); only the frame axis of "
             f"{input_name!r} can be dynamic in an engine built here"
         )
-    return _OnnxSummary(dims=dims, plugin_ops=_plugin_ops(model))
+    return _OnnxSummary(dims=dims, plugin_ops=_plugin_ops(model), plugins=_plugin_identities(model))
 
 
 def _dims(value_info: Any) -> tuple[int | None, ...]:
@@ -359,6 +384,38 @@ def _plugin_ops(model: Any) -> tuple[str, ...]:
     for function in model.functions:
         visit(function.node)
     return tuple(sorted(found))
+
+
+def _plugin_identities(model: Any) -> tuple[tuple[str, str, str], ...]:
+    """(name, version, namespace) of every plugin node, as the ONNX parser looks them up: the op type, the
+    ``plugin_version`` attribute (default "1") and ``plugin_namespace`` (default: the node's domain)."""
+    local_functions = {(function.domain, function.name) for function in model.functions}
+    found: set[tuple[str, str, str]] = set()
+    for nodes in [model.graph.node, *(function.node for function in model.functions)]:
+        for node in nodes:
+            if node.domain in _STANDARD_DOMAINS or (node.domain, node.op_type) in local_functions:
+                continue
+            attrs = {a.name: a.s.decode("utf-8", "replace") for a in node.attribute if a.type == a.STRING}
+            found.add((node.op_type, attrs.get("plugin_version", "1"), attrs.get("plugin_namespace", node.domain)))
+    return tuple(sorted(found))
+
+
+def _check_plugins_registered(be: Backend, plugins: tuple[tuple[str, str, str], ...], onnx_file: Path) -> None:
+    """Refuse before parsing when a plugin node has no creator (the parser would fail on it mid-parse)."""
+    if not plugins:
+        return
+    registry = be.trt.get_plugin_registry()
+    missing = [(name, version, namespace) for name, version, namespace in plugins
+               if registry.get_creator(name, version, namespace) is None]
+    if not missing:
+        return
+    listed = ", ".join(f"{namespace}::{name} v{version}" for name, version, namespace in missing)
+    ours = any((name, namespace) == ("Hadamard", "qvggt") for name, _, namespace in missing)
+    hint = ("call qvggt_export.plugins.register() (the Hadamard plugin) before build_engine, or build from the "
+            "graph with Hadamard functions instead of plugin nodes (--engine-hadamard function)" if ours else
+            "load the plugin library or register its creator (same name, version and namespace) before building")
+    raise QVGGTError(f"{onnx_file} uses plugin(s) {listed} that are not registered with {be.display_name} "
+                     f"{be.version}; {hint}. No engine was built.")
 
 
 def _resolve_frames(dims: tuple[int | None, ...], wanted: FrameRange, input_name: str, profile_name: str) -> FrameRange:
@@ -566,6 +623,63 @@ def read_target_sms(engine_file: Path) -> tuple[str, ...]:
         # Copy the group while the map is open: a match object only references the mapped pages.
         listed = bytes(match.group(1)) if match is not None else b""
     return tuple(token.decode("ascii", "replace").upper() for token in listed.split())
+
+
+def _layer_record(records: list[tuple[int, str]]) -> str | None:
+    return next((msg for _level, msg in records if msg.startswith(_LAYER_RECORD_PREFIXES)), None)
+
+
+def _rtx_layers(report: str) -> list[dict[str, Any]]:
+    """TensorRT-RTX's per-layer report as ``{"name", "type", "datatypes", "onnx"}`` per layer (one line each)."""
+    layers = []
+    for line in report.splitlines():
+        match = _RTX_LAYER_RE.match(line)
+        if match is None:
+            continue
+        layers.append({
+            "name": line[len("Name: "):match.start(1) - len(", LayerType: ")],
+            "type": match.group(1).strip(),
+            "datatypes": _DATATYPE_RE.findall(line.split("Outputs:")[0]),  # inputs then constants
+            "onnx": _ONNX_LAYER_RE.findall(line),
+        })
+    return layers
+
+
+def gemm_precision_report(report: str) -> dict[str, int]:
+    """GEMM layers per ``"<activation type> x <weight type>"`` in a TensorRT-RTX per-layer report.
+
+    The first two tensors of a gemm layer (inputs, then constants) are its operands; INT8 Q/DQ that fused
+    shows as ``"Int8 x Int8"``. Empty for full TensorRT's report format (not parsed).
+    """
+    counts: Counter[str] = Counter()
+    for layer in _rtx_layers(report):
+        if layer["type"] == "gemm" and len(layer["datatypes"]) >= 2:
+            counts[f"{layer['datatypes'][0]} x {layer['datatypes'][1]}"] += 1
+    return dict(sorted(counts.items()))
+
+
+def attention_report(report: str) -> dict[str, Any]:
+    """How TensorRT-RTX built attention, from its per-layer report.
+
+    A fused multi-head-attention kernel shows up as a layer named ``_gemm_mha_v2...`` (QK^T, softmax and PV
+    in one kernel). An attention left unfused keeps its ONNX Softmax in a layer of its own type (``kgen``:
+    a generated reduction kernel between two separate gemm layers). Measured with TensorRT-RTX 1.7.1: the
+    exported MatMul -> Softmax -> MatMul pattern fuses in FP16 and stays unfused in FP32 (the float parts of
+    a quantized VGGT graph are FP32 unless lowered with ``float16=True``).
+
+    Returns:
+        ``{"fused_mha_layers": n, "unfused_softmax_layers": k, "unfused_softmax_layer_types": {type: count}}``
+        (unfused Softmax layers are recognised by the ONNX node name the exporter gives them); empty for
+        full TensorRT's report format (not parsed).
+    """
+    layers = _rtx_layers(report)
+    if not layers:
+        return {}
+    mha = [layer for layer in layers if "_mha" in layer["name"].lower()]
+    softmax = [layer for layer in layers if "_mha" not in layer["name"].lower()
+               and any("Softmax" in name for name in layer["onnx"])]
+    return {"fused_mha_layers": len(mha), "unfused_softmax_layers": len(softmax),
+            "unfused_softmax_layer_types": dict(Counter(layer["type"] for layer in softmax))}
 
 
 def _layer_report(records: list[tuple[int, str]]) -> tuple[int | None, dict[str, int]]:

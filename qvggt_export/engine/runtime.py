@@ -97,6 +97,10 @@ _VERSION_RE = re.compile(
     re.IGNORECASE,
 )
 
+# TensorRT-RTX 1.x engine header: magic, then (at byte 16) the engine's length in bytes (observed on 1.7.1).
+_RTX_MAGIC = b"vtrt"
+_RTX_LENGTH_OFFSET = 16
+
 # TensorRT DataType names -> torch dtype attribute names. FP4/INT4 I/O tensors have no torch dtype.
 _TORCH_DTYPES = {
     "FLOAT": "float32",
@@ -480,6 +484,28 @@ def _check_header(engine_file: Path, be: Backend, runtime: Any, capture: Any, re
     return state, int(diagnostics)
 
 
+def _check_rtx_length(engine_file: Path) -> None:
+    """Refuse a truncated (or padded) TensorRT-RTX engine before anything is deserialized.
+
+    The header check reads only the first bytes, so a half-copied engine passes it and would fail (or crash)
+    deep inside deserialization. A TensorRT-RTX 1.x engine starts with the magic ``vtrt`` and records its
+    own length as a little-endian uint64 at byte 16 (observed on 1.7.1; files with another magic, such as
+    full TensorRT's, are not checked here).
+    """
+    with open(engine_file, "rb") as handle:
+        head = handle.read(_RTX_LENGTH_OFFSET + 8)
+    if len(head) < _RTX_LENGTH_OFFSET + 8 or head[:4] != _RTX_MAGIC:
+        return
+    recorded = int.from_bytes(head[_RTX_LENGTH_OFFSET:_RTX_LENGTH_OFFSET + 8], "little")
+    actual = engine_file.stat().st_size
+    if recorded != actual:
+        what = "truncated" if actual < recorded else "longer than its header says (trailing bytes)"
+        raise QVGGTError(
+            f"{engine_file} is {what}: its header records {recorded} bytes but the file has {actual}. The copy is "
+            "incomplete or corrupt; copy it again or rebuild it with build_engine"
+        )
+
+
 @dataclass
 class _Bindings:
     """Device buffers for one frame count; their addresses stay fixed while the engine holds them.
@@ -577,6 +603,8 @@ class QVGGTEngine:
         if hasattr(trt.Runtime, "get_engine_validity"):
             runtime = _create_runtime(be, capture)
             validity = _check_header(engine_file, be, runtime, capture, recorded)
+        if be.name == "rtx":
+            _check_rtx_length(engine_file)
 
         # 2. The GPU.
         _require_gpu(index)
