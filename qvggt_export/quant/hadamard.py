@@ -19,12 +19,15 @@ Conventions (used by every caller: transforms, exporter, plugin):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 
 import torch
 
 from qvggt_export.errors import QVGGTError
+from qvggt_export.quant import fwht_native
 
 # Sylvester stages are applied as small dense +-1 matmuls of at most 2^4 = 16 points ("radix-16"): in eager
 # PyTorch each butterfly stage is a separate pass with its own op overhead, and a few small GEMMs beat log2(d)
@@ -33,6 +36,9 @@ _MAX_STAGE_BITS = 4
 # Eager calls on large inputs run in row chunks of about this many elements (512 KiB in fp32, inside a 1 MiB L2)
 # so all stages of a chunk stay in cache: one trip through main memory instead of one per stage.
 _CHUNK_ELEMENTS = 1 << 17
+# Whether fwht may use the compiled CPU kernel (qvggt_export.quant.fwht_native); a one-element list so that
+# use_native_fwht() can switch it. The kernel itself is optional: fwht falls back to PyTorch without it.
+_NATIVE = [True]
 # Prime powers up to this bound are searched for Paley base orders (m <= 2 * (bound + 1)).
 _MAX_PALEY_Q = 4096
 
@@ -320,6 +326,47 @@ def _check_vector(name: str, v: torch.Tensor | None, d: int) -> None:
         raise QVGGTError(f"{name} must have shape [{d}] (the last axis of x), got {list(v.shape)}")
 
 
+def _native_eligible(x: torch.Tensor, pre: torch.Tensor | None, post: torch.Tensor | None) -> bool:
+    """Whether the compiled CPU kernel may run: plain CPU tensors, no autograd, no graph capture."""
+    if not _NATIVE[0]:
+        return False
+    tensors = [t for t in (x, pre, post) if t is not None]
+    if any(type(t) is not torch.Tensor or t.device.type != "cpu" or t.layout != torch.strided for t in tensors):
+        return False  # subclasses (fake/functional tensors) and other devices take the PyTorch path
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not _is_graph_capture()
+
+
+def _apply_native(kernel: fwht_native.Kernel, x: torch.Tensor, work: torch.dtype, *, normalize: bool,
+                  transpose: bool, pre: torch.Tensor | None, pre_divide: bool, post: torch.Tensor | None,
+                  scalar: float | None) -> torch.Tensor:
+    """:func:`_apply` through the compiled kernel (same arguments; see fwht_native for what it computes)."""
+    d = int(x.shape[-1])
+    power, m = hadamard_factors(d)
+    flat = x.reshape(-1, d).to(work).contiguous()  # no copy for a contiguous fp32/fp64 input
+    pre_w = None if pre is None else pre.to(work).contiguous()
+    post_w = None if post is None else post.to(work).contiguous()
+    if pre_w is not None and pre_divide:  # the inverse divides by post_scale; keep it a true division
+        flat, pre_w = flat / pre_w, None
+    rows = int(flat.shape[0])
+    if m > 1:
+        # The dense Paley factor acts on the contiguous inner axis, so it commutes with the Sylvester part:
+        # apply it first (a small PyTorch matmul, output fresh), then run the kernel in place on that output.
+        make = hadamard_matrix if normalize else (lambda n, dt: _integer_hadamard(n).to(dtype=dt))
+        base = make(m, work)
+        base = base.T.contiguous() if transpose else base
+        src = flat if pre_w is None else flat * pre_w
+        out = (src.reshape(-1, m) @ base).reshape(rows, d)
+        src, pre_w = out, None
+    else:
+        src, out = flat, kernel.empty(rows, d, work)
+    scale = (1.0 / math.sqrt(power) if normalize else 1.0) * (1.0 if scalar is None else scalar)
+    threads = max(1, min(torch.get_num_threads(), rows * d // fwht_native.MIN_ELEMENTS_PER_THREAD))
+    kernel.transform(src, out, power, m, pre_w, post_w, scale, threads)
+    return out.to(x.dtype).reshape(x.shape)
+
+
 def _apply(x: torch.Tensor, *, normalize: bool, transpose: bool, pre: torch.Tensor | None, pre_divide: bool,
            post: torch.Tensor | None, scalar: float | None) -> torch.Tensor:
     """``(((x * pre) or (x / pre)) @ M) * post * scalar`` with ``M`` = ``H``, ``H^T`` or their +-1 forms."""
@@ -331,6 +378,11 @@ def _apply(x: torch.Tensor, *, normalize: bool, transpose: bool, pre: torch.Tens
     _check_vector("signs", pre if not pre_divide else post, d)
     _check_vector("post_scale", post if not pre_divide else pre, d)
     work = _work_dtype(x.dtype)
+    if _native_eligible(x, pre, post):
+        kernel = fwht_native.load()
+        if kernel is not None:
+            return _apply_native(kernel, x, work, normalize=normalize, transpose=transpose, pre=pre,
+                                 pre_divide=pre_divide, post=post, scalar=scalar)
     stages, base = _prepare(d, work, x.device, normalize, transpose)
 
     def run(rows: torch.Tensor) -> torch.Tensor:
@@ -355,14 +407,45 @@ def _apply(x: torch.Tensor, *, normalize: bool, transpose: bool, pre: torch.Tens
     return out.reshape(x.shape)
 
 
+@contextlib.contextmanager
+def use_native_fwht(enabled: bool) -> Iterator[None]:
+    """Within the block, allow (``True``) or forbid (``False``) :func:`fwht`'s compiled CPU kernel.
+
+    For benchmarks and tests that compare the two paths; the default is allowed. Not thread-local.
+    """
+    previous = _NATIVE[0]
+    _NATIVE[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _NATIVE[0] = previous
+
+
+def fwht_backend() -> str:
+    """Which path eager CPU calls of :func:`fwht` take: ``"native (<library>)"`` or ``"pytorch (<why>)"``.
+
+    Builds or loads the kernel on first use (see :mod:`qvggt_export.quant.fwht_native`).
+    """
+    if not _NATIVE[0]:
+        return "pytorch (native kernel switched off by use_native_fwht(False))"
+    state = fwht_native.status()
+    return state if state.startswith("native") else f"pytorch (native kernel {state})"
+
+
 def fwht(x: torch.Tensor, signs: torch.Tensor | None = None, post_scale: torch.Tensor | None = None,
          normalize: bool = True) -> torch.Tensor:
     """Fast Walsh-Hadamard transform over the last axis: ``((x * signs) @ H) * post_scale``.
 
     ``H = hadamard_matrix(d)`` for ``d = x.shape[-1]`` (row-vector convention, see the module
     docstring); the result equals the dense product up to float rounding. The Sylvester part costs
-    ``O(d log d)`` (radix-16 stages, each a small dense +-1 matmul), the Paley part ``m`` multiply-adds
-    per element.
+    ``O(d log d)``, the Paley part ``m`` multiply-adds per element.
+
+    Two paths, equal up to float rounding (both within 1e-6 relative of the dense product in fp32): eager
+    calls on plain CPU tensors without autograd run a compiled kernel (radix-2 butterflies, one row at a
+    time in L1, rows over ``torch.get_num_threads()`` threads; :mod:`qvggt_export.quant.fwht_native`,
+    built on first use); everything else (autograd, tracing/export, other devices, or no C++ compiler)
+    runs PyTorch ops: radix-16 stages, each a small dense +-1 matmul, a fixed graph under tracing.
+    :func:`fwht_backend` says which path is in use.
 
     In DSFQ terms the rotation is ``R = diag(signs) H`` and weights are folded with the same ``R``
     (``X W^T = (X R)(W R)^T``); ``post_scale = 1 / c`` adds the smoothing of DSFQ step 2. The paper's

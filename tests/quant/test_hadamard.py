@@ -1,6 +1,14 @@
-"""Hadamard matrices and the fast transform: exact constructions, fwht == x @ H, inverse, dtypes, autograd."""
+"""Hadamard matrices and the fast transform: exact constructions, fwht == x @ H, inverse, dtypes, autograd.
+
+The transform tests run on both of fwht's paths (``backend`` fixture): the compiled CPU kernel
+(qvggt_export.quant.fwht_native, skipped with the reason where it cannot be built) and the PyTorch ops.
+"""
 
 from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -8,20 +16,32 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qvggt_export.errors import QVGGTError
+from qvggt_export.quant import fwht_native
 from qvggt_export.quant import hadamard as hm
 from qvggt_export.quant.hadamard import (
     fwht,
+    fwht_backend,
     fwht_inverse,
     hadamard_factors,
     hadamard_matrix,
     integer_hadamard,
     random_signs,
+    use_native_fwht,
 )
 
 POWERS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 # 2^k * m sizes: DINOv2 ViT-S/B (384, 768), Paley I (12, 20, 24 = 2 * 12, 44, 60), Paley II (36),
 # prime-power fields GF(27) (28), GF(25) (52), GF(49) (100).
 MIXED = [12, 20, 24, 28, 36, 44, 52, 60, 100, 384, 768, 320, 224]
+
+
+@pytest.fixture(params=["native", "pytorch"])
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test with fwht's compiled kernel allowed (and available) or forbidden."""
+    if request.param == "native" and fwht_native.load() is None:
+        pytest.skip(f"native FWHT kernel {fwht_native.status()}")
+    with use_native_fwht(request.param == "native"):
+        yield request.param
 
 
 def _exact_gram(h: torch.Tensor) -> torch.Tensor:
@@ -108,14 +128,14 @@ def test_random_signs_are_seeded_pm1_and_leave_global_rng_alone() -> None:
 
 
 @pytest.mark.parametrize("d", POWERS[6:] + MIXED)
-def test_fwht_matches_dense_float64(d: int) -> None:
+def test_fwht_matches_dense_float64(d: int, backend: str) -> None:
     x = torch.randn(3, 5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
     ref = x @ hadamard_matrix(d)
     assert torch.allclose(fwht(x), ref, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("d", POWERS[6:] + [12, 24, 384, 768, 320, 224])
-def test_fwht_matches_dense_float32(d: int) -> None:
+def test_fwht_matches_dense_float32(d: int, backend: str) -> None:
     x = torch.randn(40, d, generator=torch.Generator().manual_seed(d))
     ref = x.double() @ hadamard_matrix(d)  # exact transform of the same fp32 input
     err = (fwht(x).double() - ref).abs().max().item()
@@ -126,7 +146,7 @@ def test_fwht_matches_dense_float32(d: int) -> None:
     assert err <= 1.5 * dense_err, f"fwht {err:.2e} vs dense fp32 {dense_err:.2e}"
 
 
-def test_fwht_signs_post_scale_and_unnormalised_semantics() -> None:
+def test_fwht_signs_post_scale_and_unnormalised_semantics(backend: str) -> None:
     d = 384
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(7, d, dtype=torch.float64, generator=gen)
@@ -143,7 +163,7 @@ def test_fwht_signs_post_scale_and_unnormalised_semantics() -> None:
 
 @pytest.mark.parametrize("d", [12, 64, 768, 4096])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_fwht_inverse_round_trip(d: int, normalize: bool) -> None:
+def test_fwht_inverse_round_trip(d: int, normalize: bool, backend: str) -> None:
     gen = torch.Generator().manual_seed(d)
     x = torch.randn(9, d, dtype=torch.float64, generator=gen)
     signs = random_signs(d, 1, torch.float64)
@@ -153,7 +173,7 @@ def test_fwht_inverse_round_trip(d: int, normalize: bool) -> None:
     assert torch.allclose(fwht_inverse(fwht(x)), x, atol=1e-12)
 
 
-def test_inverse_needs_the_transpose_for_paley_sizes() -> None:
+def test_inverse_needs_the_transpose_for_paley_sizes(backend: str) -> None:
     # 768 = 64 x 12 with a Paley I (non-symmetric) factor: applying H twice is not the identity,
     # applying H then H^T is. For a Sylvester size H is its own inverse.
     x = torch.randn(4, 768, dtype=torch.float64)
@@ -183,7 +203,7 @@ def test_chunked_eager_path_equals_single_pass(monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.float64, 1e-12), (torch.bfloat16, 5e-2),
                                             (torch.float16, 5e-3)])
-def test_fwht_preserves_dtype_and_shape(dtype: torch.dtype, tol: float) -> None:
+def test_fwht_preserves_dtype_and_shape(dtype: torch.dtype, tol: float, backend: str) -> None:
     x = torch.randn(2, 3, 384, dtype=torch.float64).to(dtype)
     y = fwht(x, random_signs(384, 0, dtype))
     assert y.dtype == dtype and y.shape == x.shape
@@ -191,12 +211,12 @@ def test_fwht_preserves_dtype_and_shape(dtype: torch.dtype, tol: float) -> None:
     assert (y.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
 
 
-def test_fwht_on_a_single_vector() -> None:
+def test_fwht_on_a_single_vector(backend: str) -> None:
     x = torch.randn(64, dtype=torch.float64)
     assert torch.allclose(fwht(x), x @ hadamard_matrix(64), atol=1e-12)
 
 
-def test_fwht_rejects_bad_inputs() -> None:
+def test_fwht_rejects_bad_inputs(backend: str) -> None:
     with pytest.raises(QVGGTError, match="signs must have shape"):
         fwht(torch.randn(2, 64), signs=torch.ones(32))
     with pytest.raises(QVGGTError, match="post_scale must have shape"):
@@ -248,3 +268,129 @@ def test_fwht_exports_to_onnx_and_runs_in_onnxruntime(tmp_path) -> None:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert torch.allclose(torch.from_numpy(out), fwht(x, random_signs(384, 0)), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The compiled CPU kernel (qvggt_export.quant.fwht_native)
+
+COMPILER = shutil.which(os.environ.get("CXX", "")) or shutil.which("g++") or shutil.which("c++")
+
+
+@pytest.mark.skipif(COMPILER is None or os.environ.get(fwht_native.ENV_DISABLE) == "0",
+                    reason="no C++ compiler (or QVGGT_FWHT_NATIVE=0): fwht runs its PyTorch path")
+def test_native_kernel_is_built_where_a_compiler_exists() -> None:
+    # Guards against a silent fallback: with a compiler present the fast path must really be in use.
+    assert fwht_native.load() is not None, fwht_native.status()
+    assert fwht_backend().startswith("native (")
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Records (n, m) of every native kernel call."""
+    if fwht_native.load() is None:
+        pytest.skip(f"native FWHT kernel {fwht_native.status()}")
+    seen: list[tuple[int, int]] = []
+    original = fwht_native.Kernel.transform
+
+    def spy(self, x, y, n, m, *args):  # noqa: ANN001, ANN202
+        seen.append((n, m))
+        return original(self, x, y, n, m, *args)
+
+    monkeypatch.setattr(fwht_native.Kernel, "transform", spy)
+    return seen
+
+
+def test_native_path_only_where_allowed(calls: list[tuple[int, int]]) -> None:
+    x = torch.randn(6, 768)
+    fwht(x)
+    assert calls == [(64, 12)]  # Paley factor by PyTorch, the 64-point Sylvester part by the kernel
+    fwht(x.requires_grad_())  # autograd: PyTorch ops
+    with torch.no_grad():
+        fwht(x)
+    assert len(calls) == 2
+    with use_native_fwht(False):
+        fwht(torch.randn(3, 64))
+    torch.jit.trace(lambda t: fwht(t), (torch.randn(2, 64),), check_trace=False)  # (the check reruns eagerly)
+    assert len(calls) == 2
+    fwht(torch.randn(2, 3, 4096).transpose(0, 1))  # non-contiguous input: copied, then the kernel
+    assert calls[-1] == (4096, 1)
+
+
+@pytest.mark.parametrize("d", POWERS + MIXED + [256 * 12])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_and_pytorch_paths_agree_with_dense(d: int, dtype: torch.dtype) -> None:
+    if fwht_native.load() is None:
+        pytest.skip(f"native FWHT kernel {fwht_native.status()}")
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(5, d, dtype=torch.float64, generator=gen).to(dtype)
+    signs, post = random_signs(d, d, dtype), (torch.rand(d, dtype=torch.float64, generator=gen) + 0.5).to(dtype)
+    h = hadamard_matrix(d) if d <= 1024 else None  # larger sizes: dense-checked in test_fwht_matches_dense_*
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    for normalize in (True, False):
+        native = fwht(x, signs, post, normalize=normalize)
+        with use_native_fwht(False):
+            torch_path = fwht(x, signs, post, normalize=normalize)
+        scale = 1.0 if normalize else d**0.5
+        bound = tol * torch_path.abs().max().item()
+        assert (native - torch_path).abs().max().item() <= bound
+        if h is not None:
+            ref = ((x.double() * signs.double()) @ h) * post.double() * scale
+            assert (native.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+        back = fwht_inverse(native, signs, post, normalize=normalize)
+        assert (back.double() - x.double()).abs().max().item() <= 10 * tol * x.abs().max().item()
+
+
+def test_native_result_does_not_depend_on_thread_count() -> None:
+    if fwht_native.load() is None:
+        pytest.skip(f"native FWHT kernel {fwht_native.status()}")
+    x = torch.randn(67, 4096)  # 67 rows: 2 threads split it unevenly
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fwht(x, random_signs(4096, 0))
+        torch.set_num_threads(3)
+        three = fwht(x, random_signs(4096, 0))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
+
+
+@pytest.mark.parametrize("d", [768, 4096, 8])
+def test_native_leaves_inputs_untouched(d: int, backend: str) -> None:
+    x = torch.randn(9, d)
+    signs, post = random_signs(d, 1), torch.rand(d) + 0.5
+    copies = [t.clone() for t in (x, signs, post)]
+    y = fwht(x, signs, post)
+    assert all(torch.equal(a, b) for a, b in zip((x, signs, post), copies, strict=True))
+    assert y.data_ptr() != x.data_ptr()
+    assert torch.equal(fwht_inverse(y, signs, post), fwht_inverse(y.clone(), signs, post))
+
+
+def test_build_without_a_working_compiler_reports_why(tmp_path) -> None:
+    kernel, reason = fwht_native.build(tmp_path, None)
+    assert kernel is None and "no C++ compiler" in reason
+    broken = shutil.which("false")
+    if broken is None:
+        pytest.skip("no 'false' executable to stand in for a failing compiler")
+    kernel, reason = fwht_native.build(tmp_path / "cache", broken)
+    assert kernel is None and "failed" in reason
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written library left behind
+
+
+@pytest.mark.skipif(COMPILER is None, reason="no C++ compiler")
+def test_build_compiles_once_and_reuses_the_cache(tmp_path) -> None:
+    kernel, reason = fwht_native.build(tmp_path, COMPILER)
+    assert kernel is not None, reason
+    stamp = kernel.path.stat().st_mtime_ns
+    again, _ = fwht_native.build(tmp_path, COMPILER)
+    assert again is not None and again.path == kernel.path and again.path.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [kernel.path.name]
+
+
+def test_environment_switch_disables_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fwht_native, "_state", {})
+    monkeypatch.setenv(fwht_native.ENV_DISABLE, "0")
+    assert fwht_native.load() is None
+    assert fwht_backend() == f"pytorch (native kernel unavailable: disabled by {fwht_native.ENV_DISABLE}=0)"
+    x = torch.randn(4, 4096, dtype=torch.float64)
+    assert torch.allclose(fwht(x), x @ hadamard_matrix(4096), atol=1e-12)
