@@ -80,15 +80,18 @@ def check_format_targets(format_name: str, sms: Iterable[str]) -> tuple[str, ...
         raise QVGGTError(f"unknown format {format_name!r}; expected one of {', '.join(FORMAT_MIN_SM)}")
     if isinstance(sms, str):
         raise QVGGTError(f"target compute capabilities must be a list such as ['SM89'], got the string {sms!r}")
-    names = [str(s).strip().upper() for s in sms]
-    if not names:
+    given = list(sms)
+    if not given:
         raise QVGGTError(f"no target compute capabilities given for format {format_name!r}")
+    names: list[str] = []
     resolved: list[str] = []
-    for name in names:
+    for value in given:
+        name = value.strip().upper() if isinstance(value, str) else value
+        names.append(name)
         if name == "CURRENT":
             resolved += cuda_compute_capabilities()[:1]  # device 0 builds; nothing to check without a GPU
         else:
-            sm_number(name)
+            sm_number(value)  # raises naming the value as given
             resolved.append(name)
     minimum = FORMAT_MIN_SM[format_name]
     refused = [name for name in resolved if sm_number(name) < minimum]

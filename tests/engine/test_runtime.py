@@ -165,6 +165,27 @@ def test_engine_of_another_version_names_both_versions(rtx_engine: Path, tmp_pat
 
 
 @requires_rtx
+@pytest.mark.parametrize("cut", ["half", "last_byte", "trailing"])
+def test_truncated_or_padded_engine_is_refused_before_the_gpu_check(rtx_engine: Path, tmp_path: Path, cut: str) -> None:
+    data = rtx_engine.read_bytes()
+    changed = {"half": data[: len(data) // 2], "last_byte": data[:-1], "trailing": data + bytes(16)}[cut]
+    broken = _copy_engine(rtx_engine, tmp_path, changed, "broken.engine")
+    expected = r"longer than its header says \(trailing bytes\)" if cut == "trailing" else "is truncated"
+    with pytest.raises(QVGGTError, match=f"{expected}: its header records {len(data)} bytes but the file has "
+                                         f"{len(changed)}"):
+        QVGGTEngine(broken, backend="rtx")
+
+
+@requires_rtx
+def test_recorded_length_matches_multi_architecture_engines(tmp_path: Path) -> None:
+    profile = EngineProfile(name="t", backend="rtx", compute_capabilities=("SM86", "SM120"), frames=FrameRange(1, 2, 2))
+    result = build_engine(tiny_vggt_onnx(tmp_path / "tiny.onnx"), tmp_path / "multi.engine", profile)
+    rt._check_rtx_length(result.engine_path)  # the header's length is the file's: no error
+    header = result.engine_path.read_bytes()[:24]
+    assert header[:4] == b"vtrt" and int.from_bytes(header[16:24], "little") == result.size_bytes
+
+
+@requires_rtx
 @pytest.mark.skipif(cuda_device_count() > 0, reason="a CUDA GPU is visible: the engine would load")
 def test_real_engine_without_gpu_says_a_gpu_is_needed(rtx_engine: Path) -> None:
     with pytest.raises(QVGGTError, match="needs an NVIDIA GPU with its driver") as info:
