@@ -106,12 +106,15 @@ class LayerFormat:
         weight_bits: 4 for INT4 containers; 8 for INT8 containers (W8 and W6 weights alike).
         act_bits: Activation bit width (the ``qmax_<bits>`` constant of its step).
         transformed: Name of the layer's input after its online transform (what gets quantized).
+        kind: ``"int"``, or the ONNX weight type of a floating-point format (``"FLOAT8E4M3FN"``,
+            ``"FLOAT4E2M1"``), which no lowering here rewrites.
     """
 
     name: str
     weight_bits: int
     act_bits: int
     transformed: str
+    kind: str = "int"
 
 
 @dataclass
@@ -193,8 +196,12 @@ def _layer_map(model: onnx.ModelProto) -> dict[str, dict[str, str]]:
 def quantized_layer_formats(model: onnx.ModelProto) -> list[LayerFormat]:
     """The quantized layers of a canonical graph and their formats, checked against the graph's nodes.
 
+    Integer layers (INT4 / INT8 weight codes) are read in full; layers of floating-point formats (FP8, NVFP4
+    weights) get ``kind`` set to their weight type and are only ever kept as written.
+
     Raises:
-        QVGGTError: The layer map names a layer whose canonical nodes are missing (not a canonical export).
+        QVGGTError: The layer map names an integer layer whose canonical nodes are missing (not a canonical
+            export).
     """
     layer_map = _layer_map(model)
     nodes = {n.name: n for n in model.graph.node}
@@ -202,15 +209,19 @@ def quantized_layer_formats(model: onnx.ModelProto) -> list[LayerFormat]:
     formats = []
     for name in sorted(layer_map):
         entry = layer_map[name]
+        weight_dq = nodes.get(f"{name}/weight_dq")
+        weight_q = inits.get(weight_dq.input[0]) if weight_dq is not None else None
+        if weight_q is not None and weight_q.data_type not in (TensorProto.INT4, TensorProto.INT8):
+            kind = TensorProto.DataType.Name(weight_q.data_type)
+            formats.append(LayerFormat(name, 0, 0, entry.get("transformed", ""), kind=kind))
+            continue
         missing = [s for s in _REQUIRED if f"{name}/{s}" not in nodes]
-        if missing or "transformed" not in entry:
+        if missing or "transformed" not in entry or weight_q is None:
             raise QVGGTError(
                 f"layer {name!r} of the layer map has no canonical Q/DQ nodes ({', '.join(missing) or 'transformed'} "
-                "missing); lower_for_target needs the graph exactly as qvggt_export.export wrote it"
+                "missing, or its weight codes are not an initializer); lower_for_target needs the graph exactly "
+                "as qvggt_export.export wrote it"
             )
-        weight_q = inits.get(nodes[f"{name}/weight_dq"].input[0])
-        if weight_q is None:
-            raise QVGGTError(f"layer {name!r}: its weight codes are not an initializer")
         weight_bits = 4 if weight_q.data_type == TensorProto.INT4 else 8
         qmax_name = nodes[f"{name}/act_step"].input[1]
         try:
@@ -501,15 +512,19 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
 def _check_target(target: str, layers: list[LayerFormat]) -> None:
     if target not in TARGETS:
         raise QVGGTError(f"unknown lowering target {target!r}; expected one of {', '.join(TARGETS)}")
-    if target == "as-written" or not layers:
-        if not layers and target != "as-written":
-            raise QVGGTError(f"lowering {target!r} needs a quantized canonical graph; this one has no quantized "
-                             "layers (a float export): use 'as-written'")
+    if target == "as-written":
         return
+    floating = sorted({layer.kind for layer in layers if layer.kind != "int"})
+    if floating:
+        raise QVGGTError(f"lowering {target!r} rewrites integer Q/DQ layers; this graph has {', '.join(floating)} "
+                         "weights (a floating-point format, already in TensorRT's own form): use 'as-written'")
+    if not layers:
+        raise QVGGTError(f"lowering {target!r} needs a quantized canonical graph; this one has no quantized "
+                         "layers (a float export): use 'as-written'")
     weights = sorted({layer.weight_bits for layer in layers})
     acts = sorted({layer.act_bits for layer in layers})
     fmt = f"W{'/'.join(map(str, weights))}A{'/'.join(map(str, acts))}"
-    if target == "int8-static" and max(acts) > 8 or target == "int8-static" and min(acts) <= 4:
+    if target == "int8-static" and not 4 < min(acts) <= max(acts) <= 8:
         raise QVGGTError(f"lowering 'int8-static' is for 6- to 8-bit activations; this graph is {fmt}: use 'w4a8' "
                          "(INT8 activations) or 'w4a16' (weight-only) for 4-bit activations")
     if target in ("w4a8", "w4a16") and weights != [4]:
@@ -520,6 +535,8 @@ def _check_target(target: str, layers: list[LayerFormat]) -> None:
 def _note(target: str, layers: list[LayerFormat]) -> str:
     if not layers:
         return "float graph: nothing quantized"
+    if layers[0].kind != "int":
+        return f"floating-point format ({layers[0].kind} weights) as written"
     act = layers[0].act_bits
     return {
         "as-written": (f"canonical graph: per-token dynamic {act}-bit activations computed in the graph"
@@ -607,13 +624,14 @@ def lower_for_target(
             accuracy = _measure(model, lowered, target, float16, evaluation, float_outputs, input_name, folder,
                                 in_sample=eval_inputs is None)
 
+    integer = layers and layers[0].kind == "int"
     info = LoweringInfo(
         target=target,
         float16=float16,
-        weight_bits=layers[0].weight_bits if layers else None,
-        act_bits=layers[0].act_bits if layers else None,
+        weight_bits=layers[0].weight_bits if integer else None,
+        act_bits=layers[0].act_bits if integer else None,
         engine_act_bits=({"as-written": layers[0].act_bits, "int8-static": layers[0].act_bits, "w4a8": 8,
-                          "w4a16": None}[target] if layers else None),
+                          "w4a16": None}[target] if integer else None),
         layers=len(layers) if target != "as-written" else 0,
         nodes_before=len(model.graph.node),
         nodes_after=len(lowered.graph.node),

@@ -202,6 +202,18 @@ def test_lowering_twice_or_a_non_canonical_graph_is_refused():
         lower_for_target(float_graph, "w4a16")
 
 
+def test_floating_point_formats_are_kept_as_written():
+    model, _ = mini_canonical(8, 8)
+    weight = next(i for i in model.graph.initializer if i.name == f"{LAYER}/weight_q")
+    weight.data_type = TensorProto.FLOAT8E4M3FN  # same byte layout: stands in for an fp8 export's codes
+    (layer,) = quantized_layer_formats(model)
+    assert layer.kind == "FLOAT8E4M3FN"
+    with pytest.raises(QVGGTError, match="has FLOAT8E4M3FN weights .*use 'as-written'"):
+        lower_for_target(model, "int8-static", calibration_inputs=[_images(1, 0)], measure=False)
+    _, info = lower_for_target(model, "as-written", measure=False)
+    assert info.weight_bits is None and "FLOAT8E4M3FN" in info.note
+
+
 def test_default_lowering_table():
     assert default_lowering("w8a8", ["SM86", "SM89", "SM120"]) == "int8-static"
     assert default_lowering("w6a6", ["CURRENT"]) == "int8-static"
