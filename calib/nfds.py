@@ -396,11 +396,12 @@ class _Recorder:
             x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
             if not isinstance(x, torch.Tensor):
                 raise QVGGTError(f"NFDS layer {name} was called without a tensor input")
-            x = x.detach()
-            if self.nonfinite is None and not bool(torch.isfinite(x).all()):
+            var, mean = torch.var_mean(x.detach().float(), correction=0)  # eq. 9 over all of the layer's tokens
+            mean_f, var_f = float(mean), float(var)
+            # A NaN/Inf input makes its mean non-finite, so this replaces a separate isfinite pass over x.
+            if self.nonfinite is None and not (math.isfinite(mean_f) and math.isfinite(var_f)):
                 self.nonfinite = name  # the first layer (in execution order) whose input is not finite
-            var, mean = torch.var_mean(x.float(), correction=0)  # eq. 9 over all of the layer's tokens
-            self.stats[name] = (float(mean), float(var))
+            self.stats[name] = (mean_f, var_f)
 
         return hook
 
@@ -459,7 +460,9 @@ def collect_statistics(candidates: Candidates, model: nn.Module, config: NFDSCon
     bar = tqdm(total=len(refs), desc="NFDS statistics", unit="candidate", disable=not progress)
     try:
         model.eval()
-        with torch.no_grad():
+        # inference_mode, not no_grad: no version counters or views tracked, and the hooks' detached
+        # tensors never leave this function.
+        with torch.inference_mode():
             tick = time.perf_counter()
             for ref, sample in _iter_candidates(candidates, refs):
                 batch = _as_batch(ref, sample)
@@ -594,9 +597,13 @@ class CalibrationSelection:
         return [r.id for r in self.selected]
 
     def samples(self) -> Iterator[torch.Tensor]:
-        """Load the selected samples one at a time (``[frames, 3, H, W]`` each)."""
-        for ref in self.selected:
-            yield ref.load()
+        """Load the selected samples one at a time (``[frames, 3, H, W]`` each), in selection order.
+
+        Overlapping windows of one clip decode their shared frames once (:meth:`CandidatePool.iter_samples`);
+        an unreadable sample raises :class:`QVGGTError` naming the file.
+        """
+        for _, sample in CandidatePool(self.selected).iter_samples():
+            yield sample
 
     def to_dict(self) -> dict[str, Any]:
         return {

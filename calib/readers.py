@@ -68,6 +68,7 @@ from qvggt_export.errors import QVGGTError
 from qvggt_export.model.preprocess import (
     PREPROCESS_MODES,
     load_and_preprocess_images,
+    open_image,
     preprocess_image,
     stack_frames,
 )
@@ -98,6 +99,9 @@ SYNTHETIC = "synthetic"
 # Stream keys of the seeded generators (allocation over sequences vs. windows inside a sequence).
 _KEY_ALLOCATION = 0x5EED
 _KEY_WINDOWS = 0xF00D
+
+# Frames held at once while overlapping windows are read (see CandidatePool.iter_samples): 330 frames at 518.
+DEFAULT_FRAME_CACHE_BYTES = 1 << 30
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,23 +287,128 @@ class CandidatePool(Sequence[torch.Tensor]):
         """The distinct predicted ``(H, W)`` of the samples (more than one: see the module notes)."""
         return {(s[2], s[3]) for s in self.shapes() if s is not None}
 
-    def iter_samples(self) -> Iterator[tuple[SampleRef, torch.Tensor]]:
-        """Yield ``(descriptor, sample)`` pairs, loading one sample at a time.
+    def iter_samples(self, *, reuse_frames: bool = True,
+                     frame_cache_bytes: int = DEFAULT_FRAME_CACHE_BYTES) -> Iterator[tuple[SampleRef, torch.Tensor]]:
+        """Yield ``(descriptor, sample)`` pairs, one sample at a time, in pool order.
+
+        Windows of one sequence overlap (400 windows from a few clips share most frames), so with
+        ``reuse_frames`` each run of consecutive samples from one video or image folder is read in one
+        pass: every frame it uses is decoded and preprocessed once and held until the run is done, the
+        run cut into chunks whose distinct frames fit in ``frame_cache_bytes``. The samples are the same
+        tensors :meth:`SampleRef.load` gives (same decoder, same per-frame preprocessing, same stacking).
 
         A sample that fails to load raises :class:`QVGGTError` naming the file, or, if the pool was built
-        with ``skip_bad=True``, is skipped with a warning and its id appended to :attr:`skipped`.
+        with ``skip_bad=True``, is skipped with a warning and its id appended to :attr:`skipped`. (A run
+        whose shared read fails is read again sample by sample, so one bad frame costs only its samples.)
         """
-        for ref in self._refs:
+        if isinstance(frame_cache_bytes, bool) or not isinstance(frame_cache_bytes, int) or frame_cache_bytes < 0:
+            raise QVGGTError(f"frame_cache_bytes must be an integer >= 0, got {frame_cache_bytes!r}")
+        chunks = _frame_sharing_chunks(self._refs, frame_cache_bytes) if reuse_frames else [[r] for r in self._refs]
+        for chunk in chunks:
+            frames: dict[Any, torch.Tensor | QVGGTError] = _read_shared_frames(chunk) if len(chunk) > 1 else {}
+            for ref in chunk:
+                try:
+                    sample = _stack_from(ref, frames) if frames else ref.load()
+                except QVGGTError as exc:
+                    if not self.skip_bad:
+                        raise
+                    logger.warning("skipping candidate %s: %s", ref.id, exc)
+                    if ref.id not in self.skipped:
+                        self.skipped.append(ref.id)
+                    continue
+                yield ref, sample
+            frames.clear()  # the run is done: free its frames before the next one is read
+
+
+# --------------------------------------------------------------------------------------------------
+# Frame reuse across overlapping windows (internal)
+# --------------------------------------------------------------------------------------------------
+
+
+def _frame_keys(ref: SampleRef) -> list[Any]:
+    """One hashable key per frame of ``ref`` (file or video frame index), in frame order."""
+    if ref.kind == "images":
+        return list(ref.paths)
+    return list(ref.frame_indices)
+
+
+def _group_key(ref: SampleRef) -> tuple[Any, ...] | None:
+    """Samples with equal keys read their frames from one source with one preprocessing; ``None``: alone."""
+    if ref.kind == "video":
+        return ("video", ref.paths[0], ref.target_size, ref.mode, ref.patch_size, ref.frame_pts is None)
+    if ref.kind == "images":
+        return ("images", str(Path(ref.paths[0]).parent), ref.target_size, ref.mode, ref.patch_size)
+    return None
+
+
+def _frame_bytes(ref: SampleRef) -> int:
+    if ref.shape is not None:
+        return 3 * ref.shape[2] * ref.shape[3] * 4
+    return 3 * ref.target_size * ref.target_size * 4  # float32; the largest a square crop/pad can be
+
+
+def _frame_sharing_chunks(refs: Sequence[SampleRef], limit_bytes: int) -> list[list[SampleRef]]:
+    """Runs of consecutive samples with one :func:`_group_key`, cut where their distinct frames pass the limit."""
+    chunks: list[list[SampleRef]] = []
+    key: tuple[Any, ...] | None = None
+    seen: set[Any] = set()
+    used = 0
+    for ref in refs:
+        group = _group_key(ref)
+        new = set(_frame_keys(ref)) - seen if group is not None else set()
+        cost = len(new) * _frame_bytes(ref)
+        if group is None or group != key or not chunks or used + cost > limit_bytes:
+            chunks.append([ref])
+            key, seen, used = group, set(_frame_keys(ref)) if group is not None else set(), 0
+            used = len(seen) * _frame_bytes(ref)
+        else:
+            chunks[-1].append(ref)
+            seen |= new
+            used += cost
+    return chunks
+
+
+def _read_shared_frames(chunk: Sequence[SampleRef]) -> dict[Any, torch.Tensor | QVGGTError]:
+    """Decode and preprocess every distinct frame of ``chunk`` once (same source, same preprocessing).
+
+    Image files fail one by one (the error is stored for the samples that use the file); a video that
+    fails to decode returns ``{}`` so its samples load one by one and each reports its own error.
+    """
+    first = chunk[0]
+    out: dict[Any, torch.Tensor | QVGGTError] = {}
+    if first.kind == "images":
+        for path in dict.fromkeys(p for ref in chunk for p in ref.paths):
             try:
-                sample = ref.load()
+                out[path] = preprocess_image(open_image(Path(path)), first.target_size, first.mode, first.patch_size)
             except QVGGTError as exc:
-                if not self.skip_bad:
-                    raise
-                logger.warning("skipping candidate %s: %s", ref.id, exc)
-                if ref.id not in self.skipped:
-                    self.skipped.append(ref.id)
-                continue
-            yield ref, sample
+                out[path] = exc
+        return out
+    pts_of: dict[int, int] | None = {}
+    for ref in chunk:
+        if ref.frame_pts is None or len(ref.frame_pts) != len(ref.frame_indices):
+            pts_of = None
+            break
+        pts_of.update(zip(ref.frame_indices, ref.frame_pts, strict=True))  # type: ignore[union-attr]
+    indices = sorted({i for ref in chunk for i in ref.frame_indices})
+    pts = [pts_of[i] for i in indices] if pts_of is not None else None
+    try:
+        images = _decode_video_frames(Path(first.paths[0]), indices, pts)
+    except QVGGTError as exc:
+        logger.debug("shared decode of %s failed (%s); loading its samples one by one", first.paths[0], exc)
+        return {}
+    for index, image in zip(indices, images, strict=True):
+        out[index] = preprocess_image(image, first.target_size, first.mode, first.patch_size)
+    return out
+
+
+def _stack_from(ref: SampleRef, frames: dict[Any, torch.Tensor | QVGGTError]) -> torch.Tensor:
+    stack = []
+    for key in _frame_keys(ref):
+        frame = frames[key]
+        if isinstance(frame, QVGGTError):
+            raise frame
+        stack.append(frame)
+    return stack_frames(stack)
 
 
 # --------------------------------------------------------------------------------------------------
