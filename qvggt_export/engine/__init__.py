@@ -7,8 +7,27 @@ Example::
 
     from qvggt_export.engine import build_engine
 
-    result = build_engine("vggt_w8a8.onnx", "engines/vggt_w8a8.engine", "rtx-default")
-    print(result.target_sms, result.num_layers, result.size_bytes)
+    result = build_engine("vggt_w8a8.onnx", "engines/vggt_w8a8.engine", "rtx-default", format_name="w8a8")
+    print(result.target_sms, result.num_layers, result.size_bytes, result.gemm_precisions, result.attention)
+
+What TensorRT-RTX 1.7.1 makes of the exported graph (measured here without a GPU, from the builder's DETAILED
+per-layer report; ``benchmarks/results/engine_sizes.md`` has the numbers):
+
+* **Attention.** The exporter writes VGGT's attention as MatMul -> Mul -> Softmax -> MatMul (opset 21; no ONNX
+  ``Attention`` op). In FP32 (the float parts of every quantized graph as exported) TensorRT-RTX keeps it
+  unfused: two gemm layers around a generated ``kgen`` softmax kernel. In FP16 (a float graph through
+  :func:`qvggt_export.export.lowering.to_float16`, or a lowering with ``float16=True``) each attention becomes one
+  fused ``_gemm_mha_v2`` kernel. The ONNX ``Attention`` op (opset 23) parses; it builds in FP16 (the same
+  ``_gemm_mha_v2`` kernel) and fails in FP32 ("Attention operation was not supported by a dedicated kernel").
+  :attr:`EngineBuildResult.attention` reports the counts for every build.
+* **Quantized GEMMs** (:attr:`EngineBuildResult.gemm_precisions`): W8A8 / W6A6 as written (per-token step
+  applied after the GEMM) and ``int8-static`` both become ``Int8 x Int8`` gemm layers; ``w4a8`` too, with the
+  INT4 weights unpacked to INT8 by a kernel before the GEMM; ``w4a16`` and W4A4 as written dequantize the INT4
+  weights in a kernel (``CastMulCast``) and run a float GEMM. So INT4 weights save engine bytes, but no fused
+  INT4 GEMM was seen; whether one is chosen on a GPU for blocked INT4 weights is not verifiable here.
+* **Format / architecture checks**: :func:`check_format_targets` (e.g. nvfp4 needs SM100+, fp8 SM89+), also run
+  by ``build_engine(..., format_name=...)``. Plugin nodes whose creator is not registered are refused before
+  parsing; truncated TensorRT-RTX engine files are refused by :class:`QVGGTEngine` before any GPU work.
 """
 
 from qvggt_export.engine.backend import (
