@@ -68,12 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize VGGT, export it to ONNX with Q/DQ, check ONNX Runtime parity against PyTorch, "
                     "and build a TensorRT / TensorRT-RTX engine.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--bits", default="w4a4", choices=[*SUPPORTED_FORMATS, "fp32"],
-                        help="format: per-channel weights / per-token dynamic activations (default w4a4)")
+    parser.add_argument("--bits", default="w4a4", choices=[*SUPPORTED_FORMATS, *FLOAT_FORMATS],
+                        help="format: w8a8/w6a6/w4a4 (integer per-channel weights, per-token dynamic activations), "
+                             "fp8 (E4M3), nvfp4 (FP4 block 16), or unquantized (default w4a4)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (report.json, model.onnx, ...)")
     parser.add_argument("--model", default="tiny",
                         help=f"preset ({', '.join(preset_names())}) or a JSON file of official constructor "
                              "arguments (default tiny)")
+    from qvggt_export.pipeline import FLOAT_FORMATS
     parser.add_argument("--checkpoint", help="model.pt / .safetensors / folder / cached HF repo id "
                                              "(default: seeded random weights)")
     parser.add_argument("--method", default="dsfq", choices=list(METHODS),

@@ -29,6 +29,22 @@ logger = logging.getLogger(__name__)
 
 FLOAT_FORMATS = ("fp32",)
 RECON_CHECKPOINT = "reconstruction_checkpoint.safetensors"
+DEFAULT_ENGINE_PROFILE = "rtx-default"
+# Engine targets per quantization format (DESIGN.md section 3, measured with TensorRT-RTX 1.7.1): FP8 Q/DQ
+# compiles from SM89 (Ada) on, NVFP4 from SM100 (Blackwell) on; TensorRT-RTX knows SM120/SM121 of those.
+# Integer formats build for every target. "CURRENT" (the build machine's GPU) is checked by the build.
+FORMAT_MIN_SM = {"fp8": 89, "nvfp4": 100}
+FORMAT_DEFAULT_PROFILES = {"fp8": "rtx-sm89-sm120", "nvfp4": "rtx-sm120"}
+# What each format's ONNX and engine carry, for the report.
+FORMAT_LOWERING = {
+    "int": "opset-21 integer QuantizeLinear/DequantizeLinear: per-channel INT4/INT8 weights, per-token dynamic "
+           "activations computed in the graph",
+    "fp8": "opset-21 FLOAT8E4M3FN QuantizeLinear/DequantizeLinear: per-channel FP8 weights, per-token dynamic FP8 "
+           "activations (unit Q/DQ scale, per-token scale applied after the GEMM)",
+    "nvfp4": "opset-23 NVFP4 as TensorRT consumes it: FLOAT4E2M1 weights with FLOAT8E4M3FN block-16 scales "
+             "(double DequantizeLinear), activations through trt::TRT_FP4DynamicQuantize (block 16, E4M3 scales, "
+             "calibrated global scale) and double DequantizeLinear",
+}
 
 
 @dataclass(frozen=True)
@@ -63,7 +79,10 @@ class PipelineConfig:
         engine_hadamard: how the engine runs DSFQ rotations: ``"plugin"`` (the ``qvggt::Hadamard`` TensorRT
             plugin; the engine is built from ``model.plugin.onnx``) or ``"function"`` (TensorRT inlines the
             ONNX function into small GEMMs).
-        engine_profile: name of a profile in ``engines/`` or a path to a profile JSON.
+        engine_profile: name of a profile in ``engines/`` or a path to a profile JSON. Left at
+            ``"rtx-default"`` (or ``None``), fp8 and nvfp4 use their own default (:data:`FORMAT_DEFAULT_PROFILES`:
+            ``rtx-sm89-sm120``, ``rtx-sm120``), since rtx-default also targets SM86, which has neither; any
+            other profile must target only architectures the format can build for, or the run is refused.
         backend: ``"auto"``, ``"rtx"`` (TensorRT-RTX) or ``"trt"`` (full TensorRT).
         progress: show progress bars.
     """
@@ -89,18 +108,18 @@ class PipelineConfig:
     hadamard: str = "function"
     engine: bool = True
     engine_hadamard: str = "plugin"
-    engine_profile: str = "rtx-default"
+    engine_profile: str | None = DEFAULT_ENGINE_PROFILE
     backend: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
         from qvggt_export.model.preprocess import PREPROCESS_MODES
-        from qvggt_export.quant import parse_bits
+        from qvggt_export.quant import check_format
 
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.bits not in FLOAT_FORMATS:
-            parse_bits(self.bits)
-            self.quant_config()  # validates method, alpha, recon_iters
+            object.__setattr__(self, "bits", check_format(self.bits))
+            self.quant_config()  # validates method, alpha, recon_iters (refused for fp8 / nvfp4)
         if self.calib_size < 1:
             raise QVGGTError(f"calib_size must be >= 1, got {self.calib_size}")
         if self.calib_pool < self.calib_size:
@@ -119,6 +138,41 @@ class PipelineConfig:
             raise QVGGTError(f"engine_hadamard must be 'plugin' or 'function', got {self.engine_hadamard!r}")
         if self.backend not in ("auto", "rtx", "trt"):
             raise QVGGTError(f"backend must be auto, rtx or trt, got {self.backend!r}")
+        if self.engine_profile is None:
+            object.__setattr__(self, "engine_profile", DEFAULT_ENGINE_PROFILE)
+        if self.engine:
+            self.resolved_engine_profile()  # refuses a profile the format cannot build for, before any write
+
+    @property
+    def family(self) -> str:
+        """``"float"`` (unquantized), ``"int"``, ``"fp8"`` or ``"nvfp4"``."""
+        from qvggt_export.quant import format_family
+
+        return "float" if self.bits in FLOAT_FORMATS else format_family(self.bits)
+
+    def resolved_engine_profile(self) -> str:
+        """The engine profile this run builds with: ``engine_profile``, or the format's default when it was
+        left at ``rtx-default``.
+
+        Raises:
+            QVGGTError: the profile cannot be loaded, or targets an architecture the format cannot build for.
+        """
+        requested = self.engine_profile or DEFAULT_ENGINE_PROFILE
+        if self.family not in FORMAT_MIN_SM:
+            return requested
+        if requested == DEFAULT_ENGINE_PROFILE:
+            return FORMAT_DEFAULT_PROFILES[self.family]
+        from qvggt_export.engine.profiles import load_profile
+
+        profile = load_profile(requested)
+        minimum = FORMAT_MIN_SM[self.family]
+        bad = [cc for cc in profile.compute_capabilities if cc != "CURRENT" and int(cc[2:]) < minimum]
+        if bad:
+            raise QVGGTError(
+                f"engine profile {profile.name!r} targets {', '.join(bad)}, which cannot run {self.bits} (needs "
+                f"SM{minimum} or newer); use --engine-profile {FORMAT_DEFAULT_PROFILES[self.family]}, a profile "
+                "without those targets, or --no-engine")
+        return requested
 
     def nfds_config(self) -> Any:
         from qvggt_export.calib import NFDSConfig
@@ -243,6 +297,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     report: dict[str, Any] = {"tool": f"qvggt-export {__version__}", "bits": config.bits, "method": config.method
                               if config.quantized else None, "torch": torch.__version__,
                               "python": platform.python_version()}
+    if config.quantized:
+        report["format"] = {"name": config.bits, "family": config.family, "lowering": FORMAT_LOWERING[config.family]}
 
     # Inputs first: nothing is written until model, weights and data are known to be good.
     with timer.stage("load_model"):
@@ -282,6 +338,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                     "weight_rel_error": {layer.name: round(layer.weight_rel_error, 6) for layer in layers},
                     "reconstruction": result.reconstruction,
                 }
+                if result.input_amax:
+                    report["quantization"]["input_amax"] = {k: round(v, 6) for k, v in result.input_amax.items()}
             from qvggt_export.quant.state import save_quantized
 
             weights_path, _ = save_quantized(model, out_dir / "quantized_model", report["model"]["spec"], quant_config)
@@ -290,31 +348,19 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                 report["quantization"]["output_error_vs_float"] = _output_errors(float_model, model, batches, progress)
 
         from qvggt_export.export import export_onnx
+        from qvggt_export.export.qdq import opset_for_format
 
         onnx_path = out_dir / "model.onnx"
         with timer.stage("export_onnx"):
-            exported = export_onnx(model, onnx_path, batches[0], hadamard=config.hadamard)
+            opset = opset_for_format(config.family if config.quantized else "int")
+            exported = export_onnx(model, onnx_path, batches[0], hadamard=config.hadamard, opset=opset)
         report["onnx"] = {"path": str(onnx_path), "size_bytes": exported.size_bytes, "opset": exported.opset,
                           "nodes": exported.num_nodes, "quantized_linears": exported.num_qlinear,
                           "input_shape": exported.input_shape, "outputs": exported.outputs,
                           "external_data": exported.external_data}
 
-        from qvggt_export.parity import check_parity
-
         with timer.stage("parity"):
-            # Every calibration batch, plus a frame count the export was not traced with (dynamic axis).
-            inputs = list(batches)
-            if batches[0].shape[1] > 1:
-                inputs.append(batches[0][:, :1])
-            parity = check_parity(model, onnx_path, inputs, float_model=float_model)
-            report["parity"] = parity.to_dict()
-            if config.quantized:
-                # Layer by layer, each from ONNX Runtime's own input: names the first wrong layer, if any.
-                from qvggt_export.parity.localize import localize_divergence
-
-                layers = localize_divergence(model, onnx_path, batches[0])
-                report["parity"]["layers"] = layers.to_dict()
-                report["parity"]["passed"] = report["parity"]["passed"] and layers.first_failing is None
+            report["parity"] = _parity_stage(config, model, float_model, onnx_path, batches)
 
         report["engine"] = _build_engine_stage(config, onnx_path, timer)
         report["timings_s"] = dict(timer.seconds, total=round(time.perf_counter() - started, 3))
@@ -327,6 +373,123 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     except BaseException:
         _remove_partial_outputs(out_dir, existed, before)
         raise
+
+
+def _parity_stage(config: PipelineConfig, model: torch.nn.Module, float_model: torch.nn.Module | None,
+                  onnx_path: Path, batches: list[torch.Tensor]) -> dict[str, Any]:
+    """ONNX Runtime vs PyTorch (outputs, then layer by layer); nvfp4, which ONNX Runtime cannot run, gets the
+    structural check of :func:`~qvggt_export.export.qdq.check_nvfp4_structure` instead."""
+    if config.family == "nvfp4":
+        import onnx
+
+        from qvggt_export.export.qdq import check_nvfp4_structure
+
+        structure = check_nvfp4_structure(onnx.load(str(onnx_path)), _nvfp4_expected(model))
+        return {"runtime": None, "method": "structural", "passed": structure["passed"],
+                "reason": "ONNX Runtime 1.32 cannot run NVFP4 graphs: no kernel for trt::TRT_FP4DynamicQuantize "
+                          "(TensorRT's dynamic FP4 quantize) and no CPU FLOAT4E2M1 QuantizeLinear/DequantizeLinear; "
+                          "checked: op types, dtypes, block sizes, scales and decoded weight codes vs PyTorch",
+                "structure": structure}
+    from qvggt_export.parity import check_parity
+
+    # Every calibration batch, plus a frame count the export was not traced with (dynamic axis).
+    inputs = list(batches)
+    if batches[0].shape[1] > 1:
+        inputs.append(batches[0][:, :1])
+    parity = check_parity(model, onnx_path, inputs, float_model=float_model).to_dict()
+    if config.quantized:
+        # Layer by layer, each from ONNX Runtime's own input: names the first wrong layer, if any.
+        if config.family == "int":
+            from qvggt_export.parity.localize import localize_divergence
+
+            layers = localize_divergence(model, onnx_path, batches[0]).to_dict()
+        else:
+            layers = _fp8_layer_parity(model, onnx_path, batches[0])
+        parity["layers"] = layers
+        parity["passed"] = parity["passed"] and layers["first_failing_layer"] is None
+    return parity
+
+
+def _nvfp4_expected(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """Per nvfp4 layer, the codes and scales the graph must carry (for the structural check)."""
+    from qvggt_export.quant.modules import FloatQuantLinear
+
+    return {name: {"codes": m.weight_code_values().numpy(), "block_scales": m.block_scale_values().numpy(),
+                   "weight_global": float(m.weight_scale[0]), "input_global": float(m.input_global_scale[0])}
+            for name, m in model.named_modules() if isinstance(m, FloatQuantLinear) and m.format == "nvfp4"}
+
+
+# Per-layer FP8 criteria, as the integer checker's (qvggt_export.parity.localize) but in E4M3 steps: a correct
+# layer differs from PyTorch only where x / s sits on a rounding tie, by one E4M3 step, in few codes.
+FP8_MAX_CODE_STEPS = 1
+FP8_MAX_FLIP_FRACTION = 1e-3
+FP8_TRANSFORM_REL_TOL = 1e-4
+FP8_OUTPUT_REL_TOL = 1e-3
+
+
+def _fp8_layer_parity(model: torch.nn.Module, onnx_path: Path, images: torch.Tensor) -> dict[str, Any]:
+    """Teacher-forced per-layer check of an fp8 graph: each layer is recomputed in PyTorch from ONNX Runtime's
+    input to it; codes are compared in E4M3 steps (distance of the bit patterns, same sign)."""
+    import tempfile
+
+    import numpy as np
+    import onnx
+
+    from qvggt_export.export.qdq import LAYER_MAP_KEY
+    from qvggt_export.parity import onnxruntime_session
+    from qvggt_export.quant import formats as ff
+    from qvggt_export.quant.modules import FloatQuantLinear
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    layer_map = json.loads({p.key: p.value for p in proto.metadata_props}[LAYER_MAP_KEY])
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, FloatQuantLinear)}
+    wanted = sorted({t for entry in layer_map.values() for t in entry.values()})
+    existing = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                              for n in wanted if n not in existing)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / onnx_path.name
+        onnx.save(proto, str(path))
+        for data in onnx_path.parent.glob(onnx_path.name + ".data"):
+            (Path(folder) / data.name).symlink_to(data.resolve())
+        session = onnxruntime_session(path)
+        names = [o.name for o in session.get_outputs()]
+        values = dict(zip(names, session.run(names, {session.get_inputs()[0].name: images.float().numpy()}),
+                          strict=True))
+
+    def rel(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-30))
+
+    position = {out: i for i, node in enumerate(proto.graph.node) for out in node.output}
+    checks = []
+    with torch.no_grad():
+        for name, tensors in sorted(layer_map.items(), key=lambda item: position.get(item[1]["output"], 0)):
+            module = modules.get(name)
+            if module is None:
+                raise QVGGTError(f"the graph's quantized layer {name} is not a FloatQuantLinear of the model")
+            transform_rel = rel(module.transform(torch.from_numpy(values[tensors["input"]])).numpy(),
+                                values[tensors["transformed"]])
+            x = torch.from_numpy(values[tensors["transformed"]])
+            scale = ff.fp8_e4m3_scale(x, "token")
+            codes_pt = ff.quantize_fp8(x, scale)
+            codes_ort = torch.from_numpy(values[tensors["codes"]]).to(torch.float8_e4m3fn)
+            bits_pt, bits_ort = codes_pt.view(torch.uint8).int(), codes_ort.view(torch.uint8).int()
+            # Same sign: the bit patterns are ordered, their distance counts E4M3 steps; a sign flip counts 255.
+            steps = torch.where((bits_pt ^ bits_ort) & 0x80 == 0, (bits_pt - bits_ort).abs(), 255)
+            steps = torch.where(codes_pt.float() == codes_ort.float(), 0, steps)  # +0 vs -0
+            weight = module.dequantized_weight()
+            output_pt = (codes_pt.float() @ weight.T * scale + module.bias).numpy()
+            output_rel = rel(values[tensors["output"]], output_pt)
+            flips, count = int((steps > 0).sum()), steps.numel()
+            max_steps = int(steps.max()) if count else 0
+            passed = (transform_rel <= FP8_TRANSFORM_REL_TOL and max_steps <= FP8_MAX_CODE_STEPS
+                      and flips <= FP8_MAX_FLIP_FRACTION * count and output_rel <= FP8_OUTPUT_REL_TOL)
+            checks.append({"name": name, "transform_rel": transform_rel, "code_flips": flips, "code_count": count,
+                           "code_max_delta_e4m3_steps": max_steps, "output_rel": output_rel, "passed": passed})
+    return {"first_failing_layer": next((c["name"] for c in checks if not c["passed"]), None),
+            "criteria": {"transform_rel": FP8_TRANSFORM_REL_TOL, "code_max_delta_e4m3_steps": FP8_MAX_CODE_STEPS,
+                         "flip_fraction": FP8_MAX_FLIP_FRACTION, "output_rel": FP8_OUTPUT_REL_TOL},
+            "layers": checks}
 
 
 def _remove_partial_outputs(out_dir: Path, existed: bool, before: set[Path]) -> None:
@@ -348,22 +511,37 @@ def _remove_partial_outputs(out_dir: Path, existed: bool, before: set[Path]) -> 
         out_dir.rmdir()
 
 
-def _plugin_graph(onnx_path: Path, out_dir: Path) -> tuple[Path, int]:
-    """A copy of the canonical graph whose Hadamard function calls are TensorRT plugin nodes.
+def _engine_graph(onnx_path: Path, out_dir: Path, plugin: bool) -> tuple[Path, int, int]:
+    """The graph the engine is built from: the canonical graph, or a copy whose Hadamard function calls are
+    TensorRT plugin nodes (``model.plugin.onnx``) and whose ``trt::`` ops sit in the default domain.
 
-    External weights stay where they are (the copy references the same ``.data`` file)."""
+    TensorRT's ONNX parser imports ``TRT_FP4DynamicQuantize`` natively, by op type whatever its domain; the
+    canonical graph keeps it in the ``trt`` domain (ModelOpt's form, which the ONNX checker accepts), but the
+    engine build takes any non-standard domain for a plugin that must be registered, so the engine's copy
+    carries it in the default domain. Returns ``(path, plugin nodes, trt ops moved)``; external weights stay
+    where they are (the copy references the same ``.data`` file).
+    """
     import onnx
 
     from qvggt_export.export.hadamard_onnx import retarget_hadamard
+    from qvggt_export.export.qdq import TRT_DOMAIN
     from qvggt_export.io import atomic_write
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
-    count = retarget_hadamard(proto, "plugin")
-    if not count:
-        return onnx_path, 0
-    target = out_dir / "model.plugin.onnx"
+    count = retarget_hadamard(proto, "plugin") if plugin else 0
+    moved = 0
+    for node in proto.graph.node:
+        if node.domain == TRT_DOMAIN:
+            node.domain = ""
+            moved += 1
+    if not count and not moved:
+        return onnx_path, 0, 0
+    for entry in list(proto.opset_import):
+        if moved and entry.domain == TRT_DOMAIN:  # no node of that domain is left
+            proto.opset_import.remove(entry)
+    target = out_dir / ("model.plugin.onnx" if count else "model.trt.onnx")
     atomic_write(target, lambda tmp: onnx.save(proto, tmp))
-    return target, count
+    return target, count, moved
 
 
 def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTimer) -> dict[str, Any]:
@@ -373,24 +551,28 @@ def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTim
 
     engine_path = config.out_dir / "model.engine"
     backend = None if config.backend == "auto" else config.backend
+    profile = config.resolved_engine_profile()
+    choice = {"profile": profile}
+    if profile != config.engine_profile:
+        choice["profile_reason"] = (f"{config.engine_profile} targets architectures without {config.bits} support; "
+                                    f"{profile} is the default for {config.bits}")
     with timer.stage("build_engine"):
         try:
-            graph, plugin_nodes = onnx_path, 0
-            if config.engine_hadamard == "plugin":
-                graph, plugin_nodes = _plugin_graph(onnx_path, config.out_dir)
-                if plugin_nodes:
-                    from qvggt_export.plugins import register
+            graph, plugin_nodes, trt_ops = _engine_graph(onnx_path, config.out_dir, config.engine_hadamard == "plugin")
+            if plugin_nodes:
+                from qvggt_export.plugins import register
 
-                    register(config.backend)  # the parser instantiates the plugin through its creator
-            result = build_engine(graph, engine_path, config.engine_profile, backend=backend)
+                register(config.backend)  # the parser instantiates the plugin through its creator
+            result = build_engine(graph, engine_path, profile, backend=backend)
         except MissingDependencyError as exc:
             logger.warning("no engine built: %s", exc)
-            return {"path": None, "reason": str(exc)}
+            return {"path": None, "reason": str(exc), **choice}
         except QVGGTError as exc:
             logger.error("engine build failed: %s", exc)
-            return {"path": None, "reason": f"build failed: {exc}", "failed": True}
+            return {"path": None, "reason": f"build failed: {exc}", "failed": True, **choice}
     data = result.to_dict()
     rotates = config.quantized and config.method in ("rotate", "smooth_rotate", "dsfq")
     hadamard = "plugin" if plugin_nodes else ("function" if rotates else "none")
+    lowering = {"lowering": FORMAT_LOWERING[config.family]} if config.quantized else {}
     return {"path": data.pop("engine_path"), "onnx": str(graph), "hadamard": hadamard,
-            "hadamard_plugin_nodes": plugin_nodes, **data}
+            "hadamard_plugin_nodes": plugin_nodes, "trt_native_ops": trt_ops, **choice, **lowering, **data}

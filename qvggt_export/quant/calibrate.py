@@ -1,4 +1,8 @@
-"""The quantization stage as one call: statistics -> transforms -> (block reconstruction) -> quantize."""
+"""The quantization stage as one call: statistics -> transforms -> (block reconstruction) -> quantize.
+
+NVFP4 adds one step after the transforms: a float pass over the calibration batches that records each
+target's max |transformed input|, which fixes the static activation global scale TensorRT needs.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from torch import nn
 from qvggt_export.errors import QVGGTError
 from qvggt_export.quant.config import QuantConfig
 from qvggt_export.quant.dsfq import apply_transforms, check_rotatable, collect_channel_stats
-from qvggt_export.quant.roles import find_targets
+from qvggt_export.quant.modules import TransformedLinear
+from qvggt_export.quant.roles import QuantTarget, find_targets, iter_modules
 from qvggt_export.quant.rtn import QuantizedLayer, quantize_model
 
 logger = logging.getLogger(__name__)
@@ -25,6 +30,40 @@ class CalibrationResult:
     transformed: int
     calibration_tokens: int = 0
     reconstruction: dict[str, dict[str, float]] = field(default_factory=dict)
+    input_amax: dict[str, float] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def collect_input_amax(model: nn.Module, targets: Sequence[QuantTarget], batches: Sequence[torch.Tensor],
+                       progress: Callable[[Iterable], Iterable] = lambda x: x) -> dict[str, float]:
+    """Max |input after the layer's own input transform| of each target over ``batches`` (float pass).
+
+    Raises:
+        QVGGTError: no batches, or a non-finite activation (naming the layer).
+    """
+    if len(batches) == 0:
+        raise QVGGTError("collecting activation ranges needs calibration data, but the calibration set is empty")
+    amax: dict[str, float] = {}
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float()
+            if isinstance(module, TransformedLinear):
+                x = module.transform(x)
+            value = float(x.abs().amax())
+            if not torch.isfinite(torch.tensor(value)):
+                raise QVGGTError(f"non-finite activation (NaN/Inf) entering {name}; check the inputs and weights")
+            amax[name] = max(amax.get(name, 0.0), value)
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(t.name)) for t, module in iter_modules(model, targets)]
+    try:
+        for images in progress(batches):
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return amax
 
 
 def calibrate(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor] = (),
@@ -62,5 +101,12 @@ def calibrate(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Ten
 
         weight_steps, recon_report = reconstruct_blocks(model, targets, config, batches, progress,
                                                         checkpoint=recon_checkpoint)
-    layers = quantize_model(model, config, weight_steps)
-    return CalibrationResult(layers, transformed, tokens, recon_report)
+    input_amax: dict[str, float] = {}
+    if config.family == "nvfp4":
+        input_amax = collect_input_amax(model, targets, batches, progress)
+        zero = sorted(name for name, value in input_amax.items() if value <= 0)
+        if zero:
+            raise QVGGTError(f"the calibration data never activates {zero[:3]} (max |input| = 0): no NVFP4 "
+                             "activation scale can be set; use other calibration data")
+    layers = quantize_model(model, config, weight_steps, input_amax)
+    return CalibrationResult(layers, transformed, tokens, recon_report, input_amax)

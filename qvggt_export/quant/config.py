@@ -8,20 +8,45 @@ from dataclasses import dataclass, field
 from qvggt_export.errors import QVGGTError
 from qvggt_export.quant.roles import ALL_ROLES, DEFAULT_ROLES
 
-# Formats implemented end to end (fake-quant, ONNX Q/DQ, engine build); W6A6 uses INT8 containers clipped to
-# the 6-bit range. The beyond-paper FP8/NVFP4/W4A16 formats are planned (DESIGN.md section 3) and refused
-# with a clear error.
-SUPPORTED_FORMATS = ("w8a8", "w6a6", "w4a4")
+# Formats implemented end to end (fake-quant, ONNX Q/DQ, engine build). Integer formats (W6A6 uses INT8
+# containers clipped to the 6-bit range) and the floating-point formats TensorRT quantizes activations to
+# (DESIGN.md section 3): FP8 E4M3 and NVFP4 (FP4 E2M1, block 16). W4A16 / W4A8 are not implemented.
+INT_FORMATS = ("w8a8", "w6a6", "w4a4")
+FLOAT_QUANT_FORMATS = ("fp8", "nvfp4")
+SUPPORTED_FORMATS = INT_FORMATS + FLOAT_QUANT_FORMATS
 METHODS = ("rtn", "smooth", "rotate", "smooth_rotate", "dsfq")
 CALIBRATED_METHODS = ("smooth", "smooth_rotate", "dsfq")
+# Nominal storage bits of the floating-point formats (codes are E4M3 / E2M1 values, not integers).
+_FLOAT_BITS = {"fp8": (8, 8), "nvfp4": (4, 4)}
+
+
+def check_format(spec: str) -> str:
+    """The normalised format name (``"W4A4"`` -> ``"w4a4"``, ``"FP8"`` -> ``"fp8"``).
+
+    Raises:
+        QVGGTError: ``spec`` is not in :data:`SUPPORTED_FORMATS`.
+    """
+    name = str(spec).strip().lower()
+    if name not in SUPPORTED_FORMATS:
+        raise QVGGTError(f"unsupported format {spec!r}; supported: {', '.join(SUPPORTED_FORMATS)}")
+    return name
+
+
+def format_family(spec: str) -> str:
+    """``"int"`` for the integer formats, else the float format's own name (``"fp8"``, ``"nvfp4"``)."""
+    name = check_format(spec)
+    return "int" if name in INT_FORMATS else name
 
 
 def parse_bits(spec: str) -> tuple[int, int]:
-    """``"w4a4"`` -> ``(4, 4)``; raises :class:`QVGGTError` for anything not in :data:`SUPPORTED_FORMATS`."""
+    """``"w4a4"`` -> ``(4, 4)``; integer formats only (the floating-point formats have no bit-width pair
+    that integer code paths could use); raises :class:`QVGGTError` for anything else."""
     spec = spec.strip().lower()
     match = re.fullmatch(r"w(\d+)a(\d+)", spec)
-    if spec not in SUPPORTED_FORMATS or match is None:
-        raise QVGGTError(f"unsupported format {spec!r}; supported: {', '.join(SUPPORTED_FORMATS)}")
+    if spec not in INT_FORMATS or match is None:
+        hint = (f" ({spec} is a floating-point format: see format_family)" if spec in FLOAT_QUANT_FORMATS else "")
+        raise QVGGTError(f"unsupported format {spec!r} for an integer bit-width pair{hint}; integer formats: "
+                         f"{', '.join(INT_FORMATS)}")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -30,8 +55,11 @@ class QuantConfig:
     """How to quantize VGGT.
 
     Attributes:
-        bits: format name, e.g. ``"w4a4"``: N-bit per-output-channel weights, N-bit per-token dynamic
-            activations (symmetric, eq. 3 of the paper).
+        bits: format name. ``"w8a8"``/``"w6a6"``/``"w4a4"``: N-bit per-output-channel weights, N-bit per-token
+            dynamic activations (symmetric, eq. 3 of the paper). ``"fp8"``: FP8 E4M3 weights with one scale
+            per output channel, FP8 E4M3 per-token dynamic activations. ``"nvfp4"``: FP4 E2M1 weights and
+            activations in blocks of 16 input channels with E4M3 block scales (dynamic for activations) and
+            one fp32 global scale per tensor (static for activations, from the calibration maximum).
         method: the transform before quantization (paper Tab. 4): ``"rtn"`` (Base: none), ``"smooth"``
             (SmoothQuant scales), ``"rotate"`` (random Hadamard), ``"smooth_rotate"`` (scale, then rotate)
             or ``"dsfq"`` (rotate, then scale in the rotated space).
@@ -39,7 +67,7 @@ class QuantConfig:
             aggregator linears of VGGT-1B (qkv, proj, fc1, fc2 of frame and global blocks).
         alpha: smoothing strength (eq. 7), 0.5 in the paper.
         seed: seeds the random Hadamard signs.
-        recon_iters: block-reconstruction steps per block (0 = none).
+        recon_iters: block-reconstruction steps per block (0 = none; integer formats only).
         lr_smooth, lr_step: learning rates of the smoothing factors and the weight steps (paper: 5e-3, 5e-2).
     """
 
@@ -53,13 +81,17 @@ class QuantConfig:
     lr_step: float = 5e-2
 
     def __post_init__(self) -> None:
-        parse_bits(self.bits)
+        object.__setattr__(self, "bits", check_format(self.bits))
         if self.method not in METHODS:
             raise QVGGTError(f"unknown quantization method {self.method!r}; available: {', '.join(METHODS)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise QVGGTError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.recon_iters < 0:
             raise QVGGTError(f"recon_iters must be >= 0, got {self.recon_iters}")
+        if self.recon_iters > 0 and self.family != "int":
+            # reconstruct.py learns integer steps through an integer STE; it has no FP8/FP4 counterpart.
+            raise QVGGTError(f"block reconstruction (recon_iters={self.recon_iters}) supports the integer formats "
+                             f"{', '.join(INT_FORMATS)} only, not {self.bits}; use recon_iters=0")
         if self.lr_smooth <= 0 or self.lr_step <= 0:
             raise QVGGTError(f"learning rates must be > 0, got {self.lr_smooth}, {self.lr_step}")
         unknown = [r for r in self.roles if r not in ALL_ROLES]
@@ -67,13 +99,21 @@ class QuantConfig:
             raise QVGGTError(f"roles must be a non-empty subset of {list(ALL_ROLES)}, got {list(self.roles)}")
 
     @property
+    def family(self) -> str:
+        """``"int"``, ``"fp8"`` or ``"nvfp4"``."""
+        return format_family(self.bits)
+
+    @property
     def needs_calibration(self) -> bool:
-        return self.method in CALIBRATED_METHODS or self.recon_iters > 0
+        # NVFP4's activation global scale is static (TensorRT takes it as a build-time constant): calibrated.
+        return self.method in CALIBRATED_METHODS or self.recon_iters > 0 or self.family == "nvfp4"
 
     @property
     def weight_bits(self) -> int:
-        return parse_bits(self.bits)[0]
+        """Weight bits (nominal storage bits for the floating-point formats: 8 for fp8, 4 for nvfp4)."""
+        return _FLOAT_BITS[self.bits][0] if self.bits in _FLOAT_BITS else parse_bits(self.bits)[0]
 
     @property
     def act_bits(self) -> int:
-        return parse_bits(self.bits)[1]
+        """Activation bits (nominal for the floating-point formats)."""
+        return _FLOAT_BITS[self.bits][1] if self.bits in _FLOAT_BITS else parse_bits(self.bits)[1]

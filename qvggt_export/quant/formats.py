@@ -169,10 +169,14 @@ def quantize_nvfp4(x: torch.Tensor, block_size: int = NVFP4_BLOCK_SIZE,
 
 def dequantize_nvfp4(codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
                      block_size: int = NVFP4_BLOCK_SIZE) -> torch.Tensor:
-    """``codes * block_scale * global_scale`` with each block scale repeated over its block."""
+    """``codes * (block_scale * global_scale)`` with each block scale repeated over its block.
+
+    The two scales are multiplied first, as the exported graph does (a DequantizeLinear of the E4M3 block
+    scales by the global scale, then a blocked DequantizeLinear of the codes), so both round alike.
+    """
     d = codes.shape[-1]
     expanded = block_scales.repeat_interleave(block_size, dim=-1)[..., :d]
-    return codes * expanded * global_scale
+    return codes * (expanded * global_scale)
 
 
 def fake_quantize_nvfp4(x: torch.Tensor, block_size: int = NVFP4_BLOCK_SIZE,

@@ -1,4 +1,6 @@
-"""Round-to-nearest quantization of VGGT (the paper's "Base"): model surgery over the role registry."""
+"""Round-to-nearest quantization of VGGT (the paper's "Base"): model surgery over the role registry.
+
+Integer formats become :class:`QuantLinear`, FP8 / NVFP4 become :class:`FloatQuantLinear`."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from torch import nn
 
 from qvggt_export.errors import QVGGTError
 from qvggt_export.quant.config import QuantConfig
-from qvggt_export.quant.modules import QuantLinear, TransformedLinear
+from qvggt_export.quant.modules import FloatQuantLinear, QuantLinear, TransformedLinear
 from qvggt_export.quant.roles import find_targets, iter_modules, replace_module
 
 logger = logging.getLogger(__name__)
@@ -26,27 +28,41 @@ class QuantizedLayer:
 
 
 def quantize_model(model: nn.Module, config: QuantConfig,
-                   weight_steps: dict[str, torch.Tensor] | None = None) -> list[QuantizedLayer]:
+                   weight_steps: dict[str, torch.Tensor] | None = None,
+                   input_amax: dict[str, float] | None = None) -> list[QuantizedLayer]:
     """Replace the targeted linears of ``model`` (``nn.Linear`` or, after :func:`apply_transforms`,
-    :class:`TransformedLinear`) by :class:`QuantLinear`, in place, with round-to-nearest weight codes.
+    :class:`TransformedLinear`) by :class:`QuantLinear` (integer formats) or :class:`FloatQuantLinear`
+    (fp8, nvfp4), in place, with round-to-nearest weight codes.
 
     Args:
         model: a VGGT.
-        config: bits and roles.
-        weight_steps: optional per-layer per-output-channel steps (learned by reconstruction).
+        config: format and roles.
+        weight_steps: optional per-layer per-output-channel steps (learned by reconstruction; integer only).
+        input_amax: per-layer max |transformed input| over the calibration data; required for nvfp4 (its
+            static activation global scale), ignored otherwise.
 
     Returns one :class:`QuantizedLayer` per replaced linear, with its weight quantization error
     (relative to the float weight it replaced, i.e. the transformed weight when transforms were applied).
     """
     targets = find_targets(model, config.roles)
+    family = config.family
+    if family != "int" and weight_steps:
+        raise QVGGTError(f"learned weight steps are integer steps; {config.bits} does not use them")
     layers = []
     for target, module in iter_modules(model, targets):
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QuantLinear | FloatQuantLinear):
             raise QVGGTError(f"{target.name} is already quantized; build a fresh model to quantize again")
         if not isinstance(module, nn.Linear | TransformedLinear):
             raise QVGGTError(f"{target.name} (role {target.role}) is a {type(module).__name__}, not a linear")
-        quantized = QuantLinear.from_linear(module, config.weight_bits, config.act_bits, target.name,
-                                            weight_step=(weight_steps or {}).get(target.name))
+        if family == "int":
+            quantized: nn.Module = QuantLinear.from_linear(module, config.weight_bits, config.act_bits, target.name,
+                                                           weight_step=(weight_steps or {}).get(target.name))
+        else:
+            amax = (input_amax or {}).get(target.name)
+            if family == "nvfp4" and amax is None:
+                raise QVGGTError(f"{target.name}: nvfp4 needs its calibrated input amax (run calibrate() with "
+                                 "calibration batches)")
+            quantized = FloatQuantLinear.from_linear(module, family, target.name, input_amax=amax)
         weight = module.weight.detach().float()
         error = float((weight - quantized.dequantized_weight()).norm() / weight.norm().clamp_min(1e-12))
         replace_module(model, target.name, quantized)

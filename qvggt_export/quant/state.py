@@ -3,7 +3,8 @@
 The safetensors file holds the whole state dict (integer weight codes, steps, transform vectors and
 every float weight that stayed float). The JSON holds what rebuilds the structure: the model spec given
 to :func:`~qvggt_export.model.build_vggt` (a preset name or an official-layout config dict), the
-resolved quantization config, and per quantized layer its bit widths and transform flags. Both files
+resolved quantization config, and per quantized layer its format (bit widths, or ``"fp8"`` / ``"nvfp4"``)
+and transform flags. Both files
 are written atomically (temp file, then rename), the weights first, so a JSON never points at a
 missing or half-written weight file.
 """
@@ -21,7 +22,7 @@ from torch import nn
 from qvggt_export.errors import QVGGTError
 from qvggt_export.io import atomic_write, write_json_atomic
 from qvggt_export.quant.config import QuantConfig
-from qvggt_export.quant.modules import QuantLinear
+from qvggt_export.quant.modules import FloatQuantLinear, QuantLinear
 from qvggt_export.quant.roles import replace_module
 
 FORMAT_VERSION = 1
@@ -34,10 +35,14 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], model_spec: s
 
     base = Path(path)
     weights, meta = base.with_suffix(".safetensors"), base.with_suffix(".json")
-    layers = {name: {"weight_bits": m.weight_bits, "act_bits": m.act_bits, "rotate": m.rotate,
-                     "pre": m.input_pre is not None, "post": m.input_post is not None,
-                     "in_features": m.in_features, "out_features": m.out_features}
-              for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    layers = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantLinear | FloatQuantLinear):
+            continue
+        kind = ({"weight_bits": m.weight_bits, "act_bits": m.act_bits} if isinstance(m, QuantLinear)
+                else {"format": m.format})
+        layers[name] = {**kind, "rotate": m.rotate, "pre": m.input_pre is not None, "post": m.input_post is not None,
+                        "in_features": m.in_features, "out_features": m.out_features}
     if not layers:
         raise QVGGTError("the model has no quantized layers to save")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -69,11 +74,19 @@ def load_quantized(path: str | os.PathLike[str]) -> tuple[nn.Module, QuantConfig
     config = QuantConfig(**{**quant, "roles": tuple(quant["roles"])})
     model = build_vggt(description["model"], device="meta")
     for name, spec in layers.items():
-        layer = QuantLinear(spec["in_features"], spec["out_features"], spec["weight_bits"], spec["act_bits"], name)
+        try:
+            if "format" in spec:
+                layer: QuantLinear | FloatQuantLinear = FloatQuantLinear(
+                    spec["in_features"], spec["out_features"], spec["format"], name)
+            else:
+                layer = QuantLinear(spec["in_features"], spec["out_features"], spec["weight_bits"], spec["act_bits"],
+                                    name)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QVGGTError(f"{meta}: layer {name} has an invalid description {spec}: {exc}") from exc
         layer.rotate = bool(spec["rotate"])
         for key, flag in (("input_pre", "pre"), ("input_post", "post")):
             if spec[flag]:
-                setattr(layer, key, layer.weight_step.new_ones(spec["in_features"]))
+                setattr(layer, key, layer.bias.new_ones(spec["in_features"]))
         replace_module(model, name, layer.to("meta"))
     weights = meta.parent / description.get("weights", meta.with_suffix(".safetensors").name)
     if not weights.is_file():
