@@ -60,6 +60,7 @@ _image_size = _number(int, minimum=14, multiple_of=14)
 
 def build_parser() -> argparse.ArgumentParser:
     from qvggt_export.model.config import preset_names
+    from qvggt_export.pipeline import FLOAT_FORMATS
     from qvggt_export.quant import SUPPORTED_FORMATS
     from qvggt_export.quant.config import METHODS
 
@@ -75,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="tiny",
                         help=f"preset ({', '.join(preset_names())}) or a JSON file of official constructor "
                              "arguments (default tiny)")
-    from qvggt_export.pipeline import FLOAT_FORMATS
     parser.add_argument("--checkpoint", help="model.pt / .safetensors / folder / cached HF repo id "
                                              "(default: seeded random weights)")
     parser.add_argument("--method", default="dsfq", choices=list(METHODS),
