@@ -506,3 +506,49 @@ def check_nvfp4_structure(model: onnx.ModelProto, expected: dict[str, dict[str, 
             for key, value in attrs.items():
                 want(_attr(node, key) == value, layer, f"node {suffix} attribute {key}={_attr(node, key)} != {value}")
     return {"passed": not failures, "layers": len(expected), "failures": failures[:50]}
+
+
+def fp4_dynamic_quantize_reference(x: np.ndarray, global_scale: float, block_size: int = NVFP4_BLOCK_SIZE
+                                   ) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy reference of ``trt::TRT_FP4DynamicQuantize`` along the last axis, as TensorRT documents its
+    dynamic quantize layer and ModelOpt's NVFP4 export uses it: per block of ``block_size`` elements the
+    E4M3 scale ``e4m3(min(amax_b / (6 * g), 448))``, then the E2M1 codes ``e2m1(x / (scale * g))`` (round to
+    nearest even, saturating at 6; a zero scale gives zero codes). Written with ``ml_dtypes`` casts,
+    independently of the PyTorch implementation in :mod:`qvggt_export.quant.formats`.
+
+    Returns:
+        ``(codes, scales)`` as ``ml_dtypes`` float4_e2m1fn ``[..., d]`` and float8_e4m3fn ``[..., d / B]``.
+    """
+    import ml_dtypes  # a dependency of onnx itself
+
+    x = np.asarray(x, dtype=np.float32)
+    d = x.shape[-1]
+    if d % block_size:
+        raise QVGGTError(f"FP4 dynamic quantize needs the last axis ({d}) divisible by the block size {block_size}")
+    g = np.float32(global_scale)
+    blocks = x.reshape(*x.shape[:-1], d // block_size, block_size)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    scale = np.minimum(amax / (np.float32(6.0) * g), np.float32(FP8_E4M3_MAX))
+    scale = scale.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1.0))
+    codes = np.where(scale > 0, np.clip(blocks / (safe * g), -6.0, 6.0), np.float32(0.0)).astype(np.float32)
+    return (codes.reshape(x.shape).astype(ml_dtypes.float4_e2m1fn),
+            scale[..., 0].astype(ml_dtypes.float8_e4m3fn))
+
+
+def reference_evaluator(model: onnx.ModelProto | str) -> object:
+    """An ``onnx.reference.ReferenceEvaluator`` (ONNX's own executable specification, pure NumPy) that also
+    knows ``trt::TRT_FP4DynamicQuantize`` (:func:`fp4_dynamic_quantize_reference`): it runs nvfp4 graphs,
+    which ONNX Runtime cannot. Slow for large models; meant for checking the graph's math."""
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    class TRT_FP4DynamicQuantize(OpRun):  # noqa: N801 (the ONNX op's name)
+        op_domain = TRT_DOMAIN
+
+        def _run(self, x, global_scale, axis=-1, block_size=NVFP4_BLOCK_SIZE, scale_type=None):  # noqa: ANN001, ANN202
+            if axis not in (-1, x.ndim - 1):
+                raise QVGGTError(f"the reference {TRT_FP4_DYNAMIC_QUANTIZE} supports the last axis only, got {axis}")
+            return fp4_dynamic_quantize_reference(x, float(np.asarray(global_scale).reshape(-1)[0]), block_size)
+
+    return ReferenceEvaluator(model, new_ops=[TRT_FP4DynamicQuantize])
