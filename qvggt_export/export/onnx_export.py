@@ -4,6 +4,10 @@ The graph takes ``images`` [B, S, 3, H, W] float32 in [0, 1] (ImageNet normalisa
 with the frame count S dynamic and the resolution fixed per export, and returns the dense outputs of
 the official dict (``pose_enc``, ``depth``, ``depth_conf``, ``world_points``, ``world_points_conf``,
 as the enabled heads provide). The tracking head needs query points and stays out of this graph.
+``precision="fp16"`` exports the float model in half precision the same way: the graph input stays
+float32 ``images`` in [0, 1] and is cast to float16 as the graph's first node, every weight and every
+operator runs in float16, and each output is cast back to float32 as the graph's last node, so consumers
+see the same input/output contract (names, dtypes, shapes) for fp32, fp16 and the quantized formats.
 Files are written to a temporary folder beside the target and renamed into place, so an interrupted
 export never leaves a ``model.onnx`` that looks whole.
 """
@@ -11,6 +15,7 @@ export never leaves a ``model.onnx`` that looks whole.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import shutil
@@ -38,6 +43,8 @@ OPSET = 21
 # (opset 21 only widened type lists), which the full ONNX checker verifies.
 TRACE_OPSET = 20
 DENSE_OUTPUTS = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")
+# Float precisions of the unquantized reference export (quantized formats keep float32 around their Q/DQ).
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 # Protobuf's hard limit is 2 GiB; switch to external data a little below it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -45,14 +52,19 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 class _DenseOutputs(nn.Module):
     """images -> tuple of the dense official outputs, in :data:`DENSE_OUTPUTS` order."""
 
-    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
+    def __init__(self, model: nn.Module, names: tuple[str, ...], dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.model = model
         self.names = names
+        self.dtype = dtype
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        predictions = self.model(images)
-        return tuple(predictions[name] for name in self.names)
+        if self.dtype == torch.float32:
+            predictions = self.model(images)
+            return tuple(predictions[name] for name in self.names)
+        # Reduced precision inside, float32 at the graph's boundary (same contract as the fp32 export).
+        predictions = self.model(images.to(self.dtype))
+        return tuple(predictions[name].float() for name in self.names)
 
 
 def output_names_for(model: nn.Module) -> tuple[str, ...]:
@@ -76,10 +88,30 @@ class ExportResult:
     input_shape: list[int | str]
     outputs: list[str]
     opset: int
+    precision: str
     num_nodes: int
     num_qlinear: int
     export_seconds: float
     op_counts: dict[str, int] = field(default_factory=dict)
+
+
+def _tensor_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of the weights a graph holds in its protobuf (initializers and Constant-node tensors).
+
+    The rest of the graph (nodes, names, shapes) is a few MB at VGGT-1B size, well inside the margin between
+    :data:`EXTERNAL_DATA_THRESHOLD` and protobuf's 2 GiB limit.
+    """
+    def size(tensor: onnx.TensorProto) -> int:
+        if tensor.raw_data:
+            return len(tensor.raw_data)
+        return sum(len(getattr(tensor, f)) * 8 for f in ("float_data", "int32_data", "int64_data", "double_data",
+                                                          "uint64_data"))
+
+    total = sum(size(t) for t in proto.graph.initializer)
+    for nodes in [proto.graph.node, *(f.node for f in proto.functions)]:
+        for node in nodes:
+            total += sum(size(a.t) for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
+    return total
 
 
 def _has_quantized_layers(model: nn.Module) -> bool:
@@ -103,7 +135,7 @@ def _fixed_resolution(model: nn.Module, height: int, width: int) -> Iterator[Non
 
 
 def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_images: torch.Tensor, *,
-                opset: int = OPSET, hadamard: str = "function") -> ExportResult:
+                opset: int = OPSET, hadamard: str = "function", precision: str = "fp32") -> ExportResult:
     """Export ``model`` (float or fake-quantized) to ``onnx_path``; does not modify the model.
 
     Args:
@@ -115,7 +147,16 @@ def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_ima
             local function that ONNX Runtime and TensorRT both run), ``"dense"`` (a d x d MatMul, for
             comparison) or ``"plugin"`` (a ``qvggt::Hadamard`` node for TensorRT with the plugin; ONNX
             Runtime cannot run it).
+        precision: ``"fp32"`` (default) or ``"fp16"``: the float model's weights and arithmetic in half
+            precision (a float16 copy of the model is traced; ``model`` itself is not changed), with the
+            float32 input and outputs of every other export. Only for unquantized models.
     """
+    if precision not in PRECISIONS:
+        raise QVGGTError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision != "fp32" and _has_quantized_layers(model):
+        raise QVGGTError(f"precision {precision!r} exports the unquantized float model, but this model has "
+                         "quantized layers (QuantLinear): export it with precision='fp32' (its Q/DQ format is "
+                         "its precision) or pass the float model")
     if opset < OPSET:
         raise QVGGTError(f"opset {opset} is too old: INT4 Q/DQ needs opset {OPSET} or newer")
     if example_images.dim() != 5 or example_images.shape[2] != 3:
@@ -123,7 +164,11 @@ def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_ima
     onnx_path = Path(onnx_path)
     ensure_writable_dir(onnx_path.parent)
     names = output_names_for(model)
-    wrapper = _DenseOutputs(model, names).eval()
+    dtype = PRECISIONS[precision]
+    if dtype != torch.float32:
+        # A converted copy: the caller's float32 model stays untouched (it is the parity reference).
+        model = copy.deepcopy(model).to(dtype)
+    wrapper = _DenseOutputs(model, names, dtype).eval()
     height, width = example_images.shape[-2:]
     started = time.perf_counter()
     tmp_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=onnx_path.parent))
@@ -154,8 +199,8 @@ def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_ima
         proto.producer_name = "qvggt-export"
         # A plugin node has no schema or body, so shape inference (the full check) cannot type it.
         full_check = hadamard != "plugin"
-        size = proto.ByteSize()
-        external = size > EXTERNAL_DATA_THRESHOLD
+        # Not proto.ByteSize(): protobuf refuses to size (serialize) a message over 2 GiB, the very case to detect.
+        external = _tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
         final_tmp = tmp_dir / onnx_path.name
         data_name = onnx_path.name + ".data"
         if external:
@@ -186,9 +231,9 @@ def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_ima
         onnx_path=onnx_path, size_bytes=onnx_path.stat().st_size + (
             (onnx_path.parent / (onnx_path.name + ".data")).stat().st_size if external else 0),
         external_data=external, input_shape=[d.dim_param or d.dim_value for d in input_dims],
-        outputs=list(names), opset=opset, num_nodes=len(proto.graph.node), num_qlinear=num_q,
+        outputs=list(names), opset=opset, precision=precision, num_nodes=len(proto.graph.node), num_qlinear=num_q,
         export_seconds=time.perf_counter() - started, op_counts=dict(sorted(op_counts.items())),
     )
-    logger.info("exported %s (%d nodes, %d quantized linears, %.1f MB) in %.1f s", onnx_path, result.num_nodes,
-                num_q, result.size_bytes / 1e6, result.export_seconds)
+    logger.info("exported %s (%s, %d nodes, %d quantized linears, %.1f MB) in %.1f s", onnx_path, precision,
+                result.num_nodes, num_q, result.size_bytes / 1e6, result.export_seconds)
     return result

@@ -12,6 +12,15 @@ Tolerances, per output:
   weight or a missing quantizer shows up as an error of the order of the signal itself, tens to
   thousands of times the noise (W4A4: ~20x, W8A8: ~1000x), so the check still catches real bugs.
   Layer-by-layer localisation is the job of the layer-wise checker.
+* **Float16 export vs the float32 PyTorch model**: ``||onnx - torch||_2 / ||torch||_2 <= max(2^-11,
+  2 x fp16_noise)``, ``fp16_noise`` being the relative L2 distance of a float16 copy of the PyTorch model from
+  the float32 model on the same input: the same reasoning as for quantization, with float16 rounding as the
+  noise (two correct float16 implementations round differently, and the floor is float16's unit roundoff,
+  since the outputs themselves are float16 values). Observed on the tiny presets: ONNX Runtime's error is
+  0.5-1.2 x the PyTorch float16 noise (1.5e-4 to 1.8e-3). ONNX Runtime's CPU provider lacks
+  float16 kernels for many operators (see :func:`ort_fp16_fallback_ops`); it inserts casts and runs those
+  in float32, so CPU parity measures the float16 *storage* of weights and activations between such
+  operators, not float16 arithmetic everywhere (TensorRT's float16 kernels are a GPU-only check).
 
 ONNX Runtime's QDQ fusions (``MatMulIntegerToFloat``, ``MatMulNBits`` at accuracy level 4) change the
 numerics on CPU (DESIGN.md section 3), so parity sessions disable them.
@@ -19,6 +28,7 @@ numerics on CPU (DESIGN.md section 3), so parity sessions disable them.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -32,11 +42,88 @@ import torch
 from torch import nn
 
 from qvggt_export.errors import MissingDependencyError, QVGGTError
+from qvggt_export.parity.metrics import cosine as _cosine
 
 logger = logging.getLogger(__name__)
 
 FLOAT_MAX_REL = 1e-5
-QUANT_NOISE_RATIO = 2.0
+NOISE_RATIO = 2.0
+QUANT_NOISE_RATIO = NOISE_RATIO  # kept for callers of the original name
+FP16_REL_FLOOR = 2.0**-11  # float16's unit roundoff: the outputs themselves are rounded to float16
+PRECISIONS = ("fp32", "fp16")
+
+
+def tolerance_for(kind: str, noise: float | None = None) -> tuple[str, float, str]:
+    """The criterion of one output: ``(metric, tolerance, description)``; passes when ``metric <= tolerance``.
+
+    ``kind`` is ``"fp32"``, ``"fp16"`` (a float16 graph against the float32 model; ``noise`` = relative L2 of the
+    PyTorch float16 model vs float32 on that input) or ``"quantized"`` (a Q/DQ graph against the fake-quant
+    model; ``noise`` = relative L2 of fake-quant vs float on that input).
+    """
+    if kind == "fp32":
+        return "max_rel", FLOAT_MAX_REL, f"max_abs / max|torch| <= {FLOAT_MAX_REL:g}"
+    if kind in ("fp16", "quantized") and noise is None:
+        raise QVGGTError(f"the {kind} criterion needs the noise scale (PyTorch at that precision vs float32)")
+    if kind == "fp16":
+        return ("rel_l2", max(FP16_REL_FLOOR, NOISE_RATIO * noise),
+                f"rel_l2 <= max({FP16_REL_FLOOR:.2g}, {NOISE_RATIO:g} x fp16_noise_rel_l2)")
+    if kind == "quantized":
+        return ("rel_l2", max(FLOAT_MAX_REL, NOISE_RATIO * noise),
+                f"rel_l2 <= max({FLOAT_MAX_REL:g}, {NOISE_RATIO:g} x quant_noise_rel_l2)")
+    raise QVGGTError(f"unknown parity kind {kind!r} (expected fp32, fp16 or quantized)")
+
+
+def half_precision_model(model: nn.Module) -> nn.Module:
+    """A float16 copy of a float model that takes float32 images (the PyTorch side of a float16 export)."""
+    return _HalfPrecision(copy.deepcopy(model).half()).eval()
+
+
+class _HalfPrecision(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> dict[str, Any]:
+        return self.model(images.half())
+
+
+def ort_fp16_fallback_ops(onnx_path: str | os.PathLike[str]) -> dict[str, int]:
+    """Operators of a float16 graph that ONNX Runtime's CPU provider runs in float32 (it has no float16
+    kernel for them and inserts ``Cast`` nodes around them), with their counts.
+
+    Found by letting ONNX Runtime write its optimised graph (basic optimisations only, so no fusion
+    renames the nodes) and following the casts it inserted: a node counts when an input it reads was
+    widened to float32 by ONNX Runtime (shape-only nodes reading such a tensor count too).
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise MissingDependencyError("onnxruntime", "cpu", "Listing ONNX Runtime's float16 fallbacks") from exc
+    import tempfile
+
+    import onnx
+
+    original = {n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+    # Tensors ORT widened to float32: outputs of its inserted Casts, and (propagating in the graph's
+    # topological order) outputs of nodes that consume them, until a Cast narrows them again.
+    widened: set[str] = set()
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            if node.name not in original and to == onnx.TensorProto.FLOAT:
+                widened.update(node.output)
+        elif any(i in widened for i in node.input):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            widened.update(node.output)
+    return dict(sorted(counts.items()))
 
 
 def onnxruntime_session(onnx_path: str | os.PathLike[str], providers: Sequence[str] | None = None) -> Any:
@@ -65,6 +152,7 @@ class OutputParity:
     tolerance: float
     criterion: str
     passed: bool
+    cosine: float | None = None
 
 
 @dataclass
@@ -90,7 +178,8 @@ def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def check_parity(model: nn.Module, onnx_path: str | os.PathLike[str], inputs: Sequence[torch.Tensor], *,
-                 float_model: nn.Module | None = None, providers: Sequence[str] | None = None) -> ParityReport:
+                 float_model: nn.Module | None = None, providers: Sequence[str] | None = None,
+                 precision: str = "fp32") -> ParityReport:
     """Run ``model`` (PyTorch) and ``onnx_path`` (ONNX Runtime) on each input and compare every output.
 
     Args:
@@ -99,25 +188,33 @@ def check_parity(model: nn.Module, onnx_path: str | os.PathLike[str], inputs: Se
         inputs: image batches [B, S, 3, H, W] at the export's resolution (frame counts may differ).
         float_model: the unquantized model; required when ``model`` is quantized (sets the noise scale).
         providers: ONNX Runtime execution providers (default CPU).
+        precision: the float graph's precision (``"fp32"`` or ``"fp16"``, as given to ``export_onnx``), which
+            sets its criterion; ignored for quantized graphs. ``model`` stays the float32 model.
 
     Returns:
         A :class:`ParityReport`; worst case over inputs, per output.
     """
     if not inputs:
         raise QVGGTError("parity needs at least one input batch")
+    if precision not in PRECISIONS:
+        raise QVGGTError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     session = onnxruntime_session(onnx_path, providers)
     names = [o.name for o in session.get_outputs()]
     input_name = session.get_inputs()[0].name
     quantized = float_model is not None
+    # Graphs judged against a noise scale: quantized (fake-quant vs float) and float16 (PyTorch float16 vs float32).
+    noise_model = float_model if quantized else (half_precision_model(model) if precision == "fp16" else None)
+    relative = noise_model is not None
+    kind = "quantized" if quantized else precision
     started = time.perf_counter()
     worst: dict[str, dict[str, float]] = {n: {"max_abs": 0.0, "max_rel": 0.0, "rel_l2": 0.0, "noise": 0.0,
-                                               "ratio": -1.0} for n in names}
+                                               "ratio": -1.0, "cosine": 1.0} for n in names}
     for images in inputs:
         feed = {input_name: images.detach().cpu().float().numpy()}
         ort_out = dict(zip(names, session.run(names, feed), strict=True))
         with torch.no_grad():
             torch_out = model(images)
-            float_out = float_model(images) if quantized else None
+            noise_out = noise_model(images) if relative else None
         for name in names:
             if name not in torch_out:
                 raise QVGGTError(f"ONNX output {name!r} has no counterpart in the PyTorch outputs")
@@ -130,12 +227,13 @@ def check_parity(model: nn.Module, onnx_path: str | os.PathLike[str], inputs: Se
             max_abs = float(np.nanmax(diff)) if np.isfinite(diff).all() else float("inf")
             stats["max_abs"] = max(stats["max_abs"], max_abs)
             stats["max_rel"] = max(stats["max_rel"], max_abs / max(float(np.abs(ref).max()), 1e-30))
-            rel = _rel_l2(got, ref)
+            rel = _rel_l2(got, ref) if np.isfinite(got).all() else float("inf")
             stats["rel_l2"] = max(stats["rel_l2"], rel)
-            if quantized:
+            stats["cosine"] = min(stats["cosine"], _cosine(got, ref))
+            if relative:
                 # Judge each input against its own noise; keep the input closest to failing.
-                noise = _rel_l2(ref, float_out[name].detach().float().cpu().numpy())
-                tolerance = max(FLOAT_MAX_REL, QUANT_NOISE_RATIO * noise)
+                noise = _rel_l2(noise_out[name].detach().float().cpu().numpy(), ref)
+                tolerance = tolerance_for(kind, noise)[1]
                 if rel / tolerance >= stats["ratio"]:
                     stats.update(ratio=rel / tolerance, noise=noise, judged_rel_l2=rel)
 
@@ -143,17 +241,16 @@ def check_parity(model: nn.Module, onnx_path: str | os.PathLike[str], inputs: Se
                           inputs=[list(x.shape) for x in inputs])
     for name in names:
         s = worst[name]
-        if quantized:
-            tolerance = max(FLOAT_MAX_REL, QUANT_NOISE_RATIO * s["noise"])
+        if relative:
+            _, tolerance, criterion = tolerance_for(kind, s["noise"])
             passed = s["ratio"] <= 1.0
-            criterion = f"rel_l2 <= max({FLOAT_MAX_REL:g}, {QUANT_NOISE_RATIO:g} x quant_noise_rel_l2)"
             noise: float | None = s["noise"]
         else:
-            tolerance, passed, noise = FLOAT_MAX_REL, s["max_rel"] <= FLOAT_MAX_REL, None
-            criterion = f"max_abs / max|torch| <= {FLOAT_MAX_REL:g}"
-        rel_l2 = s["judged_rel_l2"] if quantized else s["rel_l2"]
+            metric, tolerance, criterion = tolerance_for(kind)
+            passed, noise = s[metric] <= tolerance, None
+        rel_l2 = s["judged_rel_l2"] if relative else s["rel_l2"]
         report.outputs.append(OutputParity(name, s["max_abs"], s["max_rel"], rel_l2, noise, tolerance,
-                                           criterion, bool(passed)))
+                                           criterion, bool(passed), s["cosine"]))
     report.seconds = time.perf_counter() - started
     logger.info("parity %s: %s", Path(onnx_path).name, "passed" if report.passed else "FAILED")
     return report
