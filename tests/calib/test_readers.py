@@ -368,3 +368,64 @@ def test_real_sequences_and_videos():
     crop = build_candidate_pool(data / "sequences", frames=10, target_size=518, pool_size=6, seed=0)
     assert len(crop) == 6 and crop.resolutions() == {(350, 518), (392, 518)}  # 518x346 and 518x388 photos
     assert all(int(_window(i)[2]) - int(_window(i)[1]) >= 10 for i in crop.ids if not i.startswith("room"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Frame reuse across overlapping windows (iter_samples)
+# --------------------------------------------------------------------------------------------------
+
+
+def _count_opens(monkeypatch):
+    """Record every image file opened, by the shared reads and by per-sample loads alike."""
+    from qvggt_export.model import preprocess
+
+    opened = []
+    real = preprocess.open_image
+
+    def counting(path):
+        opened.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(preprocess, "open_image", counting)
+    monkeypatch.setattr(readers_module, "open_image", counting)
+    return opened
+
+
+def test_shared_frame_reads_match_per_sample_loads(tmp_path, monkeypatch):
+    _write_images(tmp_path / "scene", 6, size=(42, 28))
+    video = _write_video(tmp_path / "clip.mp4", count=12)
+    pool = build_candidate_pool([tmp_path / "scene", video], frames=3, target_size=28, pool_size=None, seed=0)
+    refs = pool.refs
+    assert len(refs) > 12
+    expected = [ref.load() for ref in refs]
+    opened = _count_opens(monkeypatch)
+    shared = list(pool.iter_samples())
+    assert [r.id for r, _ in shared] == [r.id for r in refs]
+    assert all(torch.equal(got, want) for (_, got), want in zip(shared, expected, strict=True))  # bit for bit
+    assert sorted(opened) == sorted({p for r in refs for p in r.paths if p.endswith(".png")})  # each file once
+    opened.clear()
+    # No reuse (or a cache too small for two frames): every sample is read on its own, same tensors.
+    for kwargs in ({"reuse_frames": False}, {"frame_cache_bytes": 0}):
+        alone = list(pool.iter_samples(**kwargs))
+        assert all(torch.equal(got, want) for (_, got), want in zip(alone, expected, strict=True))
+        assert len(opened) == sum(len(r.paths) for r in refs if r.kind == "images")
+        opened.clear()
+    with pytest.raises(QVGGTError, match="frame_cache_bytes"):
+        list(pool.iter_samples(frame_cache_bytes=-1))
+
+
+def test_shared_reads_cost_only_the_samples_of_a_bad_frame(tmp_path, caplog):
+    paths = _write_images(tmp_path, 5, size=(28, 28))
+    data = paths[2].read_bytes()
+    paths[2].write_bytes(data[: len(data) // 2])  # header fine, pixels truncated: found only on load
+    pool = build_candidate_pool(tmp_path, frames=2, target_size=28, pool_size=None, skip_bad=True)
+    bad = {r.id for r in pool.refs if str(paths[2]) in r.paths}
+    assert bad and len(bad) < len(pool)
+    with caplog.at_level(logging.WARNING):
+        loaded = list(pool.iter_samples())
+    assert sorted(pool.skipped) == sorted(bad) and "002.png" in caplog.text
+    assert [r.id for r, _ in loaded] == [r.id for r in pool.refs if r.id not in bad]
+    assert all(torch.equal(sample, ref.load()) for ref, sample in loaded)
+    strict = build_candidate_pool(tmp_path, frames=2, target_size=28, pool_size=None)
+    with pytest.raises(QVGGTError, match=r"cannot read image .*002\.png"):
+        list(strict.iter_samples())
