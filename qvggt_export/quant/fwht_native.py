@@ -52,6 +52,8 @@ SOURCE = r"""
 // Fast Walsh-Hadamard transform of independent rows (see qvggt_export/quant/fwht_native.py).
 // y[r] = scale * post * (H_n (x) I_m)-transform of (pre * x[r]), n = 2^k Sylvester points of m contiguous
 // elements each, unnormalised +-1 butterflies (the caller passes the normalisation in scale).
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <pthread.h>
@@ -160,7 +162,6 @@ void row_generic(const T* x, T* y, int64_t n, int64_t m, const T* pre, const T* 
 }
 
 template <typename T> struct Job { const T* x; T* y; int64_t rows, n, m; const T* pre; const T* post; T scale; };
-template <typename T> struct Slice { const Job<T>* job; int64_t r0, r1; };
 
 template <typename T> void run_rows(const Job<T>& job, int64_t r0, int64_t r1) {
     const int64_t d = job.n * job.m;
@@ -171,9 +172,21 @@ template <typename T> void run_rows(const Job<T>& job, int64_t r0, int64_t r1) {
     }
 }
 
+// Threads take chunks of rows from a shared counter rather than fixed halves: on a shared machine a
+// descheduled thread then delays the call by one chunk, not by its whole share. Each row is computed the
+// same way whichever thread takes it, so results do not depend on the schedule.
+template <typename T> struct Work { const Job<T>* job; std::atomic<int64_t> next; int64_t chunk; };
+
+template <typename T> void drain(Work<T>* work) {
+    for (;;) {
+        const int64_t r0 = work->next.fetch_add(work->chunk, std::memory_order_relaxed);
+        if (r0 >= work->job->rows) return;
+        run_rows<T>(*work->job, r0, std::min(r0 + work->chunk, work->job->rows));
+    }
+}
+
 template <typename T> void* worker(void* arg) {
-    auto* s = static_cast<Slice<T>*>(arg);
-    run_rows<T>(*s->job, s->r0, s->r1);
+    drain<T>(static_cast<Work<T>*>(arg));
     return nullptr;
 }
 
@@ -185,13 +198,15 @@ template <typename T> int transform(const Job<T>& job, int threads) {
     if (threads < 1) threads = 1;
     if (threads > kMaxThreads) threads = kMaxThreads;
     if (threads > job.rows) threads = int(job.rows);
-    Slice<T> slices[kMaxThreads];
+    if (threads == 1) { run_rows<T>(job, 0, job.rows); return 0; }
+    // About 16 chunks per thread, each of at least 64 KiB of rows.
+    const int64_t bytes = job.n * job.m * int64_t(sizeof(T));
+    const int64_t chunk = std::max<int64_t>({1, job.rows / (16 * threads), (int64_t(1) << 16) / bytes});
+    Work<T> work{&job, {0}, chunk};
     pthread_t ids[kMaxThreads];
-    for (int t = 0; t < threads; ++t) slices[t] = {&job, job.rows * t / threads, job.rows * (t + 1) / threads};
     int started = 1;
-    while (started < threads && pthread_create(&ids[started], nullptr, worker<T>, &slices[started]) == 0) ++started;
-    run_rows<T>(job, slices[0].r0, slices[0].r1);
-    for (int t = started; t < threads; ++t) run_rows<T>(job, slices[t].r0, slices[t].r1);  // threads refused
+    while (started < threads && pthread_create(&ids[started], nullptr, worker<T>, &work) == 0) ++started;
+    drain<T>(&work);  // the calling thread works too (and alone if no thread could start)
     for (int t = 1; t < started; ++t) pthread_join(ids[t], nullptr);
     return 0;
 }
