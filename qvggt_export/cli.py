@@ -1,4 +1,5 @@
-"""``qvggt-export``: a thin command line over :func:`qvggt_export.pipeline.run_pipeline`."""
+"""``qvggt-export``: a thin command line over :func:`qvggt_export.pipeline.run_pipeline` (the default command)
+and :func:`qvggt_export.parity.check.check_export` (``qvggt-export check``)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,21 @@ examples:
       real weights from the local Hugging Face cache, the paper's NFDS calibration set
   qvggt-export --bits fp32 --no-engine --out out/fp32          float reference export only
   qvggt-export --bits w4a4 --out out/x --print-config          show the resolved configuration, run nothing
+  qvggt-export check out/w4a4                 re-check an export against its PyTorch model (qvggt-export check -h)
 
 exit codes: 0 ok, 1 parity failed, 2 bad input, 3 engine build failed
+"""
+
+CHECK_EXAMPLES = """\
+examples:
+  qvggt-export check out/w4a4
+      the export folder's model.onnx (ONNX Runtime CPU) vs its saved fake-quant PyTorch model, on generated
+      sequences; per-output metrics and the layer-by-layer check; writes out/w4a4/check.json
+  qvggt-export check out/w4a4 --images my_scene/ --preprocess pad
+  qvggt-export check --onnx fp16.onnx --bits fp16 --model tiny --report fp16.check.json
+  qvggt-export check out/w8a8 --engine out/w8a8/model.engine      also the engine (needs a CUDA GPU)
+
+exit codes: 0 all outputs (and layers) within tolerance, 1 a check failed, 2 bad input
 """
 
 
@@ -118,7 +132,71 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_check_parser() -> argparse.ArgumentParser:
+    from qvggt_export.parity.check import LOCALIZE_MODES
+
+    parser = argparse.ArgumentParser(
+        prog="qvggt-export check", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=CHECK_EXAMPLES,
+        description="Run an exported ONNX graph (ONNX Runtime CPU; a TensorRT engine with --engine) and the PyTorch "
+                    "model it came from on the same inputs through Polygraphy's comparator, report per-output "
+                    "metrics against stated tolerances, and for quantized graphs name the first diverging layer.")
+    parser.add_argument("export_dir", nargs="?", type=Path,
+                        help="output folder of a qvggt-export run (config.json, model.onnx, quantized_model.*)")
+    parser.add_argument("--onnx", type=Path, help="the graph (default EXPORT_DIR/model.onnx)")
+    parser.add_argument("--quantized", type=Path, help="saved fake-quant model quantized_model.json "
+                                                       "(default EXPORT_DIR's)")
+    parser.add_argument("--bits", help="the graph's format: fp32, fp16 or a quantized format (default EXPORT_DIR's)")
+    parser.add_argument("--model", help="float model preset or JSON config (default EXPORT_DIR's)")
+    parser.add_argument("--checkpoint", help="float model weights (default EXPORT_DIR's; none = seeded random init)")
+    parser.add_argument("--seed", type=int, help="seed of the float model's random init (default EXPORT_DIR's)")
+    parser.add_argument("--images", type=Path, help="folder of images, one sequence (default: generated sequences)")
+    parser.add_argument("--preprocess", default="crop", choices=["crop", "pad"], help="loader mode for --images")
+    parser.add_argument("--frames", type=_positive, nargs="+",
+                        help="frame counts of the generated sequences (default: the export's, and 1)")
+    parser.add_argument("--input-seed", type=int, default=1, help="seed of the generated sequences (default 1)")
+    parser.add_argument("--engine", type=Path, help="also run this TensorRT / TensorRT-RTX engine (CUDA GPU only)")
+    parser.add_argument("--localize", default="always", choices=list(LOCALIZE_MODES),
+                        help="layer-by-layer check of quantized graphs (default always)")
+    parser.add_argument("--report", type=Path, help="JSON report path (default EXPORT_DIR/check.json)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def check_main(argv: list[str]) -> int:
+    """``qvggt-export check ...``: one call to :func:`qvggt_export.parity.check.check_export`."""
+    args = build_check_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from qvggt_export.parity.check import CheckConfig, check_export, summarize
+
+    try:
+        config = CheckConfig(
+            export_dir=args.export_dir, onnx=args.onnx, quantized=args.quantized, bits=args.bits, model=args.model,
+            checkpoint=args.checkpoint, seed=args.seed, images=args.images, preprocess=args.preprocess,
+            frames=tuple(args.frames) if args.frames else None, input_seed=args.input_seed, engine=args.engine,
+            localize=args.localize, report=args.report)
+        report = check_export(config)
+    except QVGGTError as exc:
+        print(f"qvggt-export check: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("qvggt-export check: interrupted", file=sys.stderr)
+        return 130
+    print("\n".join(summarize(report)))
+    if not report["passed"]:
+        failing = report["first_failing_layer"]
+        print("qvggt-export check: FAILED" + (f" (first diverging layer: {failing})" if failing else ""),
+              file=sys.stderr)
+        return EXIT_PARITY_FAILED
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "check":
+        # A subcommand by its first word: the flag-only main command (qvggt-export --bits ... --out ...) keeps
+        # working unchanged, which argparse subparsers with a default command would not guarantee.
+        return check_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
