@@ -20,6 +20,23 @@ weights, deterministically from a seed, in three steps:
    ``hidden_units`` rows of ``fc1`` by ``hidden_scale`` (heavy-tailed fc2 inputs after GELU); and
    ``value_channels`` rows of the value part of ``qkv`` by ``value_scale`` (heavy-tailed proj inputs).
 
+Options, off by default (the ``tiny-outliers`` preset is bit-identical to the three steps above), for a
+testbed closer to what the paper describes (``benchmarks/dsfq_ablation.py --planting``):
+
+* ``gaussian_weights``: every aggregator-block linear weight is redrawn as N(0, std^2) with its own
+  initial std, before step 3. PyTorch's default init is *uniform* (row max / RMS = sqrt(3), the best case
+  for round-to-nearest and the one a rotation makes worse: rotated rows are Gaussian); trained weights are
+  not uniform.
+* ``shared_special_values``: the special channels of every camera and register token hold the same value
+  ``+-special_token_scale`` (one seeded sign per channel) instead of per-token N(0,1) x scale: the paper's
+  special tokens are data-independent and their massive activations sit in a few fixed channels.
+* ``massive_hidden_units`` (needs ``shared_special_values``), step 4: in every aggregator block, that many
+  ``fc1`` units read the shared special direction with a threshold, so that they are ~``massive_hidden_scale``
+  on special tokens and ~0 on patch tokens; their ``fc2`` columns are divided by the same scale. Without it
+  no quantized linear sees special tokens much larger than patch tokens: LayerNorm caps a token's channels
+  at about sqrt(dim / k) (4.6 at dim 64 with 3 planted channels), and the measured special/patch RMS ratio
+  at the linear inputs is only about 1.8.
+
 Every choice comes from ``torch.Generator().manual_seed(seed)``, visiting parameters in
 ``named_parameters()`` order; the result is identical on every machine.
 """
@@ -46,6 +63,15 @@ class PlantedOutliers:
     value_channels: int = 2
     value_scale: float = 6.0
     special_norm_scale: float = 4.0
+    shared_special_values: bool = False
+    gaussian_weights: bool = False
+    massive_hidden_units: int = 0
+    massive_hidden_scale: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.massive_hidden_units and not (self.shared_special_values and self.special_token_channels):
+            raise ValueError("massive_hidden_units needs shared_special_values and special_token_channels > 0: "
+                             "the units fire on the one direction every special token shares")
 
 
 @torch.no_grad()
@@ -70,9 +96,20 @@ def plant_outliers(model: nn.Module, config: PlantedOutliers) -> None:
     def pick(count: int, size: int) -> torch.Tensor:
         return torch.randperm(size, generator=generator)[: min(count, size)]
 
+    if config.gaussian_weights:
+        for blocks in (aggregator.frame_blocks, aggregator.global_blocks):
+            for block in blocks:
+                for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+                    std = float(linear.weight.std())
+                    linear.weight.copy_(std * torch.randn(linear.weight.shape, generator=generator))
     special = pick(config.special_token_channels, dim)
-    aggregator.camera_token[..., special] *= config.special_token_scale
-    aggregator.register_token[..., special] *= config.special_token_scale
+    if config.shared_special_values:
+        value = config.special_token_scale * (2.0 * torch.randint(0, 2, (len(special),), generator=generator) - 1.0)
+        aggregator.camera_token[..., special] = value
+        aggregator.register_token[..., special] = value
+    else:
+        aggregator.camera_token[..., special] *= config.special_token_scale
+        aggregator.register_token[..., special] *= config.special_token_scale
     for blocks in (aggregator.frame_blocks, aggregator.global_blocks):
         for block in blocks:
             for norm in (block.norm1, block.norm2):
@@ -86,3 +123,29 @@ def plant_outliers(model: nn.Module, config: PlantedOutliers) -> None:
             value_rows = 2 * dim + pick(config.value_channels, dim)  # rows are ordered q | k | v
             qkv.weight[value_rows] *= config.value_scale
             qkv.bias[value_rows] *= config.value_scale
+            if config.massive_hidden_units:
+                _plant_massive_units(block, special, aggregator.camera_token[0, 0, 0, special].sign(),
+                                     pick(config.massive_hidden_units, fc1.out_features), config.massive_hidden_scale)
+
+
+def _plant_massive_units(block: nn.Module, special: torch.Tensor, signs: torch.Tensor, rows: torch.Tensor,
+                         scale: float) -> None:
+    """Step 4: hidden units that fire only on special tokens, with ``scale``-sized values (fc2 inputs).
+
+    A special token's ``norm2`` output is dominated by its planted channels: each about
+    ``sqrt(dim / k) * w`` (``k`` channels, LayerNorm weight ``w``), so its projection on the unit direction
+    ``signs / sqrt(k)`` is about ``sqrt(dim) * mean|w|``, while a patch token's is about ``mean|w|``. A unit
+    reading that direction with its threshold at half the special projection is ``GELU(gain * (p - t))``:
+    ``~scale`` on special tokens, ~0 on patch tokens. The fc2 columns of the unit are divided by ``scale``,
+    so the block's output changes little: massive inputs meeting small weights, as massive activations do.
+    """
+    fc1, fc2, norm = block.mlp.fc1, block.mlp.fc2, block.norm2
+    dim, k = norm.weight.shape[0], len(special)
+    expected = dim ** 0.5 * float(norm.weight[special].abs().mean())
+    threshold = expected / 2
+    gain = scale / (expected - threshold)
+    for row in rows.tolist():
+        fc1.weight[row] = 0.0
+        fc1.weight[row, special] = gain * signs / k ** 0.5
+        fc1.bias[row] = -gain * threshold
+    fc2.weight[:, rows] /= scale

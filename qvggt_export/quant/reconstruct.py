@@ -11,9 +11,13 @@ block also learns to absorb the error that reaches it from upstream.
 
 **Parameters per target linear** (``y = T(x) W^T + b`` after :func:`~qvggt_export.quant.dsfq.apply_transforms`):
 
-* ``s`` [in]: a per-input-channel correction on top of the existing transform, an exact equivalence
-  ``T(x) W^T = (T(x) / s)(W diag(s))^T``. Parametrised as ``log s`` (init 0, so ``s = 1``): positive
-  by construction and the Adam step is relative (lr 5e-3 moves ``s`` by about 0.5 % per step).
+* ``s`` [in]: a per-input-channel correction of the method's own smoothing factor ``c``
+  (:func:`smoothing_space`), an exact equivalence. For Scale and DSFQ it acts after the whole transform,
+  ``T(x) W^T = (T(x) / s)(W diag(s))^T`` (raw space for Scale, rotated space for DSFQ); for
+  Scale-then-Rotate it acts on the raw channels before the rotation (``pre -> pre / s``, the weight
+  refolded through ``H``); Base and Rotation have no smoothing factor and learn only ``D``. Parametrised
+  as ``log s`` (init 0, so ``s = 1``): positive by construction and the Adam step is relative (lr 5e-3
+  moves ``s`` by about 0.5 % per step).
 * ``D`` [out]: the per-output-channel weight step, init ``max|W_row| / qmax`` (round-to-nearest),
   parametrised as ``log D`` for the same reasons (lr 5e-2: about 5 % per step).
 
@@ -84,6 +88,7 @@ from torch import nn
 from qvggt_export.errors import QVGGTError
 from qvggt_export.quant import functional as qf
 from qvggt_export.quant.config import QuantConfig
+from qvggt_export.quant.hadamard import fwht, fwht_inverse
 from qvggt_export.quant.modules import QuantLinear, TransformedLinear
 from qvggt_export.quant.roles import QuantTarget, replace_module
 from qvggt_export.quant.transforms import transform_input
@@ -117,17 +122,50 @@ def group_by_block(targets: Iterable[QuantTarget]) -> dict[str, list[QuantTarget
     return groups
 
 
-@torch.no_grad()
-def bake_smoothing(module: nn.Module, smooth: torch.Tensor) -> TransformedLinear:
-    """Fold a per-input-channel correction ``s`` into a float linear: ``x -> T(x) / s``, ``W -> W diag(s)``.
+def smoothing_space(method: str) -> str | None:
+    """Where block reconstruction learns its per-channel correction ``s`` for a transform ``method``.
 
-    Exact in real arithmetic (``(T(x) / s)(W diag(s))^T = T(x) W^T``); folded in float64 and cast once.
+    The paper learns the smoothing factors ``c`` of DSFQ (step 4), so each ablation variant learns the factor
+    *it* has, in the space where it applies it: ``"post"`` = after the whole input transform (Scale: the raw
+    space; DSFQ: the rotated space), ``"pre"`` = before the rotation (Scale-then-Rotate scales raw channels,
+    then rotates), ``None`` = no smoothing factor to learn (Base, Rotation: weight steps only). Learning a
+    rotated-space ``s`` for Rotation or Scale-then-Rotate would give every rotating variant DSFQ's own
+    mechanism and erase the ablation's distinction.
+    """
+    if method not in _SMOOTHING_SPACE:
+        raise QVGGTError(f"unknown method {method!r}; available: {', '.join(_SMOOTHING_SPACE)}")
+    return _SMOOTHING_SPACE[method]
+
+
+_SMOOTHING_SPACE: dict[str, str | None] = {"rtn": None, "rotate": None, "smooth": "post", "dsfq": "post",
+                                           "smooth_rotate": "pre"}
+
+
+def _refold_pre(weight: torch.Tensor, post: torch.Tensor | None, smooth: torch.Tensor) -> torch.Tensor:
+    """The folded weight after the pre-rotation scale changes from ``pre`` to ``pre / s``.
+
+    ``W' = ((W / pre) @ H) / post`` (:func:`~qvggt_export.quant.transforms.fold_weight`), so
+    ``W / pre = (W' * post) @ H^T`` and the new weight is ``(((W' * post) @ H^T) * s) @ H / post``.
+    """
+    unrotated = fwht_inverse(weight if post is None else weight * post)
+    folded = fwht(unrotated * smooth)
+    return folded if post is None else folded / post
+
+
+@torch.no_grad()
+def bake_smoothing(module: nn.Module, smooth: torch.Tensor, space: str = "post") -> TransformedLinear:
+    """Fold a per-input-channel correction ``s`` into a float linear.
+
+    ``space="post"``: ``x -> T(x) / s``, ``W -> W diag(s)``. ``space="pre"`` (a rotating
+    :class:`TransformedLinear` only): ``pre -> pre / s`` before the rotation, ``W -> (((W * post) H^T) diag(s)) H
+    / post``. Both are exact in real arithmetic; folded in float64 and cast once.
 
     Args:
         module: a :class:`TransformedLinear` (modified in place: ``input_post`` becomes
-            ``input_post / s``, created if absent, and the weight columns are multiplied by ``s``) or
-            an ``nn.Linear`` (left untouched).
+            ``input_post / s``, created if absent, or ``input_pre`` becomes ``input_pre / s``, and the
+            weight is refolded) or an ``nn.Linear`` (left untouched; ``"post"`` only).
         smooth: ``s`` [in_features], positive.
+        space: ``"post"`` or ``"pre"`` (see :func:`smoothing_space`).
 
     Returns:
         The module to put in the model: ``module`` itself for a :class:`TransformedLinear`, a new
@@ -135,12 +173,24 @@ def bake_smoothing(module: nn.Module, smooth: torch.Tensor) -> TransformedLinear
     """
     if not isinstance(module, TransformedLinear | nn.Linear):
         raise QVGGTError(f"smoothing can be baked into a float linear only, got {type(module).__name__}")
+    if space not in ("post", "pre"):
+        raise QVGGTError(f"smoothing space must be 'post' or 'pre', got {space!r}")
     in_features = module.in_features
     if smooth.shape != (in_features,):
         raise QVGGTError(f"smoothing correction must have shape [{in_features}], got {tuple(smooth.shape)}")
     s = smooth.detach().to(device=module.weight.device, dtype=torch.float64)
     if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
         raise QVGGTError("smoothing correction must be finite and positive")
+    if space == "pre":
+        if not (isinstance(module, TransformedLinear) and module.rotate):
+            raise QVGGTError("a pre-rotation smoothing correction needs a rotating TransformedLinear")
+        post = None if module.input_post is None else module.input_post.to(torch.float64)
+        weight = _refold_pre(module.weight.detach().to(torch.float64), post, s).to(module.weight.dtype)
+        pre = module.input_pre
+        pre = (torch.ones_like(s) if pre is None else pre.to(torch.float64)) / s
+        module.weight = nn.Parameter(weight, requires_grad=False)
+        module.set_transform(pre, module.input_post, module.rotate)
+        return module
     weight = (module.weight.detach().to(torch.float64) * s).to(module.weight.dtype)
     if isinstance(module, TransformedLinear):
         post = module.input_post
@@ -163,15 +213,24 @@ class _LearnableQuantLinear(nn.Module):
     here are ordinary tensors even when the caller created the layer under ``torch.inference_mode()``.
     """
 
-    def __init__(self, base: nn.Module, weight_bits: int, act_bits: int) -> None:
+    def __init__(self, base: nn.Module, weight_bits: int, act_bits: int, space: str | None = "post") -> None:
         super().__init__()
         self.weight_bits = weight_bits
         self.act_bits = act_bits
         self.rotate = bool(getattr(base, "rotate", False))
+        self.space = space
+        if space == "pre" and not self.rotate:
+            raise QVGGTError("a pre-rotation smoothing correction needs a rotating layer")
         for name in ("weight", "bias", "input_pre", "input_post"):
             value = getattr(base, name, None)
             self.register_buffer(name, None if value is None else value.detach().clone())
-        self.log_smooth = nn.Parameter(torch.zeros(base.in_features, device=self.weight.device))
+        # Without a smoothing factor to learn, s stays exactly 1 (no gradient, not in the optimizer).
+        self.log_smooth = nn.Parameter(torch.zeros(base.in_features, device=self.weight.device),
+                                       requires_grad=space is not None)
+        if space == "pre":  # W / pre (unrotated), so that the refolded weight is one transform away
+            post = None if self.input_post is None else self.input_post.double()
+            unrotated = fwht_inverse(self.weight.double() if post is None else self.weight.double() * post)
+            self.register_buffer("unrotated_weight", unrotated.float())
         self.register_buffer("init_step", qf.per_channel_step(self.weight.to(torch.float64), weight_bits).float())
         self.log_step = nn.Parameter(self.init_step.log())
 
@@ -183,10 +242,17 @@ class _LearnableQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.smooth()
-        x = transform_input(x, self.input_pre, self.input_post, self.rotate) / s.to(x.dtype)
+        if self.space == "pre":
+            pre = 1.0 / s if self.input_pre is None else self.input_pre / s
+            x = transform_input(x, pre.to(x.dtype), self.input_post, self.rotate)
+            weight = fwht(self.unrotated_weight * s)
+            weight = weight if self.input_post is None else weight / self.input_post
+        else:
+            x = transform_input(x, self.input_pre, self.input_post, self.rotate) / s.to(x.dtype)
+            weight = self.weight * s
         # Dynamic per-token step from x itself, not detached (see the module docstring).
         x = qf.fake_quantize_ste(x, qf.per_token_step(x, self.act_bits), self.act_bits)
-        weight = qf.fake_quantize_ste(self.weight * s, self.step()[:, None], self.weight_bits)
+        weight = qf.fake_quantize_ste(weight, self.step()[:, None], self.weight_bits)
         return F.linear(x, weight.to(x.dtype), self.bias)
 
 
@@ -372,7 +438,8 @@ class _BlockResult:
 def _learn_block(model: nn.Module, block: str, targets: Sequence[QuantTarget], batches: Sequence[Sequence[BlockCall]],
                  config: QuantConfig) -> _BlockResult:
     module = model.get_submodule(block)
-    wrappers = {t.name: _LearnableQuantLinear(model.get_submodule(t.name), config.weight_bits, config.act_bits)
+    space = smoothing_space(config.method)
+    wrappers = {t.name: _LearnableQuantLinear(model.get_submodule(t.name), config.weight_bits, config.act_bits, space)
                 for t in targets}
     with _swapped(model, wrappers):
         if any(t.is_inference() for t in (*module.parameters(), *module.buffers())):
@@ -382,10 +449,10 @@ def _learn_block(model: nn.Module, block: str, targets: Sequence[QuantTarget], b
         if not math.isfinite(loss_before):
             raise QVGGTError(f"reconstruction of {block}: the initial loss is {loss_before} (non-finite inputs or "
                              "targets; check the calibration images and the checkpoint)")
-        optimizer = torch.optim.Adam([
-            {"params": [w.log_smooth for w in wrappers.values()], "lr": config.lr_smooth},
-            {"params": [w.log_step for w in wrappers.values()], "lr": config.lr_step},
-        ])
+        groups = [{"params": [w.log_step for w in wrappers.values()], "lr": config.lr_step}]
+        if space is not None:
+            groups.insert(0, {"params": [w.log_smooth for w in wrappers.values()], "lr": config.lr_smooth})
+        optimizer = torch.optim.Adam(groups)
         with torch.enable_grad():
             for iteration, index in enumerate(_batch_order(config.seed, block, len(batches), config.recon_iters)):
                 optimizer.zero_grad(set_to_none=True)
@@ -543,6 +610,7 @@ def _reconstruct(model: nn.Module, targets: list[QuantTarget], groups: dict[str,
     if path is not None and path.exists():
         saved, report = _load_checkpoint(path, fingerprint)
     runner = _Runner(model, list(groups), batches)
+    space = smoothing_space(config.method)
     steps: dict[str, torch.Tensor] = {}
     quantized: dict[str, QuantLinear] = {}  # finished targets as quantize_model will build them
     learned: dict[str, torch.Tensor] = {}  # what the checkpoint holds
@@ -550,7 +618,10 @@ def _reconstruct(model: nn.Module, targets: list[QuantTarget], groups: dict[str,
     def finish(block_targets: Sequence[QuantTarget], smooth: dict[str, torch.Tensor],
                block_steps: dict[str, torch.Tensor]) -> None:
         for target in block_targets:
-            baked = bake_smoothing(model.get_submodule(target.name), smooth[target.name])
+            module = model.get_submodule(target.name)
+            # s == 1 exactly when the method has no smoothing factor: nothing to bake (keeps nn.Linear for Base).
+            baked = (module if space is None
+                     else bake_smoothing(module, smooth[target.name], space))
             replace_module(model, target.name, baked)
             step = block_steps[target.name].to(device=baked.weight.device, dtype=torch.float32)
             steps[target.name] = step

@@ -12,6 +12,7 @@ from qvggt_export.quant import QuantLinear
 from qvggt_export.quant.calibrate import calibrate
 from qvggt_export.quant.config import QuantConfig
 from qvggt_export.quant.dsfq import TRANSFORM_METHODS, apply_transforms, collect_channel_stats, layer_signs
+from qvggt_export.quant.hadamard import hadamard_matrix
 from qvggt_export.quant.modules import TransformedLinear
 from qvggt_export.quant.roles import find_targets
 from qvggt_export.quant.transforms import fold_weight, smoothing_scales, transform_input
@@ -115,3 +116,31 @@ def test_error_paths():
                       "depth_head": None, "point_head": None, "track_head": None})
     with pytest.raises(QVGGTError, match="aggregator.frame_blocks.0.attn.qkv: cannot rotate its 92 input channels"):
         calibrate(odd, QuantConfig(bits="w4a4", method="rotate"), [])
+
+
+def test_variant_factors_follow_the_paper():
+    """Checked against DESIGN.md section 1 / paper Tab. 4: Scale divides raw channels by c(X, W) (raw statistics,
+    raw weight column maxima); Scale-then-Rotate does that, then rotates with R = diag(v) H (signs on the input
+    channels, before the Walsh-Hadamard matrix, the randomisation QuaRot/QuIP# use: signs after H would only flip
+    output signs and change no magnitude); statistics are maxima over every token of every calibration batch."""
+    calib = _batches(2, 0)
+    model = build_vggt("tiny-outliers")
+    targets = find_targets(model, ["global.fc2"])
+    name = targets[0].name
+    weight = model.get_submodule(name).weight.detach().clone()
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 256)))
+    stats = collect_channel_stats(model, targets, calib, seed=1, raw=True, rotated=True)
+    handle.remove()
+    assert len(seen) == 2 and torch.equal(stats[name].raw_absmax, torch.cat(seen).abs().amax(0))
+    c = smoothing_scales(stats[name].raw_absmax, weight.abs().amax(dim=0), 0.5)
+    signs = layer_signs(name, 256, 1).double()
+    for method, pre in (("smooth", 1.0 / c), ("smooth_rotate", signs / c)):
+        copy = build_vggt("tiny-outliers")
+        apply_transforms(copy, targets, method, stats, alpha=0.5, seed=1)
+        module = copy.get_submodule(name)
+        assert module.rotate == (method == "smooth_rotate") and module.input_post is None
+        assert torch.allclose(module.input_pre.double(), pre, rtol=1e-6)
+    x = torch.randn(3, 256, dtype=torch.float64)
+    dense = (x * signs) @ hadamard_matrix(256)
+    assert torch.allclose(transform_input(x, signs, None, True), dense, atol=1e-12)

@@ -14,7 +14,7 @@ from qvggt_export.quant import QuantConfig, QuantLinear, find_targets
 from qvggt_export.quant.calibrate import calibrate
 from qvggt_export.quant.dsfq import apply_transforms, collect_channel_stats
 from qvggt_export.quant.modules import TransformedLinear
-from qvggt_export.quant.reconstruct import bake_smoothing, group_by_block, reconstruct_blocks
+from qvggt_export.quant.reconstruct import bake_smoothing, group_by_block, reconstruct_blocks, smoothing_space
 
 PRESET = "tiny-outliers"
 FRAMES, SIZE = 3, 70
@@ -49,7 +49,8 @@ def _prepared(config: QuantConfig, batches: list[torch.Tensor]) -> tuple[nn.Modu
     targets = find_targets(model, config.roles)
     stats = None
     if config.method != "rtn":
-        stats = collect_channel_stats(model, targets, batches, config.seed, raw=config.method == "smooth",
+        stats = collect_channel_stats(model, targets, batches, config.seed,
+                                      raw=config.method in ("smooth", "smooth_rotate"),
                                       rotated=config.method == "dsfq")
     apply_transforms(model, targets, config.method, stats, config.alpha, config.seed)
     return model, targets
@@ -268,3 +269,55 @@ def test_calibrate_under_inference_mode_matches_no_grad(calib_batches):
         steps[context.__name__] = [m.weight_step.clone() for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(steps["no_grad"]) == 32
     assert all(torch.equal(a, b) for a, b in zip(steps["no_grad"], steps["inference_mode"], strict=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Each ablation variant learns its own smoothing factor, where it applies it
+
+
+def test_smoothing_space_per_method():
+    assert {m: smoothing_space(m) for m in ("rtn", "smooth", "rotate", "smooth_rotate", "dsfq")} == {
+        "rtn": None, "smooth": "post", "rotate": None, "smooth_rotate": "pre", "dsfq": "post"}
+    with pytest.raises(QVGGTError, match="unknown method 'gptq'"):
+        smoothing_space("gptq")
+
+
+def test_pre_rotation_baking_keeps_float_outputs(calib_batches, held_out):
+    """Scale-then-Rotate's correction multiplies the raw channels before the rotation; exact equivalence."""
+    config = QuantConfig(bits="w4a4", method="smooth_rotate")
+    model, targets = _prepared(config, calib_batches)
+    before = _tokens(model, held_out)
+    generator = torch.Generator().manual_seed(5)
+    for target in targets:
+        module = model.get_submodule(target.name)
+        pre, post = module.input_pre.clone(), module.input_post
+        smooth = torch.exp(torch.empty(module.in_features).uniform_(-0.7, 0.7, generator=generator))
+        assert bake_smoothing(module, smooth, "pre") is module
+        assert torch.allclose(module.input_pre, pre / smooth) and module.input_post is post is None
+    error = _relative_error(_tokens(model, held_out), before)
+    assert error < 1e-5, error  # observed ~9e-8
+    with pytest.raises(QVGGTError, match="needs a rotating"):
+        bake_smoothing(nn.Linear(DIM, DIM), torch.ones(DIM), "pre")
+
+
+@pytest.mark.parametrize("method", ["rtn", "rotate", "smooth_rotate", "dsfq"])
+def test_reconstruction_learns_only_the_methods_own_factor(method, calib_batches):
+    config = QuantConfig(bits="w4a4", method=method, roles=("frame.qkv",), recon_iters=3)
+    model, targets = _prepared(config, calib_batches[:1])
+    original = {t.name: model.get_submodule(t.name) for t in targets}
+    pre = {n: None if getattr(m, "input_pre", None) is None else m.input_pre.clone() for n, m in original.items()}
+    post = {n: None if getattr(m, "input_post", None) is None else m.input_post.clone() for n, m in original.items()}
+    _, report = reconstruct_blocks(model, targets, config, calib_batches[:1])
+    for target in targets:
+        module = model.get_submodule(target.name)
+        block = report[target.name.rsplit(".", 2)[0]]
+        moved = block["attn.qkv.smooth_min"] != 1.0 or block["attn.qkv.smooth_max"] != 1.0
+        if method == "rtn":  # no factor: s stays exactly 1 and the layer stays a plain float linear
+            assert not moved and type(module) is nn.Linear
+        elif method == "rotate":
+            assert not moved and torch.equal(module.input_pre, pre[target.name]) and module.input_post is None
+        elif method == "smooth_rotate":  # raw-space factor, before the rotation
+            assert moved and not torch.equal(module.input_pre, pre[target.name]) and module.input_post is None
+        else:  # dsfq: rotated-space factor, after the rotation; the signs stay
+            assert moved and torch.equal(module.input_pre, pre[target.name])
+            assert not torch.equal(module.input_post, post[target.name])
