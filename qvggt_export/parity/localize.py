@@ -17,9 +17,11 @@ and ``output_rel <= 1e-3``; the report names the first layer (in execution order
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,19 +73,30 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-30))
 
 
-def _with_layer_outputs(onnx_path: Path, names: list[str], folder: str) -> Path:
-    """A copy of the graph that also outputs ``names`` (external data, if any, is left where it is)."""
+@contextlib.contextmanager
+def _with_layer_outputs(onnx_path: Path, names: list[str]) -> Iterator[Path]:
+    """A temporary copy of the graph that also outputs ``names``; external data is left where it is.
+
+    A graph with external data is copied into its own folder (a hidden temporary name, removed afterwards):
+    ONNX Runtime (1.32) refuses external data outside the model's folder, symlinks included.
+    """
     proto = onnx.load(str(onnx_path), load_external_data=False)
     existing = {o.name for o in proto.graph.output}
     for name in names:
         if name not in existing:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
             existing.add(name)
-    copy = Path(folder) / onnx_path.name
-    onnx.save(proto, str(copy))
-    for item in onnx_path.parent.glob(onnx_path.name + ".data"):
-        os.symlink(item, Path(folder) / item.name)
-    return copy
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    with tempfile.TemporaryDirectory() as folder:
+        fd, name = tempfile.mkstemp(prefix=f".{onnx_path.stem}.layers-", suffix=".onnx",
+                                    dir=onnx_path.parent if external else folder)
+        os.close(fd)
+        try:
+            onnx.save(proto, name)
+            yield Path(name)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
 
 
 def localize_divergence(model: nn.Module, onnx_path: str | os.PathLike[str], images: torch.Tensor
@@ -105,8 +118,8 @@ def localize_divergence(model: nn.Module, onnx_path: str | os.PathLike[str], ima
     if missing:
         raise QVGGTError(f"the graph's quantized layers {missing[:5]} are not QuantLinear modules of the model")
     wanted = sorted({t for entry in layer_map.values() for t in entry.values()})
-    with tempfile.TemporaryDirectory() as folder:
-        session = onnxruntime_session(_with_layer_outputs(onnx_path, wanted, folder))
+    with _with_layer_outputs(onnx_path, wanted) as copy:
+        session = onnxruntime_session(copy)
         names = [o.name for o in session.get_outputs()]
         values = dict(zip(names, session.run(names, {session.get_inputs()[0].name: images.float().numpy()}),
                           strict=True))
