@@ -590,7 +590,7 @@ def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTim
     engine_path = config.out_dir / "model.engine"
     backend = None if config.backend == "auto" else config.backend
     profile = config.resolved_engine_profile()
-    choice = {"profile": profile}
+    choice = {"profile_name": profile}
     if profile != config.engine_profile:
         choice["profile_reason"] = (f"{config.engine_profile} targets architectures without {config.bits} support; "
                                     f"{profile} is the default for {config.bits}")
