@@ -77,4 +77,8 @@ def test_nvfp4_end_to_end(tmp_path: Path) -> None:
     assert engine["path"] and Path(engine["path"]).is_file(), engine.get("reason")
     assert engine["target_sms"] == ["SM120"] and engine["profile_name"] == "rtx-sm120"
     assert "profile_reason" in engine and engine["profile"]["compute_capabilities"] == ["SM120"]
+    # The builder's per-layer report: 32 GEMMs with FP4 activations (their second input is the FP8 block-scale
+    # tensor; the constant FP4 weights are listed separately in the log).
+    fp4 = sum(n for kind, n in engine["gemm_precisions"].items() if kind.startswith("FP4E2M1"))
+    assert fp4 == 32, engine["gemm_precisions"]
     assert engine["hadamard"] == "plugin" and engine["hadamard_plugin_nodes"] == 32 and engine["trt_native_ops"] == 32
