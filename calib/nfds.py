@@ -41,8 +41,11 @@ import json
 import logging
 import math
 import os
+import queue
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -365,6 +368,55 @@ def _iter_candidates(candidates: Candidates, refs: list[SampleRef]) -> Iterator[
         yield from zip(refs, candidates, strict=True)
 
 
+_END = object()
+
+
+def _prefetched(items: Iterator[Any], depth: int) -> Generator[Any, None, None]:
+    """Yield ``items`` while a background thread reads up to ``depth`` ahead.
+
+    Decoding and preprocessing (PIL, PyAV, torch: all release the GIL) then overlap the model's forward
+    instead of adding to it. An exception in the reader is raised here, in order; closing this generator
+    stops the reader.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    buffer: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as exc:  # noqa: BLE001 (handed to the consumer, which re-raises it)
+            put((_END, exc))
+
+    reader = threading.Thread(target=read, name="nfds-prefetch", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        reader.join()
+
+
 def _as_batch(ref: SampleRef, sample: object) -> torch.Tensor:
     if not isinstance(sample, torch.Tensor):
         raise QVGGTError(f"candidate {ref.id}: expected an image tensor [S, 3, H, W], got {type(sample).__name__}")
@@ -413,7 +465,7 @@ class _Recorder:
 
 
 def collect_statistics(candidates: Candidates, model: nn.Module, config: NFDSConfig | None = None, *,
-                       progress: bool = True) -> CandidateStatistics:
+                       progress: bool = True, prefetch: int = 2) -> CandidateStatistics:
     """Run the FP model once per candidate and record NFDS's statistics (steps 1 and 4 of the notes).
 
     The model is not modified: hooks are removed and its train/eval mode is restored afterwards. Only
@@ -425,6 +477,9 @@ def collect_statistics(candidates: Candidates, model: nn.Module, config: NFDSCon
         model: A VGGT (:func:`qvggt_export.model.build_vggt`).
         config: Uses ``layers``, ``last_blocks`` and ``pool_tokens``; defaults to :class:`NFDSConfig()`.
         progress: Show a progress bar over candidates.
+        prefetch: Candidates read ahead by a background thread while the model runs (0: read in turn).
+            The statistics do not depend on it; ``timing["load_s"]`` is then the time the forwards
+            waited for data, i.e. the reading that was not hidden.
 
     Raises:
         QVGGTError: Empty pool, a candidate of the wrong shape or frame count, NaN/Inf activations
@@ -433,6 +488,8 @@ def collect_statistics(candidates: Candidates, model: nn.Module, config: NFDSCon
     from tqdm.auto import tqdm
 
     config = config or NFDSConfig()
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise QVGGTError(f"prefetch must be an integer >= 0 (candidates read ahead), got {prefetch!r}")
     refs = _candidate_refs(candidates)
     if not refs:
         raise QVGGTError("the candidate pool is empty: nothing to select a calibration set from")
@@ -462,9 +519,9 @@ def collect_statistics(candidates: Candidates, model: nn.Module, config: NFDSCon
         model.eval()
         # inference_mode, not no_grad: no version counters or views tracked, and the hooks' detached
         # tensors never leave this function.
-        with torch.inference_mode():
+        with torch.inference_mode(), closing(_prefetched(_iter_candidates(candidates, refs), prefetch)) as stream:
             tick = time.perf_counter()
-            for ref, sample in _iter_candidates(candidates, refs):
+            for ref, sample in stream:
                 batch = _as_batch(ref, sample)
                 loaded = time.perf_counter()
                 load_s += loaded - tick

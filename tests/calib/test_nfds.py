@@ -397,3 +397,27 @@ def test_real_data_end_to_end(tiny, tmp_path):
     assert {r.kind for r in real.refs} == {"images", "video"}
     loaded = CalibrationSelection.load(selection.save(tmp_path / "real.json"))
     assert all(s.shape == (3, 3, 70, 70) for s in loaded.samples())
+
+
+def test_prefetch_gives_the_same_statistics_and_stops_its_reader(tiny, pool, statistics):
+    import threading
+
+    alone = collect_statistics(pool, tiny, NFDSConfig(budget=4, k=3), progress=False, prefetch=0)
+    for field_name in ("means", "variances", "vectors"):
+        np.testing.assert_array_equal(getattr(alone, field_name), getattr(statistics, field_name))  # default: 2
+    assert alone.ids == statistics.ids
+    # A failure in the loop (here: NaN activations on the first candidate) stops the background reader.
+    broken = copy.deepcopy(tiny)
+    with torch.no_grad():
+        broken.aggregator.frame_blocks[0].mlp.fc2.weight[0, 0] = float("nan")
+    with pytest.raises(QVGGTError, match="NaN/Inf"):
+        collect_statistics(pool, broken, progress=False, prefetch=3)
+    assert not any(t.name == "nfds-prefetch" for t in threading.enumerate())
+    # A reader failure reaches the caller as the reader raised it.
+    refs = [SampleRef(id="gone", kind="images", paths=("/nonexistent/0.png", "/nonexistent/1.png"))]
+    from qvggt_export.calib import CandidatePool
+
+    with pytest.raises(QVGGTError, match="image not found"):
+        collect_statistics(CandidatePool(refs), tiny, progress=False)
+    with pytest.raises(QVGGTError, match="prefetch must be"):
+        collect_statistics(pool, tiny, progress=False, prefetch=-1)
