@@ -41,7 +41,7 @@ from typing import Any
 import onnx
 import torch
 
-from qvggt_export.engine import build_engine, load_backend
+from qvggt_export.engine import EngineProfile, build_engine, load_backend
 from qvggt_export.errors import QVGGTError
 from qvggt_export.export import export_onnx
 from qvggt_export.export.hadamard_onnx import retarget_hadamard
@@ -53,17 +53,19 @@ from qvggt_export.quant.calibrate import calibrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROFILE = "rtx-sm89"  # one architecture: smaller engines, faster builds; sizes scale the same way
+# NVFP4 builds only for Blackwell; its rows are built for SM120 instead (so their sizes are for another target).
+NVFP4_PROFILE = EngineProfile(name="rtx-sm120", backend="rtx", compute_capabilities=("SM120",))
 SIZE = 70
 GOAL = 3.5
 
 
-def wide_config() -> VGGTConfig:
-    """Aggregator-dominated: 8 frame + 8 global blocks of width 512 (192 quantized linears' worth of structure
-    scaled down: 64 quantized linears, 50 M weights), a conv patch embed and one small DPT depth head."""
-    dim, token_dim = 512, 1024
+def wide_config(dim: int = 512) -> VGGTConfig:
+    """Aggregator-dominated: 8 frame + 8 global blocks of width ``dim`` (64 quantized linears: 50 M weights at
+    512, 201 M at 1024, VGGT-1B's width), a conv patch embed and one small DPT depth head."""
+    token_dim = 2 * dim
     return VGGTConfig(
-        name="wide",
-        aggregator=AggregatorConfig(img_size=SIZE, embed_dim=dim, depth=8, num_heads=8, patch_embed="conv"),
+        name="wide" if dim == 512 else f"wide{dim}",
+        aggregator=AggregatorConfig(img_size=SIZE, embed_dim=dim, depth=8, num_heads=dim // 64, patch_embed="conv"),
         camera_head=None,
         depth_head=DPTHeadConfig(dim_in=token_dim, features=32, out_channels=(16, 32, 64, 64),
                                  intermediate_layer_idx=(1, 3, 5, 7), output_dim=2, activation="exp"),
@@ -87,7 +89,8 @@ def _initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:
     return {"quantized_weight_bytes": quantized, "other_initializer_bytes": other}
 
 
-def _build(proto: onnx.ModelProto, folder: Path, name: str, hadamard: str = "plugin") -> dict[str, Any]:
+def _build(proto: onnx.ModelProto, folder: Path, name: str, hadamard: str = "plugin",
+           profile: Any = PROFILE) -> dict[str, Any]:
     proto = copy.deepcopy(proto)
     plugin_nodes = retarget_hadamard(proto, hadamard) if hadamard != "function" else 0
     path = folder / f"{name}.onnx"
@@ -95,7 +98,7 @@ def _build(proto: onnx.ModelProto, folder: Path, name: str, hadamard: str = "plu
     row: dict[str, Any] = {"hadamard": hadamard if plugin_nodes or hadamard == "function" else "none",
                            "onnx_bytes": path.stat().st_size, **_initializer_bytes(proto)}
     try:
-        result = build_engine(path, folder / f"{name}.engine", PROFILE)
+        result = build_engine(path, folder / f"{name}.engine", profile)
     except QVGGTError as exc:
         row["engine_error"] = str(exc).splitlines()[0][:300]
         return row
@@ -112,7 +115,8 @@ def _accuracy(info: Any) -> dict[str, Any]:
     return {key: round(value["rel_l2"], 5) for key, value in worst.items() if value is not None}
 
 
-def run_model(name: str, config: str | VGGTConfig, folder: Path, formats: list[str]) -> list[dict[str, Any]]:
+def run_model(name: str, config: str | VGGTConfig, folder: Path, formats: list[str],
+              quick: bool = False) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     float_model = build_vggt(config)
     params = sum(p.numel() for p in float_model.parameters())
@@ -129,14 +133,17 @@ def run_model(name: str, config: str | VGGTConfig, folder: Path, formats: list[s
 
     export_onnx(float_model, folder / "fp32.onnx", calibration[0])
     fp32 = onnx.load(str(folder / "fp32.onnx"))
-    add("fp32", "as-written", _build(fp32, folder, "fp32"))
+    if not quick:
+        add("fp32", "as-written", _build(fp32, folder, "fp32"))
     add("fp16", "to_float16", _build(to_float16(fp32), folder, "fp16"))
+    del fp32
 
     for fmt in formats:
         model = copy.deepcopy(float_model)
         try:
             calibrate(model, QuantConfig(bits=fmt, method="dsfq" if fmt.startswith("w") else "rtn"), calibration)
-            export_onnx(model, folder / f"{fmt}.onnx", calibration[0])
+            # NVFP4 needs opset 23 (FLOAT4E2M1) and a Blackwell target (check_format_targets).
+            export_onnx(model, folder / f"{fmt}.onnx", calibration[0], **({"opset": 23} if fmt == "nvfp4" else {}))
         except (QVGGTError, ValueError, TypeError) as exc:
             rows.append({"model": name, "params": params, "format": fmt, "lowering": "-",
                          "skipped": f"{type(exc).__name__}: {str(exc)[:200]}"})
@@ -147,7 +154,7 @@ def run_model(name: str, config: str | VGGTConfig, folder: Path, formats: list[s
         if fmt in ("w8a8", "w6a6"):
             lowerings += [("int8-static", False), ("int8-static", True)]
         elif fmt == "w4a4":
-            lowerings += [("w4a8", False), ("w4a16", False), ("w4a16", True)]
+            lowerings += ([] if quick else [("w4a8", False)]) + [("w4a16", False), ("w4a16", True)]
         for target, half in lowerings:
             try:
                 lowered, info = lower_for_target(canonical, target, calibration_inputs=calibration,
@@ -156,9 +163,10 @@ def run_model(name: str, config: str | VGGTConfig, folder: Path, formats: list[s
                 add(fmt, target, {"lowering_error": str(exc)[:300]})
                 continue
             label = target + (" + fp16" if half else "")
-            add(fmt, label, _build(lowered, folder, f"{fmt}-{target}{'-fp16' if half else ''}"),
+            profile = NVFP4_PROFILE if fmt == "nvfp4" else PROFILE
+            add(fmt, label, _build(lowered, folder, f"{fmt}-{target}{'-fp16' if half else ''}", profile=profile),
                 accuracy_worst_rel_l2=_accuracy(info), lowering_seconds=round(info.seconds, 1))
-        if fmt == "w4a4":
+        if fmt == "w4a4" and not quick:
             for hadamard in ("function", "dense"):
                 add(fmt, "as-written", _build(canonical, folder, f"{fmt}-{hadamard}", hadamard=hadamard))
     return rows
@@ -210,7 +218,7 @@ def _markdown(result: dict[str, Any]) -> str:
             acc = r.get("accuracy_worst_rel_l2", {})
             err = ""
             if "lowered_vs_float" in acc:
-                err = f"{acc['lowered_vs_float']:.4f} ({canonical_err.get(r['format'], float('nan')):.4f})"
+                err = f"{acc['lowered_vs_float']:.2e} ({canonical_err.get(r['format'], float('nan')):.2e})"
             gemm = ", ".join(f"{k}: {v}" for k, v in r.get("gemm_precisions", {}).items())
             att = r.get("attention", {})
             attn = f"{att.get('fused_mha_layers', '?')} / {att.get('unfused_softmax_layers', '?')}" if att else ""
@@ -225,7 +233,9 @@ def _markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="tiny,wide", help="comma-separated: tiny, wide")
+    parser.add_argument("--models", default="tiny,wide", help="comma-separated: tiny, wide, wide1024")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the FP16 reference and the as-written / w4a16 rows (for big models)")
     parser.add_argument("--formats", default="w8a8,w6a6,w4a4,fp8,nvfp4")
     parser.add_argument("--out", default=str(RESULTS / "engine_sizes"), help="results path without extension")
     args = parser.parse_args()
@@ -238,10 +248,10 @@ def main() -> None:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     for model in models:
-        config: str | VGGTConfig = wide_config() if model == "wide" else model
+        config: str | VGGTConfig = wide_config(int(model[4:] or 512)) if model.startswith("wide") else model
         with tempfile.TemporaryDirectory(prefix=f"engine_sizes_{model}_") as tmp:
             try:
-                rows += run_model(model, config, Path(tmp), formats)
+                rows += run_model(model, config, Path(tmp), formats, quick=args.quick)
             except Exception:  # keep the rows of the other model; the traceback says what broke
                 traceback.print_exc()
     _ratio(rows)
@@ -256,7 +266,7 @@ def main() -> None:
         "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "wall_seconds": round(time.perf_counter() - started, 1),
         "rows": rows,
-        "wide_config": dataclasses.asdict(wide_config()) if "wide" in models else None,
+        "configs": {m: dataclasses.asdict(wide_config(int(m[4:] or 512))) for m in models if m.startswith("wide")},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

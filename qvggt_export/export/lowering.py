@@ -32,19 +32,25 @@ outputs stay FP32 through Casts), as a strongly typed TensorRT network then runs
 dequantized weights) in FP16. It is refused for ``"as-written"`` quantized graphs: the in-graph per-token
 step floor (1e-8) underflows in FP16.
 
-Default lowering per (format, target GPU architectures), :func:`default_lowering`:
+Default lowering per (format, backend, target architectures), :func:`default_lowering`:
 
-============  ===================================  ============================================================
-format        targets                              lowering (why)
-============  ===================================  ============================================================
-fp32 / fp16   any                                  as-written (nothing quantized)
-fp8, nvfp4    any (see check_format_targets)       as-written (TensorRT's own formats)
-w8a8, w6a6    SM75 and newer, CURRENT (server)     int8-static (INT8 tensor cores on every target; constant
-                                                   Q scales are the form TensorRT documents for INT8 GEMMs)
-w4a4          any                                  w4a16 (no 4-bit activation math in TensorRT; INT4
-                                                   weight-only GEMMs are native; NVFP4 on SM120/121 is the
-                                                   separate ``nvfp4`` format, not a rewrite of INT4 codes)
-============  ===================================  ============================================================
+============  =======================  ====================================================================
+format        backend / targets        lowering (why)
+============  =======================  ====================================================================
+fp32 / fp16   any                      as-written (nothing quantized)
+fp8, nvfp4    any (check_format_       as-written (TensorRT's own formats)
+              targets first)
+w8a8, w6a6    rtx (SM75 ... SM121)     as-written: TensorRT-RTX 1.7.1 fuses the per-token form into the
+                                       same Int8 x Int8 GEMMs as int8-static (measured), with half the
+                                       accuracy loss and a smaller engine (benchmarks/results/engine_sizes.md)
+w8a8, w6a6    trt (server, CURRENT)    int8-static: constant Q scales are the form TensorRT documents for
+                                       INT8 GEMMs; the per-token form's fusion is not verified on full
+                                       TensorRT (no GPU here)
+w4a4          any                      w4a16: TensorRT has no 4-bit activation math; INT4 weight-only is
+                                       its documented native form, and more accurate than W4A4 as written
+                                       (no activation rounding). NVFP4 on SM100+/SM120 is the separate
+                                       ``nvfp4`` format, not a rewrite of INT4 codes
+============  =======================  ====================================================================
 
 The report of every lowering (:class:`LoweringInfo`) says which lowering an engine got and what it cost.
 ONNX Runtime sessions use the parity settings of DESIGN.md section 3 (``session.disable_quant_qdq=1``,
@@ -237,22 +243,26 @@ def quantized_layer_formats(model: onnx.ModelProto) -> list[LayerFormat]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def default_lowering(format_name: str, target_sms: Sequence[str] = ()) -> str:
-    """The lowering an engine of ``format_name`` for ``target_sms`` gets by default (table in the module doc).
+def default_lowering(format_name: str, target_sms: Sequence[str] = (), backend: str = "rtx") -> str:
+    """The lowering an engine of ``format_name`` gets by default (table in the module doc).
 
     Args:
         format_name: ``"w8a8"``, ``"w6a6"``, ``"w4a4"``, ``"fp32"``, ``"fp16"``, ``"fp8"`` or ``"nvfp4"``.
-        target_sms: Compute capabilities (``"SM89"``, ``"CURRENT"``); today's table does not depend on them
-            beyond the format checks of ``qvggt_export.engine.check_format_targets``, but callers pass them so
-            that a per-architecture choice (e.g. W4A8 where a fused kernel exists) needs no API change.
+        target_sms: Compute capabilities of the build profile (``"SM89"``, ``"CURRENT"``). Today's table does
+            not depend on them beyond :func:`qvggt_export.engine.check_format_targets`; callers pass them so
+            that a per-architecture choice needs no API change.
+        backend: ``"rtx"`` (TensorRT-RTX) or ``"trt"`` (full TensorRT); ``"auto"`` counts as ``"rtx"``, the
+            backend ``auto`` picks when it is installed.
 
     Raises:
-        QVGGTError: Unknown format name.
+        QVGGTError: Unknown format or backend name.
     """
+    if backend not in ("auto", "rtx", "trt"):
+        raise QVGGTError(f"unknown backend {backend!r}; expected auto, rtx or trt")
     if format_name in _FORMATS_AS_WRITTEN:
         return "as-written"
     if format_name in ("w8a8", "w6a6"):
-        return "int8-static"
+        return "int8-static" if backend == "trt" else "as-written"
     if format_name == "w4a4":
         return "w4a16"
     known = ", ".join(("w8a8", "w6a6", "w4a4", *_FORMATS_AS_WRITTEN))

@@ -215,8 +215,10 @@ def test_floating_point_formats_are_kept_as_written():
 
 
 def test_default_lowering_table():
-    assert default_lowering("w8a8", ["SM86", "SM89", "SM120"]) == "int8-static"
-    assert default_lowering("w6a6", ["CURRENT"]) == "int8-static"
+    assert default_lowering("w8a8", ["SM86", "SM89", "SM120"]) == "as-written"  # TensorRT-RTX fuses it to INT8
+    assert default_lowering("w6a6", ["CURRENT"], backend="trt") == "int8-static"
+    with pytest.raises(QVGGTError, match="unknown backend 'cuda'"):
+        default_lowering("w8a8", backend="cuda")
     assert default_lowering("w4a4", ["SM89"]) == "w4a16"
     assert default_lowering("fp32") == "as-written" and default_lowering("nvfp4", ["SM120"]) == "as-written"
     assert set(TARGETS) >= {default_lowering(f) for f in ("w8a8", "w4a4", "fp8")}
