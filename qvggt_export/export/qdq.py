@@ -306,6 +306,8 @@ def lower_qlinear_placeholders(model: onnx.ModelProto, *, hadamard: str = "funct
 
     if not count:
         return 0
+
+    # Constants (and the Identity copies the exporter makes of equal constants) that only fed placeholders.
     def removable(n: onnx.NodeProto) -> bool:
         return n.op_type in ("Constant", "Identity") and n.output[0] in consumed
 
