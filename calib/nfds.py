@@ -30,6 +30,18 @@ Pipeline (equation numbers are the paper's):
 Strategies: ``"random"`` (uniform over all candidates; the model is not run), ``"filtered"`` (filter,
 then uniform), ``"clustered"`` (cluster every candidate, no filter) and ``"nfds"`` (filter, then cluster).
 
+**Cost.** The statistics pass runs the aggregator (not the heads: eq. 9 and 12 read only aggregator
+layers, and eq. 12 needs its *last* layer, so the whole aggregator runs) once per candidate, under
+``torch.inference_mode``, streaming the pool: overlapping windows decode each frame once
+(:meth:`CandidatePool.iter_samples`) and, when the model is on an accelerator, a background thread
+reads ahead so decoding overlaps the forwards. What remains is inherent: ``pool`` (400) aggregator
+forwards against the calibration's ``budget`` (40) full forwards plus block reconstruction, whose
+input captures alone run the model up to each block twice per calibration sample (about
+``budget x (blocks + 1)`` aggregator-forward equivalents). So NFDS is most of the work without
+reconstruction (71-80 % on ``tiny``) and a minority with it; it is under 10 % only when calibration
+costs over 9x the pass: block reconstruction of a deep model with many steps per block (measured
+on ``tiny`` and modelled for VGGT-1B in ``benchmarks/results/nfds_cost.md``).
+
 The sampler only selects: it never quantizes, and the model is returned as it came (hooks removed,
 train/eval mode restored). :func:`collect_statistics` and :func:`select_from_statistics` split the
 expensive pass from the cheap selection, so one pass can serve many seeds and strategies.
@@ -465,7 +477,7 @@ class _Recorder:
 
 
 def collect_statistics(candidates: Candidates, model: nn.Module, config: NFDSConfig | None = None, *,
-                       progress: bool = True, prefetch: int = 2) -> CandidateStatistics:
+                       progress: bool = True, prefetch: int | None = None) -> CandidateStatistics:
     """Run the FP model once per candidate and record NFDS's statistics (steps 1 and 4 of the notes).
 
     The model is not modified: hooks are removed and its train/eval mode is restored afterwards. Only
@@ -478,8 +490,10 @@ def collect_statistics(candidates: Candidates, model: nn.Module, config: NFDSCon
         config: Uses ``layers``, ``last_blocks`` and ``pool_tokens``; defaults to :class:`NFDSConfig()`.
         progress: Show a progress bar over candidates.
         prefetch: Candidates read ahead by a background thread while the model runs (0: read in turn).
-            The statistics do not depend on it; ``timing["load_s"]`` is then the time the forwards
-            waited for data, i.e. the reading that was not hidden.
+            ``None``: 2 when the model is on an accelerator (the CPU is idle during its forwards; not
+            measured, no GPU here), 0 on the CPU, where the reader competes with the forward for cores
+            (measured slower on 2 busy cores, ``benchmarks/results/nfds_cost.md``). The statistics do
+            not depend on it; ``timing["load_s"]`` is the time the forwards waited for data.
 
     Raises:
         QVGGTError: Empty pool, a candidate of the wrong shape or frame count, NaN/Inf activations
@@ -488,8 +502,8 @@ def collect_statistics(candidates: Candidates, model: nn.Module, config: NFDSCon
     from tqdm.auto import tqdm
 
     config = config or NFDSConfig()
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-        raise QVGGTError(f"prefetch must be an integer >= 0 (candidates read ahead), got {prefetch!r}")
+    if prefetch is not None and (isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0):
+        raise QVGGTError(f"prefetch must be None or an integer >= 0 (candidates read ahead), got {prefetch!r}")
     refs = _candidate_refs(candidates)
     if not refs:
         raise QVGGTError("the candidate pool is empty: nothing to select a calibration set from")
@@ -500,6 +514,8 @@ def collect_statistics(candidates: Candidates, model: nn.Module, config: NFDSCon
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
     patch_start = int(getattr(aggregator, "patch_start_idx", 0))
+    if prefetch is None:
+        prefetch = 0 if device.type == "cpu" else 2
 
     recorder = _Recorder()
     handles = [module.register_forward_pre_hook(recorder.input_hook(name), with_kwargs=True) for name, module in layers]

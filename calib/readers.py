@@ -29,7 +29,10 @@ repetition. A sequence's windows depend on ``(seed, sequence name)`` only, so ad
 change the windows drawn from the others (it may change how many each gives).
 
 **Laziness**: the pool holds :class:`SampleRef` descriptors (id + how to load) and loads one sample
-when asked, so 400 candidates of 10 frames at 518 never sit in memory together.
+when asked, so 400 candidates of 10 frames at 518 never sit in memory together. Iterating the pool
+(:meth:`CandidatePool.iter_samples`) reads each run of windows of one clip in one pass, decoding and
+preprocessing every frame once (bit-identical samples; at most 1 GiB of frames held): 400 windows
+of a few clips share most of their frames.
 
 **Bad input**: image headers (and every video, fully demuxed) are checked when the pool is built, for
 the files the drawn windows use; an unreadable file raises :class:`~qvggt_export.errors.QVGGTError`

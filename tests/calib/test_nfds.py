@@ -402,10 +402,10 @@ def test_real_data_end_to_end(tiny, tmp_path):
 def test_prefetch_gives_the_same_statistics_and_stops_its_reader(tiny, pool, statistics):
     import threading
 
-    alone = collect_statistics(pool, tiny, NFDSConfig(budget=4, k=3), progress=False, prefetch=0)
+    ahead = collect_statistics(pool, tiny, NFDSConfig(budget=4, k=3), progress=False, prefetch=2)
     for field_name in ("means", "variances", "vectors"):
-        np.testing.assert_array_equal(getattr(alone, field_name), getattr(statistics, field_name))  # default: 2
-    assert alone.ids == statistics.ids
+        np.testing.assert_array_equal(getattr(ahead, field_name), getattr(statistics, field_name))  # CPU default: 0
+    assert ahead.ids == statistics.ids
     # A failure in the loop (here: NaN activations on the first candidate) stops the background reader.
     broken = copy.deepcopy(tiny)
     with torch.no_grad():
@@ -418,6 +418,6 @@ def test_prefetch_gives_the_same_statistics_and_stops_its_reader(tiny, pool, sta
     from qvggt_export.calib import CandidatePool
 
     with pytest.raises(QVGGTError, match="image not found"):
-        collect_statistics(CandidatePool(refs), tiny, progress=False)
+        collect_statistics(CandidatePool(refs), tiny, progress=False, prefetch=1)
     with pytest.raises(QVGGTError, match="prefetch must be"):
         collect_statistics(pool, tiny, progress=False, prefetch=-1)
