@@ -112,7 +112,7 @@ def _build(proto: onnx.ModelProto, folder: Path, name: str, hadamard: str = "plu
 
 def _accuracy(info: Any) -> dict[str, Any]:
     worst = info.accuracy.get("worst_rel_l2", {})
-    return {key: round(value["rel_l2"], 5) for key, value in worst.items() if value is not None}
+    return {key: float(f"{value['rel_l2']:.3g}") for key, value in worst.items() if value is not None}
 
 
 def run_model(name: str, config: str | VGGTConfig, folder: Path, formats: list[str],

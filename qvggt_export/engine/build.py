@@ -58,6 +58,9 @@ _IMAGE_RANK = 5
 # Nodes from any other domain are plugins to TensorRT (unless they call a local ONNX function, which the
 # parser inlines).
 _STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training"})
+# The TensorRT ONNX parser's own custom ops (e.g. trt::TRT_FP4DynamicQuantize of NVFP4 exports) are imported
+# natively, without a plugin creator.
+_PARSER_NATIVE_DOMAINS = frozenset({"trt"})
 # How many builder/parser errors the exception message quotes; the build log has all of them.
 _MAX_QUOTED_ERRORS = 5
 
@@ -393,7 +396,8 @@ def _plugin_identities(model: Any) -> tuple[tuple[str, str, str], ...]:
     found: set[tuple[str, str, str]] = set()
     for nodes in [model.graph.node, *(function.node for function in model.functions)]:
         for node in nodes:
-            if node.domain in _STANDARD_DOMAINS or (node.domain, node.op_type) in local_functions:
+            if (node.domain in _STANDARD_DOMAINS or node.domain in _PARSER_NATIVE_DOMAINS
+                    or (node.domain, node.op_type) in local_functions):
                 continue
             attrs = {a.name: a.s.decode("utf-8", "replace") for a in node.attribute if a.type == a.STRING}
             found.add((node.op_type, attrs.get("plugin_version", "1"), attrs.get("plugin_namespace", node.domain)))

@@ -115,6 +115,17 @@ def test_unregistered_hadamard_plugin_names_the_registration_call(tmp_path: Path
     assert not (tmp_path / "h.engine").exists()
 
 
+def test_parser_native_trt_ops_are_not_taken_for_plugins(tmp_path: Path):
+    from qvggt_export.engine.build import _plugin_identities
+
+    nodes = [helper.make_node("TRT_FP4DynamicQuantize", ["x", "s"], ["q", "bs"], domain="trt"),
+             helper.make_node("Hadamard", ["q"], ["y"], domain="qvggt")]
+    graph = helper.make_graph(nodes, "g", [], [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("trt", 1),
+                                                    helper.make_opsetid("qvggt", 1)])
+    assert _plugin_identities(model) == (("Hadamard", "1", "qvggt"),)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Per-layer report: GEMM precisions and attention
 # --------------------------------------------------------------------------------------------------------
