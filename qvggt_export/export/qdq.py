@@ -43,7 +43,11 @@ scales are constants (``input_global`` is calibrated). Block scales run along th
 axis, so nothing factors out of the MatMul. ONNX Runtime 1.32 cannot run this graph: the custom op has
 no ONNX Runtime kernel and the CPU provider has no FLOAT4E2M1 QuantizeLinear/DequantizeLinear kernels
 (NOT_IMPLEMENTED, measured). It is checked structurally instead (:func:`check_nvfp4_structure`:
-op types, dtypes, block sizes, and the decoded weights against the PyTorch codes).
+op types, dtypes, block sizes, and the decoded weights against the PyTorch codes) and numerically with
+ONNX's own reference evaluator (:func:`reference_evaluator`), to which
+:func:`fp4_dynamic_quantize_reference` supplies ``TRT_FP4DynamicQuantize`` as TensorRT documents it. That
+op's implementation is ours, not TensorRT's: whether TensorRT's kernel rounds identically is verified only
+on a Blackwell GPU (not available here).
 """
 
 from __future__ import annotations
