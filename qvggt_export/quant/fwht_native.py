@@ -18,8 +18,9 @@ unsupported platform, with a read-only cache, or with ``QVGGT_FWHT_NATIVE=0`` in
 :func:`load` returns ``None``, :func:`status` says why, and ``fwht`` runs its PyTorch path.
 
 What it does not do (``fwht`` keeps its PyTorch path for these): autograd, tracing / ONNX export /
-``torch.compile``, non-CPU tensors, and the dense Paley factor of ``2^k * m`` sizes (applied by a PyTorch
-matmul before the kernel runs the Sylvester part in place).
+``torch.compile``, non-CPU tensors. It calls no PyTorch op and no OpenMP: on this shared machine a tiny
+multi-threaded PyTorch matmul was measured at ~80 ms under load (threads waiting for each other), so even
+the dense Paley factor of ``2^k * m`` sizes (``m`` multiply-adds per element) runs inside the kernel.
 """
 
 from __future__ import annotations
@@ -50,14 +51,16 @@ HUGE_PAGE_MIN_BYTES = 1 << 22
 
 SOURCE = r"""
 // Fast Walsh-Hadamard transform of independent rows (see qvggt_export/quant/fwht_native.py).
-// y[r] = scale * post * (H_n (x) I_m)-transform of (pre * x[r]), n = 2^k Sylvester points of m contiguous
-// elements each, unnormalised +-1 butterflies (the caller passes the normalisation in scale).
+// y[r] = scale * post * ((pre * x[r]) @ kron(H_n, B)): n = 2^k Sylvester points (unnormalised +-1
+// butterflies) of m contiguous elements each, B the caller's dense m x m factor (m > 1), the normalisation
+// in scale.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <pthread.h>
 #include <sys/mman.h>
+#include <vector>
 
 namespace {
 
@@ -150,26 +153,44 @@ void row_vector(const T* x, T* y, int64_t n, const T* pre, const T* post, T scal
     }
 }
 
-// Any n, m: radix-2 stages at flat strides m, 2m, ..., (n/2)m (the compiler vectorises the inner loop).
+// Any n, m: the dense m x m factor on each block of m contiguous elements (Paley sizes; base row-major,
+// block' = block @ base), then radix-2 stages at flat strides m, 2m, ..., (n/2)m (the compiler vectorises
+// the inner loop).
 template <typename T>
-void row_generic(const T* x, T* y, int64_t n, int64_t m, const T* pre, const T* post, T scale) {
+void row_generic(const T* x, T* y, int64_t n, int64_t m, const T* pre, const T* base, const T* post, T scale,
+                 T* tmp) {
     const int64_t d = n * m;
     for (int64_t i = 0; i < d; ++i) y[i] = pre ? x[i] * pre[i] : x[i];
+    if (m > 1) {
+        for (int64_t b = 0; b < d; b += m) {
+            for (int64_t c = 0; c < m; ++c) tmp[c] = 0;
+            for (int64_t r = 0; r < m; ++r) {
+                const T v = y[b + r];
+                for (int64_t c = 0; c < m; ++c) tmp[c] += v * base[r * m + c];
+            }
+            for (int64_t c = 0; c < m; ++c) y[b + c] = tmp[c];
+        }
+    }
     for (int64_t s = m; s < d; s <<= 1)
         for (int64_t b = 0; b < d; b += 2 * s)
             for (int64_t j = b; j < b + s; ++j) { const T u = y[j], w = y[j + s]; y[j] = u + w; y[j + s] = u - w; }
     for (int64_t i = 0; i < d; ++i) y[i] = (post ? y[i] * post[i] : y[i]) * scale;
 }
 
-template <typename T> struct Job { const T* x; T* y; int64_t rows, n, m; const T* pre; const T* post; T scale; };
+template <typename T> struct Job {
+    const T* x; T* y; int64_t rows, n, m; const T* pre; const T* base; const T* post; T scale;
+};
 
 template <typename T> void run_rows(const Job<T>& job, int64_t r0, int64_t r1) {
     const int64_t d = job.n * job.m;
-    const bool vec = job.m == 1 && job.n >= Vec<T>::L;
-    for (int64_t r = r0; r < r1; ++r) {
-        if (vec) row_vector<T>(job.x + r * d, job.y + r * d, job.n, job.pre, job.post, job.scale);
-        else row_generic<T>(job.x + r * d, job.y + r * d, job.n, job.m, job.pre, job.post, job.scale);
+    if (job.m == 1 && job.n >= Vec<T>::L) {
+        for (int64_t r = r0; r < r1; ++r)
+            row_vector<T>(job.x + r * d, job.y + r * d, job.n, job.pre, job.post, job.scale);
+        return;
     }
+    std::vector<T> tmp(size_t(job.m));
+    for (int64_t r = r0; r < r1; ++r)
+        row_generic<T>(job.x + r * d, job.y + r * d, job.n, job.m, job.pre, job.base, job.post, job.scale, tmp.data());
 }
 
 // Threads take chunks of rows from a shared counter rather than fixed halves: on a shared machine a
@@ -194,6 +215,7 @@ constexpr int kMaxThreads = 256;
 
 template <typename T> int transform(const Job<T>& job, int threads) {
     if (job.rows < 0 || job.n < 1 || job.m < 1 || (job.n & (job.n - 1)) != 0) return 1;
+    if (job.m > 1 && job.base == nullptr) return 2;
     if (job.rows == 0) return 0;
     if (threads < 1) threads = 1;
     if (threads > kMaxThreads) threads = kMaxThreads;
@@ -216,13 +238,13 @@ template <typename T> int transform(const Job<T>& job, int threads) {
 extern "C" {
 
 int qvggt_fwht_f32(const float* x, float* y, int64_t rows, int64_t n, int64_t m, const float* pre,
-                   const float* post, float scale, int threads) {
-    return transform<float>({x, y, rows, n, m, pre, post, scale}, threads);
+                   const float* base, const float* post, float scale, int threads) {
+    return transform<float>({x, y, rows, n, m, pre, base, post, scale}, threads);
 }
 
 int qvggt_fwht_f64(const double* x, double* y, int64_t rows, int64_t n, int64_t m, const double* pre,
-                   const double* post, double scale, int threads) {
-    return transform<double>({x, y, rows, n, m, pre, post, scale}, threads);
+                   const double* base, const double* post, double scale, int threads) {
+    return transform<double>({x, y, rows, n, m, pre, base, post, scale}, threads);
 }
 
 // Ask for transparent huge pages on the 2 MiB-aligned part of a fresh buffer (before its first touch).
@@ -251,9 +273,9 @@ class Kernel:
         self.path = path
         ptr, i64 = ctypes.c_void_p, ctypes.c_int64
         self._f32 = lib.qvggt_fwht_f32
-        self._f32.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_int]
+        self._f32.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_float, ctypes.c_int]
         self._f64 = lib.qvggt_fwht_f64
-        self._f64.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ctypes.c_double, ctypes.c_int]
+        self._f64.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_double, ctypes.c_int]
         for fn in (self._f32, self._f64):
             fn.restype = ctypes.c_int
         self._advise = lib.qvggt_advise_huge
@@ -269,14 +291,15 @@ class Kernel:
         return out
 
     def transform(self, x: torch.Tensor, y: torch.Tensor, n: int, m: int, pre: torch.Tensor | None,
-                  post: torch.Tensor | None, scale: float, threads: int) -> None:
-        """``y = scale * post * ((pre * x) @ kron(H_n, I_m))`` row by row, ``H_n`` the +-1 Sylvester matrix.
+                  base: torch.Tensor | None, post: torch.Tensor | None, scale: float, threads: int) -> None:
+        """``y = scale * post * ((pre * x) @ kron(H_n, base))`` row by row, ``H_n`` the +-1 Sylvester matrix.
 
         ``x`` and ``y`` are contiguous ``[rows, n * m]`` CPU tensors of one dtype (float32 or float64) and
-        may be the same tensor; ``pre``/``post`` contiguous ``[n * m]`` of that dtype or ``None``.
+        may be the same tensor; ``pre``/``post`` contiguous ``[n * m]`` of that dtype or ``None``; ``base``
+        the contiguous ``[m, m]`` factor (``None`` when ``m == 1``).
         """
         fn = self._f32 if x.dtype == torch.float32 else self._f64
-        ptr = [t.data_ptr() if t is not None else None for t in (pre, post)]
+        ptr = [t.data_ptr() if t is not None else None for t in (pre, base, post)]
         status = fn(x.data_ptr(), y.data_ptr(), int(x.shape[0]), n, m, *ptr, scale, threads)
         if status != 0:  # the caller validated every argument: a nonzero status is a bug here
             raise RuntimeError(f"native FWHT kernel rejected rows={x.shape[0]}, n={n}, m={m} (status {status})")
@@ -373,7 +396,10 @@ def load() -> Kernel | None:
             if os.environ.get(ENV_DISABLE, "1").strip() == "0":
                 kernel, reason = None, f"disabled by {ENV_DISABLE}=0"
             else:
-                kernel, reason = build(_cache_dir(), _compiler())
+                try:
+                    kernel, reason = build(_cache_dir(), _compiler())
+                except Exception as exc:  # noqa: BLE001  # an optional accelerator must never break fwht
+                    kernel, reason = None, f"{type(exc).__name__}: {exc}"
             if kernel is None:
                 log.info("native FWHT kernel unavailable, using the PyTorch path: %s", reason)
             _state["reason"] = reason

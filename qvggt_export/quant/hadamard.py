@@ -338,6 +338,13 @@ def _native_eligible(x: torch.Tensor, pre: torch.Tensor | None, post: torch.Tens
     return not _is_graph_capture()
 
 
+@functools.lru_cache(maxsize=32)
+def _native_base(m: int, dtype: torch.dtype, normalize: bool, transpose: bool) -> torch.Tensor:
+    """The dense Paley factor as the kernel takes it (contiguous, row-major); cached, never handed out."""
+    h = hadamard_matrix(m, dtype) if normalize else _integer_hadamard(m).to(dtype)
+    return (h.T if transpose else h).contiguous()
+
+
 def _apply_native(kernel: fwht_native.Kernel, x: torch.Tensor, work: torch.dtype, *, normalize: bool,
                   transpose: bool, pre: torch.Tensor | None, pre_divide: bool, post: torch.Tensor | None,
                   scalar: float | None) -> torch.Tensor:
@@ -350,20 +357,11 @@ def _apply_native(kernel: fwht_native.Kernel, x: torch.Tensor, work: torch.dtype
     if pre_w is not None and pre_divide:  # the inverse divides by post_scale; keep it a true division
         flat, pre_w = flat / pre_w, None
     rows = int(flat.shape[0])
-    if m > 1:
-        # The dense Paley factor acts on the contiguous inner axis, so it commutes with the Sylvester part:
-        # apply it first (a small PyTorch matmul, output fresh), then run the kernel in place on that output.
-        make = hadamard_matrix if normalize else (lambda n, dt: _integer_hadamard(n).to(dtype=dt))
-        base = make(m, work)
-        base = base.T.contiguous() if transpose else base
-        src = flat if pre_w is None else flat * pre_w
-        out = (src.reshape(-1, m) @ base).reshape(rows, d)
-        src, pre_w = out, None
-    else:
-        src, out = flat, kernel.empty(rows, d, work)
+    base = _native_base(m, work, normalize, transpose) if m > 1 else None
+    out = kernel.empty(rows, d, work)
     scale = (1.0 / math.sqrt(power) if normalize else 1.0) * (1.0 if scalar is None else scalar)
     threads = max(1, min(torch.get_num_threads(), rows * d // fwht_native.MIN_ELEMENTS_PER_THREAD))
-    kernel.transform(src, out, power, m, pre_w, post_w, scale, threads)
+    kernel.transform(flat, out, power, m, pre_w, base, post_w, scale, threads)
     return out.to(x.dtype).reshape(x.shape)
 
 
