@@ -153,24 +153,48 @@ void row_vector(const T* x, T* y, int64_t n, const T* pre, const T* post, T scal
     }
 }
 
-// Any n, m: the dense m x m factor on each block of m contiguous elements (Paley sizes; base row-major,
-// block' = block @ base), then radix-2 stages at flat strides m, 2m, ..., (n/2)m (the compiler vectorises
-// the inner loop).
+// block' = block @ base (row-major m x m) for each of the n blocks of m contiguous elements. With m a
+// compile-time constant (the common Paley orders) the accumulators stay in registers and the loops vectorise:
+// measured 7-14x faster at m = 12 than the generic loop, which serves the other orders (at m = 36 the
+// fixed form spills registers and was slower).
+template <typename T, int M>
+void paley_fixed(T* y, int64_t n, const T* base) {
+    for (int64_t b = 0; b < n * M; b += M) {
+        T acc[M] = {};
+        for (int r = 0; r < M; ++r) {
+            const T v = y[b + r];
+            for (int c = 0; c < M; ++c) acc[c] += v * base[r * M + c];
+        }
+        for (int c = 0; c < M; ++c) y[b + c] = acc[c];
+    }
+}
+
+template <typename T>
+void paley_blocks(T* __restrict__ y, int64_t n, int64_t m, const T* __restrict__ base, T* __restrict__ tmp) {
+    switch (m) {
+        case 12: paley_fixed<T, 12>(y, n, base); return;
+        case 20: paley_fixed<T, 20>(y, n, base); return;
+        case 28: paley_fixed<T, 28>(y, n, base); return;
+        default: break;
+    }
+    for (int64_t b = 0; b < n * m; b += m) {
+        for (int64_t c = 0; c < m; ++c) tmp[c] = 0;
+        for (int64_t r = 0; r < m; ++r) {
+            const T v = y[b + r];
+            for (int64_t c = 0; c < m; ++c) tmp[c] += v * base[r * m + c];
+        }
+        for (int64_t c = 0; c < m; ++c) y[b + c] = tmp[c];
+    }
+}
+
+// Any n, m: the dense m x m Paley factor per block (above), then radix-2 stages at flat strides m, 2m, ...,
+// (n/2)m (the compiler vectorises the inner loop).
 template <typename T>
 void row_generic(const T* x, T* y, int64_t n, int64_t m, const T* pre, const T* base, const T* post, T scale,
                  T* tmp) {
     const int64_t d = n * m;
     for (int64_t i = 0; i < d; ++i) y[i] = pre ? x[i] * pre[i] : x[i];
-    if (m > 1) {
-        for (int64_t b = 0; b < d; b += m) {
-            for (int64_t c = 0; c < m; ++c) tmp[c] = 0;
-            for (int64_t r = 0; r < m; ++r) {
-                const T v = y[b + r];
-                for (int64_t c = 0; c < m; ++c) tmp[c] += v * base[r * m + c];
-            }
-            for (int64_t c = 0; c < m; ++c) y[b + c] = tmp[c];
-        }
-    }
+    if (m > 1) paley_blocks<T>(y, n, m, base, tmp);
     for (int64_t s = m; s < d; s <<= 1)
         for (int64_t b = 0; b < d; b += 2 * s)
             for (int64_t j = b; j < b + s; ++j) { const T u = y[j], w = y[j + s]; y[j] = u + w; y[j + s] = u - w; }
