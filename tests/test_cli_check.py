@@ -65,6 +65,25 @@ def test_corrupted_scale_is_localised_to_its_layer(w4a4_run, tmp_path, capsys):
     assert layers[first]["output_rel"] > 0.1  # a wrong scale is an O(1) error, not a rounding tie
 
 
+def test_image_folder_inputs(w4a4_run, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "scene"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(5)
+    for i in range(3):
+        pixels = (torch.rand(70, 70, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+    report_path = tmp_path / "images.json"
+    assert main(["check", str(w4a4_run), "--images", str(folder), "--localize", "never",
+                 "--report", str(report_path)]) == EXIT_OK
+    report = json.loads(report_path.read_text())
+    assert report["inputs"] == [{"shape": [1, 3, 3, 70, 70], "source": f"{folder} (3 frames, crop)"}]
+    assert report["layers"] == {"checked": False, "reason": "localize=never"}
+    (folder / "03.png").write_bytes(b"not a png")
+    assert main(["check", str(w4a4_run), "--images", str(folder), "--report", str(report_path)]) == EXIT_USAGE
+
+
 def test_fp16_graph_checked_from_explicit_paths(tmp_path):
     path = tmp_path / "fp16.onnx"
     export_onnx(build_vggt("tiny"), path, torch.rand(1, 2, 3, 70, 70), precision="fp16")

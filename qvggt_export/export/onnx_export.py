@@ -211,6 +211,9 @@ def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_ima
             onnx.checker.check_model(proto, full_check=full_check)
             onnx.save(proto, str(final_tmp))
         if external:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_dir / data_name, 0o666 & ~umask)  # onnx creates the data file 0600, unlike the graph
             os.replace(tmp_dir / data_name, onnx_path.parent / data_name)
         else:
             with contextlib.suppress(FileNotFoundError):

@@ -27,6 +27,7 @@ def test_external_data_export_checks_clean(tmp_path, monkeypatch):
     data, graph = tmp_path / "model.onnx.data", tmp_path / "model.onnx"
     assert result.external_data and data.is_file() and data.stat().st_size > 2 * graph.stat().st_size
     assert result.size_bytes == data.stat().st_size + graph.stat().st_size
+    assert data.stat().st_mode & 0o777 == graph.stat().st_mode & 0o777  # same ordinary permissions
     onnx.checker.check_model(str(tmp_path / "model.onnx"), full_check=True)
     weights = [i for i in onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.initializer
                if i.name.endswith("/weight_q")]
