@@ -29,7 +29,7 @@ W4A4 output error of every method (same calibration data): the mechanism behind 
 Writes benchmarks/results/dsfq_ablation[_<planting>][_recon<N>].{json,md}; the markdown states, per metric,
 whether the paper's order holds and in how many seeds DSFQ beats Scale-then-Rotate.
 
-    python benchmarks/dsfq_ablation.py [--seeds 3] [--recon-iters 0] [--planting preset]  # 15 s (100 s with 30 iters)
+    python benchmarks/dsfq_ablation.py [--seeds 3] [--recon-iters 0] [--planting preset]  # 1-2 min (3-8 min, 30 iters)
 """
 
 from __future__ import annotations

@@ -209,6 +209,9 @@ def bake_smoothing(module: nn.Module, smooth: torch.Tensor, space: str = "post")
 class _LearnableQuantLinear(nn.Module):
     """``y = Q_w(W diag(s); D) applied to Q_a(T(x) / s)`` with learnable ``log s`` [in] and ``log D`` [out].
 
+    ``space="pre"`` puts ``s`` before the rotation instead (``T`` with ``pre / s``, the weight refolded through
+    ``H``); ``space=None`` keeps ``s = 1`` frozen (see :func:`smoothing_space`).
+
     Holds copies of the float layer's tensors (one block at a time, so the memory is small): copies made
     here are ordinary tensors even when the caller created the layer under ``torch.inference_mode()``.
     """
