@@ -549,37 +549,23 @@ def _remove_partial_outputs(out_dir: Path, existed: bool, before: set[Path]) -> 
         out_dir.rmdir()
 
 
-def _engine_graph(onnx_path: Path, out_dir: Path, plugin: bool) -> tuple[Path, int, int]:
-    """The graph the engine is built from: the canonical graph, or a copy whose Hadamard function calls are
-    TensorRT plugin nodes (``model.plugin.onnx``) and whose ``trt::`` ops sit in the default domain.
+def _plugin_graph(onnx_path: Path, out_dir: Path) -> tuple[Path, int]:
+    """A copy of the canonical graph whose Hadamard function calls are TensorRT plugin nodes.
 
-    TensorRT's ONNX parser imports ``TRT_FP4DynamicQuantize`` natively, by op type whatever its domain; the
-    canonical graph keeps it in the ``trt`` domain (ModelOpt's form, which the ONNX checker accepts), but the
-    engine build takes any non-standard domain for a plugin that must be registered, so the engine's copy
-    carries it in the default domain. Returns ``(path, plugin nodes, trt ops moved)``; external weights stay
-    where they are (the copy references the same ``.data`` file).
-    """
+    External weights stay where they are (the copy references the same ``.data`` file). NVFP4's
+    ``trt::TRT_FP4DynamicQuantize`` stays as it is: TensorRT's ONNX parser imports it natively."""
     import onnx
 
     from qvggt_export.export.hadamard_onnx import retarget_hadamard
-    from qvggt_export.export.qdq import TRT_DOMAIN
     from qvggt_export.io import atomic_write
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
-    count = retarget_hadamard(proto, "plugin") if plugin else 0
-    moved = 0
-    for node in proto.graph.node:
-        if node.domain == TRT_DOMAIN:
-            node.domain = ""
-            moved += 1
-    if not count and not moved:
-        return onnx_path, 0, 0
-    for entry in list(proto.opset_import):
-        if moved and entry.domain == TRT_DOMAIN:  # no node of that domain is left
-            proto.opset_import.remove(entry)
-    target = out_dir / ("model.plugin.onnx" if count else "model.trt.onnx")
+    count = retarget_hadamard(proto, "plugin")
+    if not count:
+        return onnx_path, 0
+    target = out_dir / "model.plugin.onnx"
     atomic_write(target, lambda tmp: onnx.save(proto, tmp))
-    return target, count, moved
+    return target, count
 
 
 def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTimer) -> dict[str, Any]:
@@ -596,7 +582,9 @@ def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTim
                                     f"{profile} is the default for {config.bits}")
     with timer.stage("build_engine"):
         try:
-            graph, plugin_nodes, trt_ops = _engine_graph(onnx_path, config.out_dir, config.engine_hadamard == "plugin")
+            graph, plugin_nodes = onnx_path, 0
+            if config.engine_hadamard == "plugin":
+                graph, plugin_nodes = _plugin_graph(onnx_path, config.out_dir)
             if plugin_nodes:
                 from qvggt_export.plugins import register
 
@@ -613,4 +601,4 @@ def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTim
     hadamard = "plugin" if plugin_nodes else ("function" if rotates else "none")
     lowering = {"lowering": FORMAT_LOWERING[config.family]} if config.quantized else {}
     return {"path": data.pop("engine_path"), "onnx": str(graph), "hadamard": hadamard,
-            "hadamard_plugin_nodes": plugin_nodes, "trt_native_ops": trt_ops, **choice, **lowering, **data}
+            "hadamard_plugin_nodes": plugin_nodes, **choice, **lowering, **data}
