@@ -242,9 +242,10 @@ def cost(args) -> None:
     if not (DATA / "videos").is_dir():
         raise SystemExit(f"--cost needs the real clips in {DATA}")
     sources = [str(DATA / "sequences"), str(DATA / "videos")]
-    model = build_vggt(args.cost_preset).eval()
+    device = torch.device(args.device)
+    model = build_vggt(args.cost_preset).eval().to(device)
     t0 = time.perf_counter()
-    pool = build_candidate_pool(sources, args.cost_frames, SIZE, "pad", pool_size=args.cost_pool, seed=0)
+    pool = build_candidate_pool(sources, args.cost_frames, args.cost_size, "pad", pool_size=args.cost_pool, seed=0)
     pool_s = time.perf_counter() - t0
     config = NFDSConfig(budget=args.cost_budget)
     rows = []
@@ -261,9 +262,9 @@ def cost(args) -> None:
         nfds_runs.append({"total_s": nfds_s, **stats.timing, "selection_s": selection.timing["selection_s"],
                           "prefetch2_s": ahead_s, "prefetch2_wait_s": ahead.timing["load_s"]})
         t0 = time.perf_counter()
-        batches = [sample.unsqueeze(0) for sample in selection.samples()]
+        batches = [sample.unsqueeze(0).to(device) for sample in selection.samples()]
         load_selected_s = time.perf_counter() - t0
-        quantized = build_vggt(args.cost_preset).eval()
+        quantized = build_vggt(args.cost_preset).eval().to(device)
         t0 = time.perf_counter()
         calibrate(quantized, QuantConfig(bits="w4a4", method="dsfq", seed=0, recon_iters=recon), batches)
         calib_s = time.perf_counter() - t0
@@ -273,13 +274,14 @@ def cost(args) -> None:
                      "share_of_all_calibration": nfds_s / (pool_s + nfds_s + load_selected_s + calib_s)})
         print(rows[-1], flush=True)
     result = {"preset": args.cost_preset, "pool": len(pool), "budget": args.cost_budget, "frames": args.cost_frames,
-              "image_size": SIZE, "sources": "../shared/data sequences + videos", "pool_build_s": pool_s,
+              "image_size": args.cost_size, "device": str(device), "sources": "../shared/data sequences + videos",
+              "pool_build_s": pool_s,
               "threads": torch.get_num_threads(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
               "nfds_runs": nfds_runs, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "nfds_cost.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# NFDS cost vs calibration on `{args.cost_preset}` (pool {len(pool)}, budget {args.cost_budget}, "
-             f"{args.cost_frames} frames, {SIZE}x{SIZE})", "",
+             f"{args.cost_frames} frames, {args.cost_size}x{args.cost_size}, {device})", "",
              f"Pool from the real clips (../shared/data); {result['threads']} thread(s); load average "
              f"{result['load_average_1_5_15']} at the end. Each row: one NFDS pass (statistics + selection; "
              "loading the 400 candidates included), then one calibration (`calibrate`: DSFQ statistics, "
@@ -313,6 +315,8 @@ def main() -> None:
     parser.add_argument("--cost-pool", type=int, default=400)
     parser.add_argument("--cost-budget", type=int, default=40)
     parser.add_argument("--cost-frames", type=int, default=10)
+    parser.add_argument("--cost-size", type=int, default=SIZE, help="square image size of the cost run")
+    parser.add_argument("--device", default="cpu", help="device of the cost run (e.g. cuda on a GPU host)")
     parser.add_argument("--recon-list", type=int, nargs="+", default=[0, 20, 100])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

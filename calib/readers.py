@@ -362,7 +362,7 @@ def _frame_sharing_chunks(refs: Sequence[SampleRef], limit_bytes: int) -> list[l
         cost = len(new) * _frame_bytes(ref)
         if group is None or group != key or not chunks or used + cost > limit_bytes:
             chunks.append([ref])
-            key, seen, used = group, set(_frame_keys(ref)) if group is not None else set(), 0
+            key, seen = group, set(_frame_keys(ref)) if group is not None else set()
             used = len(seen) * _frame_bytes(ref)
         else:
             chunks[-1].append(ref)
