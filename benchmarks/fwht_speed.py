@@ -153,8 +153,9 @@ def main() -> None:
             f"{r['max_abs_err_vs_fp64']['fwht']:.1e} |")
     lines += [
         "", f"Goal: {result['goal']}; met: {result['goal_met']} (by thread count).", "",
-        "`fwht` is the default path (the compiled kernel: each row transformed in L1 with radix-2 butterflies, "
-        "signs/post-scale fused, rows over threads, output on transparent huge pages where the OS allows); "
+        "`fwht` is the default path (the compiled kernel: each row transformed in L1 with radix-2 butterflies and, "
+        "for 2^k m sizes, the dense Paley factor; signs/post-scale fused, rows over threads, no PyTorch op or "
+        "OpenMP, output on transparent huge pages where the OS allows); "
         "`PyTorch path` is the same call with `use_native_fwht(False)` (radix-16 stages as small matmuls, the path "
         "autograd, tracing and non-CPU tensors take). `fresh output` is `torch.empty_like(x).fill_(1)`: with 4 KiB "
         "pages a new 32 MiB tensor costs ~8k first-touch page faults, which is most of `clone` here and a floor for "
