@@ -216,9 +216,9 @@ def write_markdown(result: dict) -> None:
         "| group | method | agg | depth | points | pose_enc | rot deg | trans deg | seeds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, m in medians.items():
-        group = next(g for g in GROUPS if key.startswith(f"{g}/"))  # labels contain "/" too
-        label = key[len(group) + 1:]
+    # Keys are "<group>/<label>" and labels contain "/" too: split on the known group names, rows by group.
+    keyed = [(g, k[len(g) + 1:], m) for g in GROUPS for k, m in medians.items() if k.startswith(f"{g}/")]
+    for group, label, m in keyed:
         if not m["seeds_ok"]:
             lines.append(f"| {group} | {label} | failed: {'; '.join(m['failures'])} |||||||")
             continue
