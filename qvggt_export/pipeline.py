@@ -27,7 +27,9 @@ from qvggt_export.io import ensure_writable_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-FLOAT_FORMATS = ("fp32",)
+# Unquantized reference exports: the float model in that precision (float32 graph input and outputs).
+FLOAT_FORMATS = ("fp32", "fp16")
+ENGINE_LOWERINGS = ("auto", "as-written", "int8-static", "w4a8", "w4a16")
 RECON_CHECKPOINT = "reconstruction_checkpoint.safetensors"
 DEFAULT_ENGINE_PROFILE = "rtx-default"
 # Engine targets per quantization format (DESIGN.md section 3, measured with TensorRT-RTX 1.7.1): FP8 Q/DQ
@@ -53,7 +55,8 @@ class PipelineConfig:
 
     Attributes:
         out_dir: output folder (created if missing).
-        bits: ``"w4a4"``, ``"w8a8"``, or ``"fp32"`` (no quantization: the float reference export).
+        bits: a quantized format (``"w4a4"``, ``"w6a6"``, ``"w8a8"``, ``"fp8"``, ``"nvfp4"``), or ``"fp32"`` /
+            ``"fp16"`` (no quantization: the float reference export in that precision).
         model: preset name (``"tiny"``, ``"tiny-dino"``, ``"vggt-1b"``) or a JSON file with official
             constructor arguments per submodule.
         checkpoint: weights (``model.pt``, ``*.safetensors``, a folder, or a cached HF repo id); ``None``
@@ -83,6 +86,12 @@ class PipelineConfig:
             ``"rtx-default"`` (or ``None``), fp8 and nvfp4 use their own default (:data:`FORMAT_DEFAULT_PROFILES`:
             ``rtx-sm89-sm120``, ``rtx-sm120``), since rtx-default also targets SM86, which has neither; any
             other profile must target only architectures the format can build for, or the run is refused.
+        engine_lowering: how the canonical quantized graph is rewritten for the engine
+            (:mod:`qvggt_export.export.lowering`): ``"auto"`` (the per-format default of
+            :func:`~qvggt_export.export.lowering.default_lowering`: W4A4 -> ``w4a16``, since TensorRT has no
+            4-bit activation math), ``"as-written"``, ``"int8-static"``, ``"w4a8"`` or ``"w4a16"``.
+        engine_fp16: also run the unquantized parts of the engine graph (heads, norms, attention) in FP16;
+            refused with the ``as-written`` lowering of integer formats (the per-token step floor underflows).
         backend: ``"auto"``, ``"rtx"`` (TensorRT-RTX) or ``"trt"`` (full TensorRT).
         progress: show progress bars.
     """
@@ -109,6 +118,8 @@ class PipelineConfig:
     engine: bool = True
     engine_hadamard: str = "plugin"
     engine_profile: str | None = DEFAULT_ENGINE_PROFILE
+    engine_lowering: str = "auto"
+    engine_fp16: bool = False
     backend: str = "auto"
     progress: bool = True
 
@@ -138,6 +149,20 @@ class PipelineConfig:
             raise QVGGTError(f"engine_hadamard must be 'plugin' or 'function', got {self.engine_hadamard!r}")
         if self.backend not in ("auto", "rtx", "trt"):
             raise QVGGTError(f"backend must be auto, rtx or trt, got {self.backend!r}")
+        if self.engine_lowering not in ENGINE_LOWERINGS:
+            raise QVGGTError(f"engine_lowering must be one of {', '.join(ENGINE_LOWERINGS)}, "
+                             f"got {self.engine_lowering!r}")
+        if self.engine_lowering not in ("auto", "as-written"):
+            wanted = {"int8-static": ("w8a8", "w6a6"), "w4a8": ("w4a4",), "w4a16": ("w4a4",)}[self.engine_lowering]
+            if self.bits not in wanted:
+                raise QVGGTError(f"engine lowering {self.engine_lowering!r} rewrites {' / '.join(wanted)} graphs, not "
+                                 f"{self.bits}; use --engine-lowering auto or as-written")
+        if self.engine_fp16 and self.family in ("fp8", "nvfp4"):
+            raise QVGGTError(f"engine_fp16 applies to integer and fp32 exports; {self.bits} graphs are already in "
+                             "TensorRT's own form")
+        if self.engine_fp16 and self.family == "int" and self.resolved_engine_lowering() == "as-written":
+            raise QVGGTError("engine_fp16 needs a lowered integer graph (int8-static, w4a8 or w4a16): the "
+                             "as-written graph's per-token step floor (1e-8) underflows in FP16")
         if self.engine_profile is None:
             object.__setattr__(self, "engine_profile", DEFAULT_ENGINE_PROFILE)
         if self.engine:
@@ -173,6 +198,14 @@ class PipelineConfig:
                 f"SM{minimum} or newer); use --engine-profile {FORMAT_DEFAULT_PROFILES[self.family]}, a profile "
                 "without those targets, or --no-engine")
         return requested
+
+    def resolved_engine_lowering(self) -> str:
+        """The lowering the engine graph gets: ``engine_lowering``, or the format's default for ``auto``."""
+        if self.engine_lowering != "auto":
+            return self.engine_lowering
+        from qvggt_export.export.lowering import default_lowering
+
+        return default_lowering(self.bits, backend=self.backend)
 
     def nfds_config(self) -> Any:
         from qvggt_export.calib import NFDSConfig
@@ -255,6 +288,11 @@ def _calibration_data(config: PipelineConfig, model: torch.nn.Module, progress: 
     if len(pool) < config.calib_size:
         raise QVGGTError(f"the calibration source yields {len(pool)} candidate sequences of {config.frames} frames, "
                          f"fewer than --calib-size {config.calib_size}")
+    resolutions = sorted(pool.resolutions())
+    if len(resolutions) > 1:
+        raise QVGGTError(f"calibration sequences have different resolutions after preprocessing {resolutions}; an "
+                         "export has one fixed resolution: use --preprocess pad (square) or sources of one aspect "
+                         "ratio")
     selection = select_calibration_set(pool, model, config.nfds_config(), progress=progress)
     batches = [sample.unsqueeze(0) for sample in selection.samples()]
     shapes = sorted({tuple(b.shape[-2:]) for b in batches})
@@ -353,19 +391,22 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         onnx_path = out_dir / "model.onnx"
         with timer.stage("export_onnx"):
             opset = opset_for_format(config.family if config.quantized else "int")
-            exported = export_onnx(model, onnx_path, batches[0], hadamard=config.hadamard, opset=opset)
+            precision = "fp32" if config.quantized else config.bits
+            exported = export_onnx(model, onnx_path, batches[0], hadamard=config.hadamard, opset=opset,
+                                   precision=precision)
         report["onnx"] = {"path": str(onnx_path), "size_bytes": exported.size_bytes, "opset": exported.opset,
                           "nodes": exported.num_nodes, "quantized_linears": exported.num_qlinear,
                           "input_shape": exported.input_shape, "outputs": exported.outputs,
-                          "external_data": exported.external_data}
+                          "external_data": exported.external_data, "precision": exported.precision}
 
         with timer.stage("parity"):
             report["parity"] = _parity_stage(config, model, float_model, onnx_path, batches)
 
-        report["engine"] = _build_engine_stage(config, onnx_path, timer)
+        report["engine"] = _build_engine_stage(config, onnx_path, timer, float_model or model, batches)
         report["timings_s"] = dict(timer.seconds, total=round(time.perf_counter() - started, 3))
         if config.quantized:
-            calibration_s = report["calibration"]["selection_seconds"] + timer.seconds.get("quantize", 0.0)
+            # All calibration work: reading the pool, NFDS, loading the selection (calibration_data) + quantize.
+            calibration_s = timer.seconds.get("calibration_data", 0.0) + timer.seconds.get("quantize", 0.0)
             report["calibration"]["selection_share_of_calibration"] = round(
                 report["calibration"]["selection_seconds"] / max(calibration_s, 1e-9), 3)
         write_json_atomic(out_dir / "report.json", report)
@@ -402,7 +443,8 @@ def _parity_stage(config: PipelineConfig, model: torch.nn.Module, float_model: t
                 "structure": structure}
     from qvggt_export.parity import check_parity
 
-    parity = check_parity(model, onnx_path, inputs, float_model=float_model).to_dict()
+    precision = "fp32" if config.quantized else config.bits
+    parity = check_parity(model, onnx_path, inputs, float_model=float_model, precision=precision).to_dict()
     if config.quantized:
         # Layer by layer, each from ONNX Runtime's own input: names the first wrong layer, if any.
         if config.family == "int":
@@ -568,7 +610,60 @@ def _plugin_graph(onnx_path: Path, out_dir: Path) -> tuple[Path, int]:
     return target, count
 
 
-def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTimer) -> dict[str, Any]:
+def _save_graph(proto: Any, path: Path) -> Path:
+    """Write an ONNX graph atomically, with its weights as external data (``<name>.data``) above protobuf's limit."""
+    import os
+    import shutil
+    import tempfile
+
+    import onnx
+
+    from qvggt_export.export.onnx_export import EXTERNAL_DATA_THRESHOLD, _tensor_bytes
+
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    data_name = path.name + ".data"
+    try:
+        external = _tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+        onnx.save(proto, str(tmp_dir / path.name), save_as_external_data=external, all_tensors_to_one_file=True,
+                  location=data_name, size_threshold=1024)
+        if external:
+            os.replace(tmp_dir / data_name, path.parent / data_name)
+        os.replace(tmp_dir / path.name, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def _lowered_graph(config: PipelineConfig, onnx_path: Path, lowering: str, reference_model: torch.nn.Module,
+                   batches: list[torch.Tensor]) -> tuple[Path, dict[str, Any]]:
+    """The graph the engine is built from: the canonical export rewritten for the target (static activation
+    scales from the calibration batches, or weight-only INT4), with its accuracy measured in ONNX Runtime
+    against the float model on the same batches (in-sample for static scales: the report says so)."""
+    import onnx
+
+    from qvggt_export.export.lowering import lower_for_target
+
+    if lowering == "as-written" and not config.engine_fp16:
+        return onnx_path, {"target": "as-written", "note": "the canonical graph, unchanged"}
+    float_outputs = []
+    with torch.no_grad():
+        for images in batches:
+            outputs = reference_model(images)
+            float_outputs.append({k: v.float().numpy() for k, v in outputs.items() if isinstance(v, torch.Tensor)})
+    lowered, info = lower_for_target(onnx.load(str(onnx_path)), lowering, calibration_inputs=batches,
+                                     float_outputs=float_outputs, float16=config.engine_fp16)
+    path = _save_graph(lowered, config.out_dir / "model.lowered.onnx")
+    return path, info.to_dict()
+
+
+def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTimer,
+                        reference_model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, Any]:
+    """Lower the canonical graph for the target, swap Hadamard functions for plugin nodes, build the engine.
+
+    Args:
+        reference_model: the float model (the lowering's accuracy is measured against it).
+        batches: calibration batches (static activation scales of the ``int8-static`` / ``w4a8`` lowerings).
+    """
     if not config.engine:
         return {"path": None, "reason": "engine build disabled (--no-engine)"}
     from qvggt_export.engine import build_engine
@@ -576,20 +671,24 @@ def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTim
     engine_path = config.out_dir / "model.engine"
     backend = None if config.backend == "auto" else config.backend
     profile = config.resolved_engine_profile()
-    choice = {"profile_name": profile}
+    choice: dict[str, Any] = {"profile_name": profile}
     if profile != config.engine_profile:
         choice["profile_reason"] = (f"{config.engine_profile} targets architectures without {config.bits} support; "
                                     f"{profile} is the default for {config.bits}")
+    with timer.stage("lower_for_engine"):
+        graph, choice["lowering"] = _lowered_graph(config, onnx_path, config.resolved_engine_lowering(),
+                                                   reference_model, batches)
     with timer.stage("build_engine"):
         try:
-            graph, plugin_nodes = onnx_path, 0
+            plugin_nodes = 0
             if config.engine_hadamard == "plugin":
-                graph, plugin_nodes = _plugin_graph(onnx_path, config.out_dir)
+                graph, plugin_nodes = _plugin_graph(graph, config.out_dir)
             if plugin_nodes:
                 from qvggt_export.plugins import register
 
                 register(config.backend)  # the parser instantiates the plugin through its creator
-            result = build_engine(graph, engine_path, profile, backend=backend)
+            result = build_engine(graph, engine_path, profile, backend=backend,
+                                  format_name=config.bits)
         except MissingDependencyError as exc:
             logger.warning("no engine built: %s", exc)
             return {"path": None, "reason": str(exc), **choice}
@@ -599,6 +698,5 @@ def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTim
     data = result.to_dict()
     rotates = config.quantized and config.method in ("rotate", "smooth_rotate", "dsfq")
     hadamard = "plugin" if plugin_nodes else ("function" if rotates else "none")
-    lowering = {"lowering": FORMAT_LOWERING[config.family]} if config.quantized else {}
     return {"path": data.pop("engine_path"), "onnx": str(graph), "hadamard": hadamard,
-            "hadamard_plugin_nodes": plugin_nodes, **choice, **lowering, **data}
+            "hadamard_plugin_nodes": plugin_nodes, **choice, **data}
