@@ -246,13 +246,16 @@ def _inputs(config: CheckConfig, resolved: _Resolved, height: int, width: int, p
 
 def _metric_compare(kind: str, noise: dict[int, dict[str, float]], ref_index: dict[int, int]) -> Any:
     """A Polygraphy compare function implementing :func:`tolerance_for` for one pair of runners."""
-    from polygraphy.comparator import CompareFunc
+    import polygraphy.comparator as comparator
+
+    # SimpleCompareFunc in newer Polygraphy; CompareFunc.simple (deprecated there) in older releases.
+    simple = getattr(comparator, "SimpleCompareFunc", None) or comparator.CompareFunc.simple
 
     def compare(reference: Any, candidate: Any) -> dict[str, bool]:
         if kind == "fp32":
             # Polygraphy's own comparator, with per-output absolute tolerances scaled to each output's range.
             atol = {name: tolerance_for("fp32")[1] * float(np.abs(reference[name]).max()) for name in reference}
-            verdicts = CompareFunc.simple(atol=atol, rtol=0.0, check_error_stat="max")(reference, candidate)
+            verdicts = simple(atol=atol, rtol=0.0, check_error_stat="max")(reference, candidate)
             return {name: bool(v) for name, v in verdicts.items()}
         index = ref_index[id(reference)]
         verdicts = {}

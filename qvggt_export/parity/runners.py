@@ -66,7 +66,9 @@ def torch_runner(model: Any, output_names: list[str], name: str = "pytorch") -> 
             with torch.no_grad():
                 predictions = model(images)
             self.inference_time = time.perf_counter() - started
-            return OrderedDict((n, predictions[n].detach().float().cpu().numpy()) for n in output_names)
+            # contiguous: Polygraphy's comparator views outputs in place (permuted heads' outputs are not)
+            return OrderedDict((n, np.ascontiguousarray(predictions[n].detach().float().cpu().numpy()))
+                               for n in output_names)
 
         def deactivate_impl(self) -> None:
             pass
@@ -128,7 +130,7 @@ def engine_runner(engine_path: str | os.PathLike[str], name: str = "engine") -> 
             started = time.perf_counter()
             outputs = self.engine.infer(images)
             self.inference_time = time.perf_counter() - started
-            return OrderedDict((k, v.detach().float().cpu().numpy()) for k, v in outputs.items())
+            return OrderedDict((k, np.ascontiguousarray(v.detach().float().cpu().numpy())) for k, v in outputs.items())
 
         def deactivate_impl(self) -> None:
             self.engine = None

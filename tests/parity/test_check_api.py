@@ -39,6 +39,25 @@ def test_external_data_export_checks_clean(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".model.layers-*")), "the layer check's temporary graph is removed"
 
 
+def test_float_export_judged_by_polygraphy(tmp_path):
+    """fp32 graphs are judged by Polygraphy's CompareFunc.simple (atol = 1e-5 x max|output|): a clean export
+    passes, one with a 1 % error in the depth head's last convolution does not."""
+    model = build_vggt("tiny")
+    path = tmp_path / "fp32.onnx"
+    onnx_export.export_onnx(model, path, torch.rand(1, 2, 3, 70, 70))
+    config = {"onnx": path, "bits": "fp32", "model": "tiny", "frames": (2,)}
+    report = check_export(CheckConfig(**config))
+    outputs = report["runtimes"]["onnxruntime"]["outputs"]
+    assert report["passed"] and all(o["judged_metric"] == "max_rel" and o["max_rel"] <= 1e-5 for o in outputs.values())
+    proto = onnx.load(str(path))
+    target = next(i for i in proto.graph.initializer if i.name == "model.depth_head.scratch.output_conv2.2.weight")
+    target.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(target) * 1.01, target.name))
+    onnx.save(proto, str(path))
+    report = check_export(CheckConfig(**config))
+    outputs = report["runtimes"]["onnxruntime"]["outputs"]
+    assert not report["passed"] and not outputs["depth"]["passed"] and outputs["world_points"]["passed"]
+
+
 def test_tensor_bytes_counts_weights_without_serializing():
     model = onnx.helper.make_model(onnx.helper.make_graph(
         [onnx.helper.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(
