@@ -124,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-engine", action="store_true", help="stop after ONNX export and parity")
     parser.add_argument("--engine-profile", default="rtx-default",
                         help="build profile name (engines/*.json) or path (default rtx-default)")
+    parser.add_argument("--engine-lowering", default="auto",
+                        choices=["auto", "as-written", "int8-static", "w4a8", "w4a16"],
+                        help="rewrite of the quantized graph for the engine (README 'Engines per target'): auto = "
+                             "per format (w4a4 -> w4a16, TensorRT has no 4-bit activation math; w8a8 as written on "
+                             "TensorRT-RTX, int8-static on full TensorRT); report.json records its accuracy")
+    parser.add_argument("--engine-fp16", action="store_true",
+                        help="run the engine's unquantized parts (heads, norms, attention) in FP16; needs a "
+                             "lowered integer graph or an fp32 export")
     parser.add_argument("--backend", default="auto", choices=["auto", "rtx", "trt"],
                         help="TensorRT-RTX (builds without a GPU) or full TensorRT (default auto)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
@@ -212,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             frames=args.frames,
             image_size=args.image_size, preprocess=args.preprocess, seed=args.seed, engine=not args.no_engine,
             hadamard=args.hadamard, engine_hadamard=args.engine_hadamard, engine_profile=args.engine_profile,
-            backend=args.backend,
+            engine_lowering=args.engine_lowering, engine_fp16=args.engine_fp16, backend=args.backend,
             progress=not args.no_progress)
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=2))
@@ -232,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if engine.get("path"):
         print(f"engine: {engine['path']} ({engine.get('size_bytes', 0) / 1e6:.2f} MB, "
               f"targets {' '.join(engine.get('target_sms') or [])}, {engine.get('num_layers')} layers, "
-              f"Hadamard: {engine.get('hadamard')})")
+              f"Hadamard: {engine.get('hadamard')}, lowering: {(engine.get('lowering') or {}).get('target')})")
     else:
         print(f"engine: none ({engine['reason']})")
     for name, out in parity["outputs"].items():
