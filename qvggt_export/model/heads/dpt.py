@@ -28,21 +28,44 @@ INTERPOLATE_MAX_ELEMENTS = 1_610_612_736
 
 
 @functools.lru_cache(maxsize=64)
-def _uv_embedding(width: int, height: int, channels: int, aspect_ratio: float) -> np.ndarray:
-    """Embedding [channels, height, width] of a UV grid spanning the image diagonal to unit length."""
+def _uv_embedding_factors(width: int, height: int, channels: int, aspect_ratio: float
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """The UV embedding of a grid spanning the image diagonal to unit length, as two zero-padded factors.
+
+    The official embedding is [channels, height, width]: its first half of channels is a sin/cos of the
+    column's u alone, its second half one of the row's v alone. Returned as ``u_part`` [channels, 1, width]
+    (zeros in the v half) and ``v_part`` [channels, height, 1] (zeros in the u half), so that
+    ``u_part + v_part`` broadcast is the official table, value for value (adding 0.0 is exact), while an
+    export holds O(channels * (height + width)) numbers instead of O(channels * height * width): at 518 px
+    the full table of the last DPT stage alone is [128, 518, 518], 137 MB.
+    """
+    half = channels // 2
+    if half % 2 or 2 * half != channels:
+        raise ValueError(f"the UV embedding needs channels divisible by 4, got {channels}")
     diagonal = (aspect_ratio**2 + 1.0) ** 0.5
     span_x, span_y = aspect_ratio / diagonal, 1.0 / diagonal
     xs = np.linspace(-span_x * (width - 1) / width, span_x * (width - 1) / width, width, dtype=np.float32)
     ys = np.linspace(-span_y * (height - 1) / height, span_y * (height - 1) / height, height, dtype=np.float32)
-    uu, vv = np.meshgrid(xs, ys, indexing="xy")
-    emb = np.concatenate([sincos_embedding(uu, channels // 2, UV_OMEGA_0),
-                          sincos_embedding(vv, channels // 2, UV_OMEGA_0)], axis=-1)
-    return (emb.astype(np.float32).reshape(height, width, channels) * np.float32(UV_EMBED_WEIGHT)).transpose(2, 0, 1)
+    # Same float64 math, float32 cast and float32 weight as the full table, so every value is identical.
+    weight = np.float32(UV_EMBED_WEIGHT)
+    u_emb = sincos_embedding(xs, half, UV_OMEGA_0).astype(np.float32) * weight  # [width, half]
+    v_emb = sincos_embedding(ys, half, UV_OMEGA_0).astype(np.float32) * weight  # [height, half]
+    u_part = np.zeros((channels, 1, width), dtype=np.float32)
+    v_part = np.zeros((channels, height, 1), dtype=np.float32)
+    u_part[:half, 0, :] = u_emb.T
+    v_part[half:, :, 0] = v_emb.T
+    return u_part, v_part
 
 
 def add_uv_embedding(x: torch.Tensor, image_width: int, image_height: int) -> torch.Tensor:
-    emb = _uv_embedding(int(x.shape[-1]), int(x.shape[-2]), int(x.shape[1]), int(image_width) / int(image_height))
-    return x + torch.from_numpy(np.ascontiguousarray(emb)).to(device=x.device, dtype=x.dtype)
+    u_part, v_part = _uv_embedding_factors(int(x.shape[-1]), int(x.shape[-2]), int(x.shape[1]),
+                                           int(image_width) / int(image_height))
+    u_table = torch.from_numpy(u_part).to(device=x.device, dtype=x.dtype)
+    v_table = torch.from_numpy(v_part).to(device=x.device, dtype=x.dtype)
+    # Two broadcast additions, each of x: (x + u) + v equals x + (u + v) exactly (each channel gets one
+    # table value plus 0.0). Adding u + v first would let the exporter's constant folding rebuild the full
+    # [channels, height, width] table as a graph constant.
+    return (x + u_table) + v_table
 
 
 def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
