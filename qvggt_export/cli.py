@@ -40,6 +40,10 @@ examples:
   qvggt-export check out/w4a4 --images my_scene/ --preprocess pad
   qvggt-export check --onnx fp16.onnx --bits fp16 --model tiny --report fp16.check.json
   qvggt-export check out/w8a8 --engine out/w8a8/model.engine      also the engine (needs a CUDA GPU)
+  qvggt-export check out/fp8        fp8: layer by layer in E4M3 steps, names the first diverging layer
+  qvggt-export check out/nvfp4 --frames 1
+      nvfp4 (ONNX Runtime cannot run it): structural check of every layer + ONNX's reference evaluator
+      (pure NumPy, slow: keep inputs small)
 
 exit codes: 0 all outputs (and layers) within tolerance, 1 a check failed, 2 bad input
 """
@@ -147,7 +151,9 @@ def build_check_parser() -> argparse.ArgumentParser:
         prog="qvggt-export check", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=CHECK_EXAMPLES,
         description="Run an exported ONNX graph (ONNX Runtime CPU; a TensorRT engine with --engine) and the PyTorch "
                     "model it came from on the same inputs through Polygraphy's comparator, report per-output "
-                    "metrics against stated tolerances, and for quantized graphs name the first diverging layer.")
+                    "metrics against stated tolerances, and for quantized graphs name the first diverging layer. "
+                    "nvfp4 graphs, which ONNX Runtime cannot run, are checked structurally and in ONNX's "
+                    "reference evaluator instead.")
     parser.add_argument("export_dir", nargs="?", type=Path,
                         help="output folder of a qvggt-export run (config.json, model.onnx, quantized_model.*)")
     parser.add_argument("--onnx", type=Path, help="the graph (default EXPORT_DIR/model.onnx)")
@@ -164,7 +170,8 @@ def build_check_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-seed", type=int, default=1, help="seed of the generated sequences (default 1)")
     parser.add_argument("--engine", type=Path, help="also run this TensorRT / TensorRT-RTX engine (CUDA GPU only)")
     parser.add_argument("--localize", default="always", choices=list(LOCALIZE_MODES),
-                        help="layer-by-layer check of quantized graphs (default always)")
+                        help="layer-by-layer check of integer and fp8 graphs (default always; nvfp4 "
+                             "graphs are always checked structurally)")
     parser.add_argument("--report", type=Path, help="JSON report path (default EXPORT_DIR/check.json)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser

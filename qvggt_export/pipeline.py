@@ -419,157 +419,38 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 def _parity_stage(config: PipelineConfig, model: torch.nn.Module, float_model: torch.nn.Module | None,
                   onnx_path: Path, batches: list[torch.Tensor]) -> dict[str, Any]:
     """ONNX Runtime vs PyTorch (outputs, then layer by layer); nvfp4, which ONNX Runtime cannot run, gets the
-    structural check of :func:`~qvggt_export.export.qdq.check_nvfp4_structure` instead."""
+    structural check and the reference evaluator instead (:mod:`qvggt_export.parity.formats`)."""
+    from qvggt_export.parity import check_parity
+    from qvggt_export.parity.formats import layer_parity, nvfp4_parity
+
     # Every calibration batch, plus a frame count the export was not traced with (dynamic axis).
     inputs = list(batches)
     if batches[0].shape[1] > 1:
         inputs.append(batches[0][:, :1])
     if config.family == "nvfp4":
-        import onnx
-
-        from qvggt_export.export.qdq import check_nvfp4_structure
-
-        structure = check_nvfp4_structure(onnx.load(str(onnx_path)), _nvfp4_expected(model))
-        outputs = _reference_parity(model, float_model, onnx_path, inputs)
-        passed = structure["passed"] and bool(outputs) and all(o["passed"] for o in outputs.values())
-        return {"runtime": "onnx.reference (ONNX's NumPy reference evaluator) with a NumPy TRT_FP4DynamicQuantize",
-                "method": "structural + reference evaluator", "passed": passed,
-                "inputs": [list(x.shape) for x in inputs], "outputs": outputs,
-                "reason": "ONNX Runtime 1.32 cannot run NVFP4 graphs: no kernel for trt::TRT_FP4DynamicQuantize "
-                          "(TensorRT's dynamic FP4 quantize) and no CPU FLOAT4E2M1 QuantizeLinear/DequantizeLinear. "
-                          "Checked instead: op types, dtypes, block sizes, scales and decoded weight codes vs PyTorch, "
-                          "and the outputs of ONNX's reference evaluator, whose TRT_FP4DynamicQuantize is our NumPy "
-                          "reading of TensorRT's documented semantics (not TensorRT itself)",
-                "structure": structure}
-    from qvggt_export.parity import check_parity
-
+        return nvfp4_parity(model, float_model, onnx_path, inputs)
     precision = "fp32" if config.quantized else config.bits
     parity = check_parity(model, onnx_path, inputs, float_model=float_model, precision=precision).to_dict()
     if config.quantized:
         # Layer by layer, each from ONNX Runtime's own input: names the first wrong layer, if any.
-        if config.family == "int":
-            from qvggt_export.parity.localize import localize_divergence
-
-            layers = localize_divergence(model, onnx_path, batches[0]).to_dict()
-        else:
-            layers = _fp8_layer_parity(model, onnx_path, batches[0])
+        layers = layer_parity(model, onnx_path, batches[0], config.family)
         parity["layers"] = layers
         parity["passed"] = parity["passed"] and layers["first_failing_layer"] is None
     return parity
 
 
-def _reference_parity(model: torch.nn.Module, float_model: torch.nn.Module | None, onnx_path: Path,
-                      inputs: list[torch.Tensor]) -> dict[str, dict[str, Any]]:
-    """Outputs of ONNX's reference evaluator vs PyTorch, judged as ONNX Runtime parity is
-    (:mod:`qvggt_export.parity.compare`): relative L2 <= max(1e-5, 2 x the quantization noise), worst input."""
-    import numpy as np
+def _fp8_layer_parity(model: torch.nn.Module, onnx_path: Path, images: torch.Tensor) -> dict[str, Any]:
+    """Kept for callers of the old name: :func:`qvggt_export.parity.formats.fp8_layer_parity`."""
+    from qvggt_export.parity.formats import fp8_layer_parity
 
-    from qvggt_export.export.qdq import reference_evaluator
-    from qvggt_export.parity.compare import FLOAT_MAX_REL, QUANT_NOISE_RATIO
-
-    evaluator = reference_evaluator(str(onnx_path))
-    names = list(evaluator.output_names)
-    worst: dict[str, dict[str, Any]] = {}
-    for images in inputs:
-        got = dict(zip(names, evaluator.run(None, {evaluator.input_names[0]: images.float().numpy()}), strict=True))
-        with torch.no_grad():
-            ref, flt = model(images), (float_model(images) if float_model is not None else None)
-        for name in names:
-            r, g = ref[name].float().numpy(), np.asarray(got[name], dtype=np.float32)
-            diff = np.abs(g - r)
-            rel = float(np.linalg.norm(diff) / max(np.linalg.norm(r), 1e-30))
-            noise = (float(np.linalg.norm(r - flt[name].float().numpy()) / max(np.linalg.norm(r), 1e-30))
-                     if flt is not None else 0.0)
-            tolerance = max(FLOAT_MAX_REL, QUANT_NOISE_RATIO * noise)
-            entry = {"max_abs": float(diff.max()), "max_rel": float(diff.max() / max(np.abs(r).max(), 1e-30)),
-                     "rel_l2": rel, "quant_noise_rel_l2": noise, "tolerance": tolerance,
-                     "criterion": f"rel_l2 <= max({FLOAT_MAX_REL:g}, {QUANT_NOISE_RATIO:g} x quant_noise_rel_l2)",
-                     "passed": rel <= tolerance}
-            if name not in worst or rel / tolerance > worst[name]["rel_l2"] / worst[name]["tolerance"]:
-                worst[name] = entry
-    return worst
+    return fp8_layer_parity(model, onnx_path, images)
 
 
 def _nvfp4_expected(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
-    """Per nvfp4 layer, the codes and scales the graph must carry (for the structural check)."""
-    from qvggt_export.quant.modules import FloatQuantLinear
+    """Kept for callers of the old name: :func:`qvggt_export.parity.formats.nvfp4_expected`."""
+    from qvggt_export.parity.formats import nvfp4_expected
 
-    return {name: {"codes": m.weight_code_values().numpy(), "block_scales": m.block_scale_values().numpy(),
-                   "weight_global": float(m.weight_scale[0]), "input_global": float(m.input_global_scale[0])}
-            for name, m in model.named_modules() if isinstance(m, FloatQuantLinear) and m.format == "nvfp4"}
-
-
-# Per-layer FP8 criteria, as the integer checker's (qvggt_export.parity.localize) but in E4M3 steps: a correct
-# layer differs from PyTorch only where x / s sits on a rounding tie, by one E4M3 step, in few codes.
-FP8_MAX_CODE_STEPS = 1
-FP8_MAX_FLIP_FRACTION = 1e-3
-FP8_TRANSFORM_REL_TOL = 1e-4
-FP8_OUTPUT_REL_TOL = 1e-3
-
-
-def _fp8_layer_parity(model: torch.nn.Module, onnx_path: Path, images: torch.Tensor) -> dict[str, Any]:
-    """Teacher-forced per-layer check of an fp8 graph: each layer is recomputed in PyTorch from ONNX Runtime's
-    input to it; codes are compared in E4M3 steps (distance of the bit patterns, same sign)."""
-    import tempfile
-
-    import numpy as np
-    import onnx
-
-    from qvggt_export.export.qdq import LAYER_MAP_KEY
-    from qvggt_export.parity import onnxruntime_session
-    from qvggt_export.quant import formats as ff
-    from qvggt_export.quant.modules import FloatQuantLinear
-
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    layer_map = json.loads({p.key: p.value for p in proto.metadata_props}[LAYER_MAP_KEY])
-    modules = {n: m for n, m in model.named_modules() if isinstance(m, FloatQuantLinear)}
-    wanted = sorted({t for entry in layer_map.values() for t in entry.values()})
-    existing = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                              for n in wanted if n not in existing)
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / onnx_path.name
-        onnx.save(proto, str(path))
-        for data in onnx_path.parent.glob(onnx_path.name + ".data"):
-            (Path(folder) / data.name).symlink_to(data.resolve())
-        session = onnxruntime_session(path)
-        names = [o.name for o in session.get_outputs()]
-        values = dict(zip(names, session.run(names, {session.get_inputs()[0].name: images.float().numpy()}),
-                          strict=True))
-
-    def rel(a: np.ndarray, b: np.ndarray) -> float:
-        return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-30))
-
-    position = {out: i for i, node in enumerate(proto.graph.node) for out in node.output}
-    checks = []
-    with torch.no_grad():
-        for name, tensors in sorted(layer_map.items(), key=lambda item: position.get(item[1]["output"], 0)):
-            module = modules.get(name)
-            if module is None:
-                raise QVGGTError(f"the graph's quantized layer {name} is not a FloatQuantLinear of the model")
-            transform_rel = rel(module.transform(torch.from_numpy(values[tensors["input"]])).numpy(),
-                                values[tensors["transformed"]])
-            x = torch.from_numpy(values[tensors["transformed"]])
-            scale = ff.fp8_e4m3_scale(x, "token")
-            codes_pt = ff.quantize_fp8(x, scale)
-            codes_ort = torch.from_numpy(values[tensors["codes"]]).to(torch.float8_e4m3fn)
-            bits_pt, bits_ort = codes_pt.view(torch.uint8).int(), codes_ort.view(torch.uint8).int()
-            # Same sign: the bit patterns are ordered, their distance counts E4M3 steps; a sign flip counts 255.
-            steps = torch.where((bits_pt ^ bits_ort) & 0x80 == 0, (bits_pt - bits_ort).abs(), 255)
-            steps = torch.where(codes_pt.float() == codes_ort.float(), 0, steps)  # +0 vs -0
-            weight = module.dequantized_weight()
-            output_pt = (codes_pt.float() @ weight.T * scale + module.bias).numpy()
-            output_rel = rel(values[tensors["output"]], output_pt)
-            flips, count = int((steps > 0).sum()), steps.numel()
-            max_steps = int(steps.max()) if count else 0
-            passed = (transform_rel <= FP8_TRANSFORM_REL_TOL and max_steps <= FP8_MAX_CODE_STEPS
-                      and flips <= FP8_MAX_FLIP_FRACTION * count and output_rel <= FP8_OUTPUT_REL_TOL)
-            checks.append({"name": name, "transform_rel": transform_rel, "code_flips": flips, "code_count": count,
-                           "code_max_delta_e4m3_steps": max_steps, "output_rel": output_rel, "passed": passed})
-    return {"first_failing_layer": next((c["name"] for c in checks if not c["passed"]), None),
-            "criteria": {"transform_rel": FP8_TRANSFORM_REL_TOL, "code_max_delta_e4m3_steps": FP8_MAX_CODE_STEPS,
-                         "flip_fraction": FP8_MAX_FLIP_FRACTION, "output_rel": FP8_OUTPUT_REL_TOL},
-            "layers": checks}
+    return nvfp4_expected(model)
 
 
 def _remove_partial_outputs(out_dir: Path, existed: bool, before: set[Path]) -> None:

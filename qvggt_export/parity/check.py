@@ -19,9 +19,16 @@ the criterion of :func:`~qvggt_export.parity.compare.tolerance_for`:
 * quantized graph: ``rel_l2 <= max(1e-5, 2 x quant_noise)``, the noise being the fake-quant model's own
   relative L2 distance from the float model on the same input. Quantization *steps* are not an honest
   unit at the outputs of a deep network (rounding ties compound); they are at each quantized layer, so
-  quantized graphs are also checked layer by layer (:func:`~qvggt_export.parity.localize.localize_divergence`:
-  activation codes within 1 step, at most 0.1 % of them flipped, layer output within 1e-3), which names the
-  first diverging layer.
+  quantized graphs are also checked layer by layer (:func:`~qvggt_export.parity.formats.layer_parity`:
+  activation codes within 1 step (integer steps, or E4M3 steps for fp8), at most 0.1 % of them flipped,
+  layer output within 1e-3), which names the first diverging layer.
+
+nvfp4 graphs, which ONNX Runtime 1.32 cannot run (no ``trt::TRT_FP4DynamicQuantize`` kernel, no CPU
+FLOAT4E2M1 Q/DQ), run in ONNX's NumPy reference evaluator instead
+(:func:`~qvggt_export.parity.runners.reference_runner`, runtime ``onnx-reference``; slow, keep inputs small),
+judged by the quantized criterion, and are always checked structurally
+(:func:`~qvggt_export.parity.formats.nvfp4_structure`: decoded codes and scales equal PyTorch's, node chain);
+the report says so (``method``, ``onnxruntime.reason``) and names the first structurally failing layer.
 
 The JSON report is written atomically (default ``<export folder>/check.json``). Nothing else is written.
 """
@@ -44,12 +51,22 @@ from qvggt_export.errors import MissingDependencyError, QVGGTError
 from qvggt_export.export.qdq import LAYER_MAP_KEY
 from qvggt_export.io import write_json_atomic
 from qvggt_export.parity.compare import tolerance_for
+from qvggt_export.parity.formats import NVFP4_METHOD, NVFP4_REASON, NVFP4_RUNTIME, layer_parity, nvfp4_structure
 from qvggt_export.parity.metrics import output_metrics, pose_metrics
 from qvggt_export.quant.config import format_family
 
 logger = logging.getLogger(__name__)
 
 FLOAT_BITS = ("fp32", "fp16")
+_OUTPUT_UNITS = "outputs: relative to the output's scale (see each criterion)"
+_UNITS = {
+    "int": f"{_OUTPUT_UNITS}; layers: activation codes in quantization steps (max delta 1 step, <= 0.1 % "
+           "flipped), transform and output relative L2",
+    "fp8": f"{_OUTPUT_UNITS}; layers: activation codes in E4M3 steps (distance of the bit patterns: max 1 step, "
+           "<= 0.1 % flipped), transform and output relative L2",
+    "nvfp4": f"{_OUTPUT_UNITS}; structure: exact equality of decoded FP4 codes, E4M3 block scales and global "
+             "scales, and the node chain",
+}
 LOCALIZE_MODES = ("always", "on-failure", "never")
 REPORT_NAME = "check.json"
 
@@ -163,9 +180,8 @@ def _resolve(config: CheckConfig) -> _Resolved:
     if bits is None:
         raise QVGGTError("--bits is required without an export folder (fp32, fp16 or a quantized format)")
     quantized_format = bits not in FLOAT_BITS
-    if quantized_format and format_family(bits) == "nvfp4":  # also a clear error for an unknown format
-        raise QVGGTError("nvfp4 graphs carry TensorRT's FP4 dynamic-quantize nodes, which ONNX Runtime cannot "
-                         "run; the export run checks them structurally (report.json, parity)")
+    if quantized_format:
+        format_family(bits)  # a clear error for an unknown format
     quantized = config.quantized
     if quantized is None and quantized_format and folder is not None:
         quantized = folder / "quantized_model.json"
@@ -305,7 +321,7 @@ def check_export(config: CheckConfig) -> dict[str, Any]:
     for quantized graphs, no layer fails the layer-by-layer check. Bad input raises :class:`QVGGTError`
     before any report is written.
     """
-    from qvggt_export.parity.runners import engine_runner, onnxrt_runner, torch_runner
+    from qvggt_export.parity.runners import engine_runner, onnxrt_runner, reference_runner, torch_runner
 
     started = time.perf_counter()
     resolved = _resolve(config)
@@ -338,7 +354,12 @@ def check_export(config: CheckConfig) -> dict[str, Any]:
     patch = model.config.aggregator.patch_size
     inputs, labels = _inputs(config, resolved, height, width, patch)
 
-    runners = [torch_runner(model, output_names, name="pytorch"), onnxrt_runner(resolved.onnx, name="onnxruntime")]
+    family = format_family(resolved.bits) if quantized else None
+    # nvfp4: ONNX Runtime has no kernels for it, so ONNX's reference evaluator runs the graph instead.
+    graph_runtime = "onnx-reference" if family == "nvfp4" else "onnxruntime"
+    runners = [torch_runner(model, output_names, name="pytorch"),
+               reference_runner(resolved.onnx, name=graph_runtime) if family == "nvfp4"
+               else onnxrt_runner(resolved.onnx, name=graph_runtime)]
     if config.engine is not None:
         runners.append(engine_runner(config.engine, name="engine"))
     if quantized:
@@ -360,35 +381,45 @@ def check_export(config: CheckConfig) -> dict[str, Any]:
                         else output_metrics(other[name], ref[name])["rel_l2"] for name in ref}
     ref_index = {id(it): i for i, it in enumerate(reference)}
     kind = "quantized" if quantized else resolved.bits
+    position = {runner.name: i for i, runner in enumerate(runners)}
     runtimes: dict[str, Any] = {}
-    for position, runtime in enumerate(("onnxruntime", "engine")):
+    for runtime in (graph_runtime, "engine"):
         if runtime not in by_name:
             continue
         with G_LOGGER.verbosity(G_LOGGER.ERROR):
-            accuracy = Comparator.compare_accuracy(results, comparisons=[(0, position + 1)],
+            accuracy = Comparator.compare_accuracy(results, comparisons=[(0, position[runtime])],
                                                    compare_func=_metric_compare(kind, noise, ref_index))
         verdicts = [dict(v) for v in next(iter(accuracy[0].values()))]
         outputs = _runtime_metrics(kind, reference, by_name[runtime], verdicts, noise, labels)
         runtimes[runtime] = {"outputs": outputs, "passed": all(o["passed"] for o in outputs.values())}
-    runtimes["onnxruntime"]["providers"] = ["CPUExecutionProvider"]
+    if family == "nvfp4":
+        runtimes[graph_runtime]["runtime"] = NVFP4_RUNTIME
+    else:
+        runtimes[graph_runtime]["providers"] = ["CPUExecutionProvider"]
     if "engine" in runtimes:
         runtimes["engine"]["path"] = str(config.engine)
 
     passed = all(r["passed"] for r in runtimes.values())
+    extra: dict[str, Any] = {}
     layers: dict[str, Any] = {"checked": False}
     if not quantized:
         layers["reason"] = "float graph: no quantized layers to check"
-    elif format_family(resolved.bits) != "int":
-        layers["reason"] = (f"{resolved.bits}: the layer-by-layer check here covers the integer formats; the export "
-                            "run's report.json has the fp8 one (E4M3 steps)")
+    elif family == "nvfp4":
+        # Always: with no ONNX Runtime run, the structure is half of what is checked.
+        structure = nvfp4_structure(model, resolved.onnx)
+        layers["reason"] = ("nvfp4: no teacher-forced layer-by-layer check (it needs a runtime that executes "
+                            "the graph's layers; ONNX Runtime cannot); every layer's codes, scales and node chain "
+                            "are checked structurally instead (structure)")
+        layers["first_failing_layer"] = structure.pop("first_failing_layer")
+        extra = {"method": NVFP4_METHOD, "onnxruntime": {"ran": False, "reason": NVFP4_REASON},
+                 "structure": structure}
+        passed = passed and structure["passed"]
     elif config.localize == "never" or (config.localize == "on-failure" and passed):
         layers["reason"] = f"localize={config.localize}"
     else:
-        from qvggt_export.parity.localize import localize_divergence
-
-        localization = localize_divergence(model, resolved.onnx, inputs[0])
-        layers = {"checked": True, "input": labels[0], **localization.to_dict()}
-        passed = passed and localization.first_failing is None
+        check = layer_parity(model, resolved.onnx, inputs[0], family)
+        layers = {"checked": True, "input": labels[0], **check}
+        passed = passed and check["first_failing_layer"] is None
 
     report = {
         "passed": passed, "bits": resolved.bits, "onnx": str(resolved.onnx), **resolved.source,
@@ -398,8 +429,7 @@ def check_export(config: CheckConfig) -> dict[str, Any]:
         "inputs": [{"shape": list(x.shape), "source": label} for x, label in zip(inputs, labels, strict=True)],
         "runtimes": runtimes, "layers": layers,
         "first_failing_layer": layers.get("first_failing_layer"),
-        "units": ("outputs: relative to the output's scale (see each criterion); layers: activation codes in "
-                  "quantization steps (max delta 1 step, <= 0.1 % flipped), transform and output relative L2"),
+        "units": _UNITS.get(family or "", _UNITS["int"]), **extra,
         "seconds": round(time.perf_counter() - started, 3),
     }
     if resolved.bits == "fp16":
@@ -424,6 +454,12 @@ def summarize(report: dict[str, Any]) -> list[str]:
             lines.append(f"{runtime:11s} {name:18s} max_abs {out['max_abs']:.2e}  rel_l2 {out['rel_l2']:.2e}  "
                          f"cos {out['cosine']:.6f}  {out['judged_metric']} tol {out['tolerance']:.2e}  "
                          f"{'ok' if out['passed'] else 'FAILED'}{extra}")
+    if "structure" in report:
+        structure = report["structure"]
+        lines.append(f"structure   {structure['layers']} nvfp4 layers: "
+                     f"{'ok' if structure['passed'] else 'FAILED: ' + '; '.join(structure['failures'][:3])}")
+        lines.append(f"note        ONNX Runtime not run: {report['onnxruntime']['reason'].split(': ')[0]}; "
+                     f"checked by {report['method']}")
     layers = report["layers"]
     if layers.get("checked"):
         worst = max((entry["output_rel"] for entry in layers["layers"]), default=0.0)

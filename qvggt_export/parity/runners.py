@@ -12,6 +12,9 @@ drive, through :class:`EngineRunner` over :class:`qvggt_export.engine.runtime.QV
 GPU. **They have not run in this project's CI** (no GPU there); the code path is written against the same
 APIs as the engine runtime and stops with a clear error without a GPU.
 
+nvfp4 graphs, which ONNX Runtime cannot run, go through :func:`reference_runner` (ONNX's NumPy reference
+evaluator) instead.
+
 Polygraphy is imported when a runner is made, not when this module is imported.
 """
 
@@ -86,6 +89,49 @@ def onnxrt_runner(onnx_path: str | os.PathLike[str], providers: list[str] | None
 
     session = onnxruntime_session(onnx_path, providers)  # loads now: a bad graph fails before any run
     return OnnxrtRunner(session, name=name)
+
+
+def reference_runner(onnx_path: str | os.PathLike[str], name: str = "onnx-reference") -> Any:
+    """A runner over ONNX's NumPy reference evaluator with our ``trt::TRT_FP4DynamicQuantize``
+    (:func:`~qvggt_export.export.qdq.reference_evaluator`): it runs nvfp4 graphs, which ONNX Runtime cannot.
+    It is ONNX's executable specification plus our reading of TensorRT's documented FP4 quantize, not TensorRT;
+    slow (pure NumPy), so meant for small checks."""
+    import numpy as np
+
+    from qvggt_export.export.qdq import reference_evaluator
+
+    try:
+        evaluator = reference_evaluator(str(onnx_path))  # loads now: a bad graph fails before any run
+    except QVGGTError:
+        raise
+    except Exception as exc:  # onnx.reference raises plain Python errors for graphs it cannot load
+        raise QVGGTError(f"ONNX's reference evaluator cannot load {onnx_path}: {exc}") from exc
+    base = _base_runner()
+
+    class ReferenceRunner(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__(name=name, prefix="reference-runner")
+
+        def activate_impl(self) -> None:
+            pass
+
+        def get_input_metadata_impl(self) -> Any:
+            from polygraphy.common import TensorMetadata
+
+            return TensorMetadata().add(evaluator.input_names[0], np.float32, (1, None, 3, None, None))
+
+        def infer_impl(self, feed_dict: dict[str, Any]) -> OrderedDict[str, Any]:
+            input_name = evaluator.input_names[0]
+            started = time.perf_counter()
+            values = evaluator.run(None, {input_name: np.ascontiguousarray(feed_dict[input_name])})
+            self.inference_time = time.perf_counter() - started
+            return OrderedDict((n, np.ascontiguousarray(v, dtype=np.float32))
+                               for n, v in zip(evaluator.output_names, values, strict=True))
+
+        def deactivate_impl(self) -> None:
+            pass
+
+    return ReferenceRunner()
 
 
 def engine_runner(engine_path: str | os.PathLike[str], name: str = "engine") -> Any:
