@@ -24,7 +24,9 @@ TRACK_POS_OMEGA_0 = 10000.0
 
 def bilinear_sample(features: torch.Tensor, coords: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
     """Sample [N, C, H, W] at pixel coordinates (x, y) ``coords`` [N, h, w, 2] (corner-aligned) -> [N, C, h, w]."""
-    height, width = features.shape[-2:]
+    # Python ints on purpose: the feature-map size is fixed per export (as the resolution is), which max() on
+    # traced sizes would freeze silently; the frame and point axes never enter this constant.
+    height, width = int(features.shape[-2]), int(features.shape[-1])
     scale = torch.tensor([2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)], dtype=coords.dtype,
                          device=coords.device)
     grid = coords.to(features.dtype) * scale - 1
@@ -93,6 +95,31 @@ class CorrelationPyramid:
         return torch.cat(out, dim=-1)
 
 
+def multihead_attention(attn: nn.MultiheadAttention, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """``attn(query, context, context)[0]`` of a batch-first :class:`nn.MultiheadAttention` without weights.
+
+    Eager mode calls the module (bit-for-bit the official path; in eval its self-attention takes PyTorch's
+    fused fast path). During ONNX export the same math is written out with standard ops, because the fast
+    path (``aten::_native_multi_head_attention``) has no ONNX symbolic, and the slow path
+    (``F.multi_head_attention_forward``) freezes the sequence length of the example input into its reshapes
+    (an export at 3 frames then fails at 2). Every size here comes from the input's shape, so the frame and
+    point axes stay dynamic.
+    """
+    if not torch.onnx.is_in_onnx_export():
+        return attn(query, context, context, need_weights=False)[0]
+    heads, dim = attn.num_heads, attn.embed_dim
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+    batch, length = query.shape[0], query.shape[1]
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # [B, L, E] -> [B, heads, L, E / heads]
+        return x.reshape(x.shape[0], x.shape[1], heads, dim // heads).transpose(1, 2)
+
+    q, k, v = split(F.linear(query, w_q, b_q)), split(F.linear(context, w_k, b_k)), split(F.linear(context, w_v, b_v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return attn.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+
 class AttnBlock(nn.Module):
     """Self-attention block of the tracker. Note the official quirk: the residual adds to the
     *normalised* input (``x = norm1(x); x = x + attn(x)``)."""
@@ -106,7 +133,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x)
-        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = x + multihead_attention(self.attn, x, x)
         return x + self.mlp(self.norm2(x))
 
 
@@ -124,7 +151,7 @@ class CrossAttnBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x)
         context = self.norm_context(context)
-        x = x + self.cross_attn(x, context, context, need_weights=False)[0]
+        x = x + multihead_attention(self.cross_attn, x, context)
         return x + self.mlp(self.norm2(x))
 
 
