@@ -26,9 +26,10 @@ the criterion of :func:`~qvggt_export.parity.compare.tolerance_for`:
 nvfp4 graphs, which ONNX Runtime 1.32 cannot run (no ``trt::TRT_FP4DynamicQuantize`` kernel, no CPU
 FLOAT4E2M1 Q/DQ), run in ONNX's NumPy reference evaluator instead
 (:func:`~qvggt_export.parity.runners.reference_runner`, runtime ``onnx-reference``; slow, keep inputs small),
-judged by the quantized criterion, and are always checked structurally
+judged by the quantized criterion and layer by layer in that evaluator
+(:func:`~qvggt_export.parity.formats.nvfp4_layer_parity`), and are always checked structurally
 (:func:`~qvggt_export.parity.formats.nvfp4_structure`: decoded codes and scales equal PyTorch's, node chain);
-the report says so (``method``, ``onnxruntime.reason``) and names the first structurally failing layer.
+the report says so (``method``, ``onnxruntime.reason``) and names the first failing layer of either check.
 
 The JSON report is written atomically (default ``<export folder>/check.json``). Nothing else is written.
 """
@@ -65,7 +66,8 @@ _UNITS = {
     "fp8": f"{_OUTPUT_UNITS}; layers: activation codes in E4M3 steps (distance of the bit patterns: max 1 step, "
            "<= 0.1 % flipped), transform and output relative L2",
     "nvfp4": f"{_OUTPUT_UNITS}; structure: exact equality of decoded FP4 codes, E4M3 block scales and global "
-             "scales, and the node chain",
+             "scales, and the node chain; layers (reference evaluator): dequantized activations differing in "
+             "<= 0.1 % of elements, transform and output relative L2",
 }
 LOCALIZE_MODES = ("always", "on-failure", "never")
 REPORT_NAME = "check.json"
@@ -404,22 +406,23 @@ def check_export(config: CheckConfig) -> dict[str, Any]:
     layers: dict[str, Any] = {"checked": False}
     if not quantized:
         layers["reason"] = "float graph: no quantized layers to check"
-    elif family == "nvfp4":
-        # Always: with no ONNX Runtime run, the structure is half of what is checked.
-        structure = nvfp4_structure(model, resolved.onnx)
-        layers["reason"] = ("nvfp4: no teacher-forced layer-by-layer check (it needs a runtime that executes "
-                            "the graph's layers; ONNX Runtime cannot); every layer's codes, scales and node chain "
-                            "are checked structurally instead (structure)")
-        layers["first_failing_layer"] = structure.pop("first_failing_layer")
-        extra = {"method": NVFP4_METHOD, "onnxruntime": {"ran": False, "reason": NVFP4_REASON},
-                 "structure": structure}
-        passed = passed and structure["passed"]
-    elif config.localize == "never" or (config.localize == "on-failure" and passed):
-        layers["reason"] = f"localize={config.localize}"
     else:
-        check = layer_parity(model, resolved.onnx, inputs[0], family)
-        layers = {"checked": True, "input": labels[0], **check}
-        passed = passed and check["first_failing_layer"] is None
+        structure_failing = None
+        if family == "nvfp4":
+            # Always: with no ONNX Runtime run, the exact structure is half of what is checked.
+            structure = nvfp4_structure(model, resolved.onnx)
+            structure_failing = structure.pop("first_failing_layer")
+            extra = {"method": NVFP4_METHOD, "onnxruntime": {"ran": False, "reason": NVFP4_REASON},
+                     "structure": structure}
+            passed = passed and structure["passed"]
+        if config.localize == "never" or (config.localize == "on-failure" and passed):
+            layers["reason"] = f"localize={config.localize}"
+        else:
+            check = layer_parity(model, resolved.onnx, inputs[0], family)
+            layers = {"checked": True, "input": labels[0], **check}
+            passed = passed and check["first_failing_layer"] is None
+        if family == "nvfp4":  # the first layer the teacher-forced check fails, else the first the structure names
+            layers["first_failing_layer"] = layers.get("first_failing_layer") or structure_failing
 
     report = {
         "passed": passed, "bits": resolved.bits, "onnx": str(resolved.onnx), **resolved.source,

@@ -2,14 +2,16 @@
 
 * **Layer by layer** (:func:`layer_parity`): the integer formats go to
   :func:`~qvggt_export.parity.localize.localize_divergence` (codes in quantization steps), fp8 to
-  :func:`fp8_layer_parity` (codes in E4M3 steps). Both teacher-force each layer from ONNX Runtime's own input
-  to it, so the first failing layer is where the graph goes wrong, not where rounding ties pile up.
+  :func:`fp8_layer_parity` (codes in E4M3 steps), nvfp4 to :func:`nvfp4_layer_parity`. All teacher-force each
+  layer from the runtime's own input to it (ONNX Runtime; for nvfp4 ONNX's reference evaluator), so the first
+  failing layer is where the graph goes wrong, not where rounding ties pile up.
 * **nvfp4**, which ONNX Runtime 1.32 cannot run (no ``trt::TRT_FP4DynamicQuantize`` kernel, no CPU FLOAT4E2M1
   Q/DQ): :func:`nvfp4_expected` gives what
   :func:`~qvggt_export.export.qdq.check_nvfp4_structure` compares the graph against (decoded codes, block
   scales, global scales), and :func:`reference_parity` runs the graph in ONNX's NumPy reference evaluator
   (with our NumPy reading of TensorRT's documented FP4 dynamic quantize, not TensorRT itself) against
-  PyTorch. :func:`nvfp4_parity` is both, as the export run reports them.
+  PyTorch, and :func:`nvfp4_layer_parity` checks it layer by layer in that evaluator. :func:`nvfp4_parity` is
+  all three, as the export run reports them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ FP8_MAX_CODE_STEPS = 1
 FP8_MAX_FLIP_FRACTION = 1e-3
 FP8_TRANSFORM_REL_TOL = 1e-4
 FP8_OUTPUT_REL_TOL = 1e-3
+
+# Per-layer NVFP4 criteria: the dequantized activations (codes x block scale x global scale) may differ only at
+# rounding ties (one code, or one block scale and its 16 codes); transform and output as for the other formats.
+NVFP4_MAX_ACT_FLIP_FRACTION = 1e-3
+NVFP4_TRANSFORM_REL_TOL = 1e-4
+NVFP4_OUTPUT_REL_TOL = 1e-3
 
 NVFP4_RUNTIME = "onnx.reference (ONNX's NumPy reference evaluator) with a NumPy TRT_FP4DynamicQuantize"
 NVFP4_METHOD = "structural + reference evaluator"
@@ -116,13 +124,72 @@ def fp8_layer_parity(model: nn.Module, onnx_path: str | os.PathLike[str], images
             "layers": checks}
 
 
+def nvfp4_layer_parity(model: nn.Module, onnx_path: str | os.PathLike[str], images: torch.Tensor
+                       ) -> dict[str, Any]:
+    """Teacher-forced per-layer check of an nvfp4 graph, run in ONNX's reference evaluator (ONNX Runtime cannot
+    run it; the evaluator's ``TRT_FP4DynamicQuantize`` is our NumPy reading of TensorRT's, not TensorRT).
+
+    Each quantized layer is recomputed in PyTorch from the evaluator's input to it: the online transform
+    (relative L2 <= 1e-4), the dequantized NVFP4 activation (block 16, the calibrated global scale; elements that
+    differ, at most 0.1 %: rounding ties) and the layer output (relative L2 <= 1e-3). This covers what the
+    structural check cannot: the online rotation / smoothing and the activation quantizer's arithmetic.
+
+    Returns:
+        ``{"first_failing_layer": name or None, "criteria": {...}, "layers": [per-layer dicts]}``.
+    """
+    from qvggt_export.export.qdq import reference_evaluator
+    from qvggt_export.quant import formats as ff
+    from qvggt_export.quant.modules import FloatQuantLinear
+
+    onnx_path = Path(onnx_path)
+    proto = onnx.load(str(onnx_path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if LAYER_MAP_KEY not in meta:
+        raise QVGGTError(f"{onnx_path} has no quantized-layer map: export it with qvggt-export to check its layers")
+    layer_map: dict[str, dict[str, str]] = json.loads(meta[LAYER_MAP_KEY])
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, FloatQuantLinear) and m.format == "nvfp4"}
+    missing = sorted(set(layer_map) - set(modules))
+    if missing:
+        raise QVGGTError(f"the graph's quantized layers {missing[:5]} are not nvfp4 FloatQuantLinear modules of "
+                         "the model")
+    existing = {o.name for o in proto.graph.output}
+    wanted = sorted({t for entry in layer_map.values() for t in entry.values()} - existing)
+    proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in wanted)
+    evaluator = reference_evaluator(proto)
+    names = list(evaluator.output_names)
+    values = dict(zip(names, evaluator.run(None, {evaluator.input_names[0]: images.float().numpy()}), strict=True))
+
+    position = {out: i for i, node in enumerate(proto.graph.node) for out in node.output}
+    checks = []
+    with torch.no_grad():
+        for name, tensors in sorted(layer_map.items(), key=lambda item: position.get(item[1]["output"], 0)):
+            module = modules[name]
+            raw = torch.from_numpy(np.asarray(values[tensors["input"]], dtype=np.float32))
+            transformed = np.asarray(values[tensors["transformed"]], dtype=np.float32)
+            transform_rel = _rel(module.transform(raw).numpy(), transformed)
+            x = torch.from_numpy(transformed)
+            x_pt = ff.fake_quantize_nvfp4(x, ff.NVFP4_BLOCK_SIZE, module.input_global_scale[0])
+            x_ref = np.asarray(values[tensors["codes"]], dtype=np.float32).reshape(x_pt.shape)
+            flips, count = int((x_pt.numpy() != x_ref).sum()), int(x_ref.size)
+            output_pt = (x_pt @ module.dequantized_weight().T + module.bias).numpy()
+            output_rel = _rel(np.asarray(values[tensors["output"]], dtype=np.float32), output_pt)
+            passed = (transform_rel <= NVFP4_TRANSFORM_REL_TOL and flips <= NVFP4_MAX_ACT_FLIP_FRACTION * count
+                      and output_rel <= NVFP4_OUTPUT_REL_TOL)
+            checks.append({"name": name, "transform_rel": transform_rel, "act_flips": flips, "act_count": count,
+                           "output_rel": output_rel, "passed": passed})
+    return {"first_failing_layer": next((c["name"] for c in checks if not c["passed"]), None),
+            "criteria": {"transform_rel": NVFP4_TRANSFORM_REL_TOL, "act_flip_fraction": NVFP4_MAX_ACT_FLIP_FRACTION,
+                         "output_rel": NVFP4_OUTPUT_REL_TOL},
+            "runtime": NVFP4_RUNTIME, "layers": checks}
+
+
 def layer_parity(model: nn.Module, onnx_path: str | os.PathLike[str], images: torch.Tensor, family: str
                  ) -> dict[str, Any]:
-    """The teacher-forced layer-by-layer check of a quantized graph, per format family (``"int"`` or ``"fp8"``).
+    """The teacher-forced layer-by-layer check of a quantized graph, per format family: ``"int"``
+    (:func:`~qvggt_export.parity.localize.localize_divergence`, ONNX Runtime), ``"fp8"`` (:func:`fp8_layer_parity`,
+    ONNX Runtime) or ``"nvfp4"`` (:func:`nvfp4_layer_parity`, ONNX's reference evaluator).
 
-    Returns ``{"first_failing_layer", "criteria", "layers"}`` (the integer report of
-    :class:`~qvggt_export.parity.localize.LocalizationReport`, or :func:`fp8_layer_parity`'s). nvfp4 graphs have
-    no such check (ONNX Runtime cannot run them): see :func:`nvfp4_parity`.
+    Returns ``{"first_failing_layer", "criteria", "layers"}`` (plus ``runtime`` for nvfp4).
     """
     if family == "int":
         from qvggt_export.parity.localize import localize_divergence
@@ -130,8 +197,9 @@ def layer_parity(model: nn.Module, onnx_path: str | os.PathLike[str], images: to
         return localize_divergence(model, onnx_path, images).to_dict()
     if family == "fp8":
         return fp8_layer_parity(model, onnx_path, images)
-    raise QVGGTError(f"no layer-by-layer check for format family {family!r} (int and fp8 have one; nvfp4 is "
-                     "checked structurally)")
+    if family == "nvfp4":
+        return nvfp4_layer_parity(model, onnx_path, images)
+    raise QVGGTError(f"no layer-by-layer check for format family {family!r} (expected int, fp8 or nvfp4)")
 
 
 def nvfp4_expected(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -199,12 +267,15 @@ def nvfp4_structure(model: nn.Module, onnx_path: str | os.PathLike[str]) -> dict
 
 def nvfp4_parity(model: nn.Module, float_model: nn.Module | None, onnx_path: str | os.PathLike[str],
                  inputs: list[torch.Tensor]) -> dict[str, Any]:
-    """The export run's parity of an nvfp4 graph: :func:`nvfp4_structure` and :func:`reference_parity`, with the
-    reason ONNX Runtime is not used. ``passed`` needs both."""
+    """The export run's parity of an nvfp4 graph: :func:`nvfp4_structure`, :func:`reference_parity` and
+    :func:`nvfp4_layer_parity` on the first input, with the reason ONNX Runtime is not used. ``passed`` needs all
+    three."""
     structure = nvfp4_structure(model, onnx_path)
     del structure["first_failing_layer"]  # the export report's schema: failures name their layers
     outputs = reference_parity(model, float_model, onnx_path, inputs)
-    passed = structure["passed"] and bool(outputs) and all(o["passed"] for o in outputs.values())
+    layers = nvfp4_layer_parity(model, onnx_path, inputs[0])
+    passed = (structure["passed"] and bool(outputs) and all(o["passed"] for o in outputs.values())
+              and layers["first_failing_layer"] is None)
     return {"runtime": NVFP4_RUNTIME, "method": NVFP4_METHOD, "passed": passed,
             "inputs": [list(x.shape) for x in inputs], "outputs": outputs, "reason": NVFP4_REASON,
-            "structure": structure}
+            "structure": structure, "layers": layers}

@@ -1,6 +1,6 @@
 """``qvggt-export check`` on the floating-point formats: fp8 outputs and layers (a corrupted weight scale named
-in E4M3 steps), nvfp4 checked structurally and in ONNX's reference evaluator (ONNX Runtime cannot run it),
-with the report saying so; and the format dispatch of the layer check."""
+in E4M3 steps), nvfp4 checked structurally and in ONNX's reference evaluator, outputs and layer by layer (ONNX
+Runtime cannot run it), with the report saying so; and the export run's entry points."""
 
 from __future__ import annotations
 
@@ -101,7 +101,10 @@ def test_nvfp4_check_structure_and_reference_evaluator(nvfp4_export, capsys) -> 
     reference = report["runtimes"]["onnx-reference"]
     assert set(reference["outputs"]) == OUTPUTS and "reference evaluator" in reference["runtime"]
     assert all(o["rel_l2"] < 1e-5 for o in reference["outputs"].values())  # observed ~1e-7
-    assert report["layers"]["checked"] is False and "structurally" in report["layers"]["reason"]
+    layers = report["layers"]  # teacher-forced in the reference evaluator
+    assert layers["checked"] and len(layers["layers"]) == 32 and all(e["passed"] for e in layers["layers"])
+    assert max(e["transform_rel"] for e in layers["layers"]) < 1e-5
+    assert max(e["output_rel"] for e in layers["layers"]) < 1e-5
     out = capsys.readouterr().out
     assert "onnx-reference" in out and "ONNX Runtime not run" in out
 
@@ -123,14 +126,33 @@ def test_nvfp4_corrupted_code_is_named(nvfp4_export, tmp_path, capsys) -> None: 
     assert report["structure"]["failures"] == [f"{target}: decoded FP4 weight codes differ from the PyTorch codes"]
 
 
+def test_nvfp4_corrupted_transform_is_localised(nvfp4_export, tmp_path, capsys) -> None:  # noqa: ANN001
+    """A wrong smoothing factor is outside what the structural check reads: the layer check names the layer."""
+    folder = nvfp4_export[0]
+    target = "aggregator.frame_blocks.2.attn.proj"
+    proto = onnx.load(str(folder / "model.onnx"))
+    init = next(i for i in proto.graph.initializer if i.name == f"{target}/input_post")
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.5), init.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(proto, str(broken))
+    assert main([*_argv(folder, "nvfp4", broken), "--frames", "1"]) == EXIT_PARITY_FAILED
+    assert f"first diverging layer: {target}" in capsys.readouterr().err
+    report = json.loads((tmp_path / "broken.check.json").read_text())
+    assert report["structure"]["passed"] and report["first_failing_layer"] == target
+    layers = report["layers"]["layers"]
+    first = next(i for i, entry in enumerate(layers) if not entry["passed"])
+    assert first > 0 and layers[first]["name"] == target and layers[first]["transform_rel"] > 0.1
+
+
 def test_pipeline_parity_api(nvfp4_export, fp8_export) -> None:  # noqa: ANN001
     """The export run's entry points: nvfp4 parity in the report's schema, and the layer check's dispatch."""
     folder, model, float_model, images = nvfp4_export
     parity = nvfp4_parity(model, float_model, folder / "model.onnx", [images[:, :1]])
     assert parity["passed"] and set(parity) == {"runtime", "method", "passed", "inputs", "outputs", "reason",
-                                                "structure"}
-    with pytest.raises(QVGGTError, match="no layer-by-layer check for format family 'nvfp4'"):
-        layer_parity(model, folder / "model.onnx", images, "nvfp4")
+                                                "structure", "layers"}
+    assert parity["layers"]["first_failing_layer"] is None and len(parity["layers"]["layers"]) == 32
+    with pytest.raises(QVGGTError, match="no layer-by-layer check for format family 'fp4'"):
+        layer_parity(model, folder / "model.onnx", images, "fp4")
     folder, model, _, images = fp8_export
     with pytest.raises(QVGGTError, match="not QuantLinear modules"):  # an fp8 graph is not an integer one
         layer_parity(model, folder / "model.onnx", images, "int")
