@@ -18,8 +18,19 @@ Export notes (what the head needed; see :mod:`qvggt_export.model.heads.track`): 
 blocks are written out with standard ops during export (PyTorch's eval fast path has no ONNX form and its
 slow path froze the frame count); grid sampling exports to ONNX ``GridSample`` (opset 16+) with
 ``align_corners=1``, bilinear (``linear``) mode and the head's ``border`` / ``zeros`` padding, which is
-PyTorch's ``F.grid_sample`` semantics; the refinement loop runs a fixed number of iterations (config), the
-only Python branches depend on the configuration or on the fixed resolution.
+PyTorch's ``F.grid_sample`` semantics (checked on the written graph). No Python branch depends on the data or
+on S or N; those that remain are fixed per export and stated here:
+
+* configuration: the refinement loop (``iters``, unrolled), ``predict_conf``, the virtual tracks and the
+  space-attention schedule of the update transformer;
+* resolution: the feature-map sizes of the correlation pyramid, the grid-sample normalisation
+  (``bilinear_sample``, explicit Python ints), the tracker's sin/cos position table and the DPT feature
+  extractor's sizes (as in the canonical graph); the DPT frame chunking is off during export.
+
+Checked by exporting at one (S, N) and running ONNX Runtime at others (``tests/export/test_track_export.py``,
+:func:`qvggt_export.parity.track.check_track_parity`). TensorRT-RTX 1.7.1 parses the float and W8A8 track
+graphs on a CPU-only machine (each GridSample becomes a TensorRT grid-sample layer) and builds SM86 engines with
+a frames and a points profile; no engine has run (no GPU).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from torch import nn
 from qvggt_export.errors import QVGGTError
 from qvggt_export.parity.compare import NOISE_RATIO, onnxruntime_session, tolerance_for
 from qvggt_export.parity.metrics import cosine
+from qvggt_export.quant.modules import FloatQuantLinear, QuantLinear
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +110,15 @@ def check_track_parity(model: nn.Module, onnx_path: str | os.PathLike[str], case
     """
     if not cases:
         raise QVGGTError("track parity needs at least one (images, query_points) case")
+    quantized = float_model is not None
+    if not quantized and any(isinstance(m, QuantLinear | FloatQuantLinear) for m in model.modules()):
+        raise QVGGTError("the model has quantized layers: pass its unquantized float_model (the noise scale of "
+                         "the quantized criterion)")
     session = onnxruntime_session(onnx_path, providers)
     names = [o.name for o in session.get_outputs()]
     inputs = [i.name for i in session.get_inputs()]
     if inputs != ["images", "query_points"]:
         raise QVGGTError(f"{onnx_path} is not a track graph: its inputs are {inputs}, expected images, query_points")
-    quantized = float_model is not None
     reference = float_model if quantized else (copy.deepcopy(model).double().eval() if float64_noise else None)
     started = time.perf_counter()
     worst = {n: {"max_abs": 0.0, "max_rel": 0.0, "rel_l2": 0.0, "cosine": 1.0, "ratio": -1.0, "noise": 0.0,

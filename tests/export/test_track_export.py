@@ -1,8 +1,10 @@
 """Track head as its own ONNX graph: structure, dynamic frames and points, float and W4A4 parity, bad input.
 
 Observed on the tiny preset (ONNX Runtime CPU vs PyTorch, one export at S=3, N=5, checked at other S and N):
-float track 3.3e-3 px (tolerance 2e-2), vis 2.2e-4, conf 1.5e-4 (tolerance 2e-3); W4A4 track rel_l2 9.8e-7
-against a tolerance of 4.1e-4 (2 x the quantization noise).
+float track 3.3e-3 px (tolerance 2e-2), vis 2.2e-4, conf 1.5e-4 (tolerance 2e-3), about the float32-vs-float64
+noise of PyTorch itself (2.8e-3 px); W4A4 track rel_l2 9.8e-7 against a tolerance of 4.1e-4 (2 x the
+quantization noise). With the official fixtures' weights (not used here, to run without ../shared): track
+2.3e-5 px, vis 1.0e-5, conf 4.2e-6.
 """
 
 from __future__ import annotations
@@ -64,11 +66,10 @@ def test_float_track_graph_structure(float_export):
                     "conf": [1, "frames", "points"]}
     assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)  # standard ops only
     samples = [n for n in proto.graph.node if n.op_type == "GridSample"]
-    # Per iteration: 4 correlation levels (zeros padding) + 1 position-embedding sample (border), plus the
-    # query features: 4 x 5 + 1.
-    assert len(samples) == 21
-    pads = sorted(helper.get_attribute_value(a) for n in samples for a in n.attribute if a.name == "padding_mode")
-    assert pads == [b"border"] * 5 + [b"zeros"] * 16
+    pads = [helper.get_attribute_value(a) for n in samples for a in n.attribute if a.name == "padding_mode"]
+    # Correlation windows: 4 pyramid levels x 4 iterations (zeros padding); point features and the position
+    # embedding (border): the query features once, the embedding at least once per iteration.
+    assert pads.count(b"zeros") == 16 and pads.count(b"border") >= 1 + 4 and len(pads) == len(samples)
     assert all(helper.get_attribute_value(a) == 1 for n in samples for a in n.attribute if a.name == "align_corners")
     # No nn.MultiheadAttention fast-path op leaked in: attention is MatMul + Softmax.
     assert result.op_counts.get("Softmax", 0) == 40
@@ -76,23 +77,23 @@ def test_float_track_graph_structure(float_export):
 
 def test_float_track_parity_at_other_frame_and_point_counts(float_export):
     model, result = float_export
-    report = check_track_parity(model, result.onnx_path, [_case(2, 7, 1), _case(5, 3, 2), _case(1, 1, 3)])
+    # Judged by the fixed official tolerances alone (no float32-noise allowance): the stricter criterion.
+    report = check_track_parity(model, result.onnx_path, [_case(2, 7, 1), _case(5, 3, 2), _case(1, 1, 3)],
+                                float64_noise=False)
     assert report.passed, report.to_dict()
-    for out in report.outputs:
-        # The fixed official tolerance holds on its own (the float32-noise allowance is not what passes).
-        assert out.max_abs <= ABS_TOL[out.name], (out.name, out.max_abs)
+    assert all(out.max_abs <= ABS_TOL[out.name] and out.noise is None for out in report.outputs)
     assert report.cases[1] == {"images": [1, 5, 3, SIZE, SIZE], "query_points": [1, 3, 2]}
 
 
 def test_track_parity_fails_against_another_model(float_export):
-    """The check can fail: the graph judged against a tracker with different update weights."""
+    """The check can fail: the graph judged against a tracker whose update weights are 1.5x larger."""
     _, result = float_export
     other = _tracking_model()
     with torch.no_grad():
         other.track_head.tracker.updateformer.flow_head.weight.mul_(1.5)
     report = check_track_parity(other, result.onnx_path, [_case(2, 4, 5)], float64_noise=False)
     assert not report.passed
-    assert {o.name for o in report.outputs if not o.passed} >= {"track"}
+    assert not next(o for o in report.outputs if o.name == "track").passed
 
 
 def test_track_export_is_deterministic(tmp_path):
@@ -110,6 +111,10 @@ def test_track_export_is_deterministic(tmp_path):
     assert first.num_nodes > 100
     assert first.onnx_path.read_bytes() == second.onnx_path.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first.onnx", "second.onnx"]  # no temporaries left
+    # The default float criterion, with the float32 noise measured by a float64 copy of the model.
+    report = check_track_parity(model, first.onnx_path, [_case(3, 4, 1)])
+    assert report.passed, report.to_dict()
+    assert all(o.noise is not None and o.noise_metric == "float32_max_abs" for o in report.outputs)
 
 
 def test_quantized_w4a4_track_graph(tmp_path):
@@ -122,7 +127,7 @@ def test_quantized_w4a4_track_graph(tmp_path):
     assert not any(n.domain == "qvggt.export" for n in proto.graph.node)
     weights = [i for i in proto.graph.initializer if i.name.endswith("/weight_q")]
     assert len(weights) == 32 and all(i.data_type == TensorProto.INT4 for i in weights)
-    report = check_track_parity(model, result.onnx_path, [_case(2, 6, 1), _case(4, 3, 2)], float_model=float_model)
+    report = check_track_parity(model, result.onnx_path, [_case(2, 6, 1), _case(4, 2, 2)], float_model=float_model)
     assert report.passed, report.to_dict()
     track = next(o for o in report.outputs if o.name == "track")
     # Observed rel_l2 9.8e-7 vs a tolerance of 4.1e-4: far inside, not at the edge.
@@ -149,6 +154,14 @@ def test_model_without_track_head_is_refused(tmp_path):
         export_track_onnx(build_vggt("tiny-dino"), tmp_path / "track.onnx", torch.rand(1, 2, 3, 56, 70),
                           torch.rand(1, 3, 2))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantized_model_needs_its_float_model(float_export):
+    _, result = float_export
+    model = build_vggt("tiny")
+    quantize_model(model, QuantConfig(bits="w8a8"))
+    with pytest.raises(QVGGTError, match="float_model"):
+        check_track_parity(model, result.onnx_path, [_case(2, 3, 0)])
 
 
 def test_grid_sample_semantics_are_checked():
