@@ -9,6 +9,10 @@ head needs query points, so it gets a graph of its own:
   and, when the tracker predicts it, ``conf`` [B, S, N];
 * S (frames) and N (points) dynamic; B, H, W and the number of refinement iterations fixed per export.
 
+Float32 and every quantized format of the canonical graph (int Q/DQ, fp8, nvfp4 at opset 23); there is no
+float16 track graph (the tracker's iterative sampling is the part most sensitive to rounding, and upstream runs
+the heads in float32).
+
 The graph holds the aggregator too (the head reads its layers), so a user who runs both graphs runs the
 aggregator twice. Quantized aggregator layers lower through the canonical exporter's placeholder machinery
 (:mod:`qvggt_export.export.qdq`), so the Q/DQ form of the aggregator is identical in both graphs; the track
