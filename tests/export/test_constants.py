@@ -16,6 +16,7 @@ import torch
 from onnx import numpy_helper
 
 from qvggt_export.export import export_onnx
+from qvggt_export.export.track_export import export_track_onnx
 from qvggt_export.model import build_vggt
 from qvggt_export.model.config import PRESETS, DinoConfig
 from qvggt_export.parity import check_parity
@@ -92,3 +93,18 @@ def test_full_resolution_export_holds_no_large_constant_tables(tmp_path):
     report = check_parity(model, result.onnx_path, [images[:, :1]])
     assert report.passed, report.to_dict()
     assert max(o.max_rel for o in report.outputs) <= 1e-5
+
+
+def test_full_resolution_track_export_holds_no_large_constant_tables(tmp_path):
+    """The track graph: the tracker's 2-D position table at feature-map resolution ([52, 259, 259] here,
+    14 MB; [388, 259, 259], 104 MB, for VGGT-1B) used to be frozen into it."""
+    base = PRESETS["tiny"]()
+    model = build_vggt(dataclasses.replace(base, aggregator=dataclasses.replace(base.aggregator, img_size=518)))
+    images = torch.rand(1, 2, 3, 518, 518, generator=torch.Generator().manual_seed(1))
+    points = torch.rand(1, 3, 2, generator=torch.Generator().manual_seed(2)) * 517
+    export_track_onnx(model.eval(), tmp_path / "track.onnx", images, points)
+    tensors = _non_weight_tensors(onnx.load(str(tmp_path / "track.onnx")), model)
+    total = sum(t[2] for t in tensors)
+    # Observed after the fix: 0.08 MB of non-weight tensors, none over 30 KB; before it: 14 MB.
+    assert max(t[2] for t in tensors) <= MAX_NON_WEIGHT_BYTES
+    assert total <= MAX_NON_WEIGHT_TOTAL_BYTES, f"{total} bytes, largest {sorted(tensors, key=lambda t: -t[2])[:5]}"

@@ -53,12 +53,38 @@ def flow_embedding(flows: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _grid_sincos_embedding(dim: int, height: int, width: int) -> np.ndarray:
-    """2-D sin/cos embedding [dim, height, width]: first half encodes x (column), second half y (row)."""
-    xs, ys = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64), indexing="xy")
-    emb = np.concatenate([sincos_embedding(xs, dim // 2, TRACK_POS_OMEGA_0),
-                          sincos_embedding(ys, dim // 2, TRACK_POS_OMEGA_0)], axis=1)
-    return np.ascontiguousarray(emb.astype(np.float32).reshape(height, width, dim).transpose(2, 0, 1))
+def _grid_sincos_factors(dim: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 2-D sin/cos embedding [dim, height, width] (first half of channels: x (column), second half: y
+    (row)) as its two 1-D factors: x part [dim/2, 1, width] and y part [dim/2, 1, height].
+
+    Each half depends on one coordinate only, so the tracker samples the factors (1-D) instead of the full
+    table: an export then holds O(dim * (height + width)) numbers, not a [388, 259, 259] table (104 MB) for
+    VGGT-1B at 518 px.
+    """
+    if dim % 4:
+        raise ValueError(f"the 2-D sin/cos embedding needs dim divisible by 4, got {dim}")
+    x_part = sincos_embedding(np.arange(width, dtype=np.float64), dim // 2, TRACK_POS_OMEGA_0).astype(np.float32)
+    y_part = sincos_embedding(np.arange(height, dtype=np.float64), dim // 2, TRACK_POS_OMEGA_0).astype(np.float32)
+    return np.ascontiguousarray(x_part.T[:, None, :]), np.ascontiguousarray(y_part.T[:, None, :])
+
+
+def sample_grid_sincos(dim: int, height: int, width: int, points: torch.Tensor) -> torch.Tensor:
+    """The 2-D sin/cos embedding of a ``height`` x ``width`` grid, bilinearly sampled (border padding) at
+    points [B, N, 2] (x, y) -> [B, N, dim].
+
+    Equals sampling the full table: a channel that depends on x alone, sampled bilinearly, is the 1-D
+    linear interpolation in x (the y weights sum to 1 with border padding). A one-row table sampled by
+    grid_sample is exactly that interpolation; only the rounding of the weights' products differs from the
+    2-D sample (~1 ulp of the embedding values, which lie in [-1, 1]).
+    """
+    x_np, y_np = _grid_sincos_factors(dim, height, width)
+    batch = points.shape[0]
+    x_table = torch.from_numpy(x_np).to(device=points.device, dtype=points.dtype)
+    y_table = torch.from_numpy(y_np).to(device=points.device, dtype=points.dtype)
+    # One-row maps: grid_sample reads row 0 with weight 1 whatever the y it is given (align_corners, H = 1).
+    x_emb = sample_point_features(x_table.unsqueeze(0).expand(batch, -1, -1, -1), points)
+    y_emb = sample_point_features(y_table.unsqueeze(0).expand(batch, -1, -1, -1), points.flip(-1))
+    return torch.cat([x_emb, y_emb], dim=-1)
 
 
 class CorrelationPyramid:
@@ -238,7 +264,6 @@ class BaseTrackerPredictor(nn.Module):
         track_feats = query_feats.unsqueeze(1).repeat(1, frames, 1, 1)
         query_coords = coords[:, 0].clone()
         pyramid = CorrelationPyramid(fmaps, cfg.corr_levels, cfg.corr_radius)
-        pos_grid = torch.from_numpy(_grid_sincos_embedding(self.transformer_dim, height, width)).to(fmaps)
         ref_token = torch.cat([self.query_ref_token[:, :1],
                                self.query_ref_token[:, 1:2].expand(-1, frames - 1, -1)], dim=1)
 
@@ -252,7 +277,7 @@ class BaseTrackerPredictor(nn.Module):
                                   flows / cfg.max_scale], dim=-1)
             feats = track_feats.permute(0, 2, 1, 3).reshape(batch * points, frames, latent)
             x = torch.cat([flow_emb, corr_emb, feats], dim=2)
-            pos = sample_point_features(pos_grid.expand(batch, -1, -1, -1), coords[:, 0])
+            pos = sample_grid_sincos(self.transformer_dim, height, width, coords[:, 0].to(fmaps.dtype))
             x = x + pos.reshape(batch * points, 1, -1) + ref_token.to(x.dtype)
             delta = self.updateformer(x.reshape(batch, points, frames, -1)).reshape(batch * points, frames, -1)
             feats = feats.reshape(-1, latent)
