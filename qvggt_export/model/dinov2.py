@@ -43,13 +43,12 @@ class DinoVisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=DINO_NORM_EPS)
         # Present in the checkpoint (used by DINOv2's masked training only); kept so weights load unchanged.
         self.mask_token = nn.Parameter(torch.zeros(1, dim), requires_grad=False)
-        self._frozen_pos_embed: dict[tuple[int, int], torch.Tensor] = {}
+        self._frozen_grids: set[tuple[int, int]] = set()  # grids with a frozen_pos_embed_HxW buffer
 
     def interpolate_pos_encoding(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """The position embedding [1, 1 + grid_h*grid_w, dim] for a ``grid_h`` x ``grid_w`` patch grid."""
-        frozen = self._frozen_pos_embed.get((grid_h, grid_w))
-        if frozen is not None:
-            return frozen.to(self.pos_embed.device)
+        if (grid_h, grid_w) in self._frozen_grids:
+            return getattr(self, self._frozen_name(grid_h, grid_w))  # the registered buffer
         stored = self.pos_embed.shape[1] - 1
         side = math.isqrt(stored)
         if side * side != stored:
@@ -76,15 +75,31 @@ class DinoVisionTransformer(nn.Module):
 
         At the stored grid there is no resize: nothing is frozen, so an export keeps the ``pos_embed``
         parameter as a weight initializer (moved to external data with the others) rather than a copy
-        frozen into the graph as a Constant node (5.6 MB for VGGT-1B at 518 px)."""
-        self._frozen_pos_embed.pop((grid_h, grid_w), None)
+        frozen into the graph as a Constant node (5.6 MB for VGGT-1B at 518 px). Elsewhere the resample is
+        held, until :meth:`unfreeze_pos_embed`, as the buffer ``frozen_pos_embed_<h>x<w>`` (in the state dict
+        meanwhile), which an export writes as an initializer too."""
+        self._drop_frozen(grid_h, grid_w)
         side = math.isqrt(self.pos_embed.shape[1] - 1)
         if (grid_h, grid_w) == (side, side):
             return
-        self._frozen_pos_embed[(grid_h, grid_w)] = self.interpolate_pos_encoding(grid_h, grid_w).detach().clone()
+        frozen = self.interpolate_pos_encoding(grid_h, grid_w).detach().clone()
+        # A (transient) buffer, not a plain tensor attribute: the tracer exports state-dict entries as
+        # initializers (external data for a large model) but freezes other tensors into Constant nodes.
+        self.register_buffer(self._frozen_name(grid_h, grid_w), frozen, persistent=True)
+        self._frozen_grids.add((grid_h, grid_w))
 
     def unfreeze_pos_embed(self) -> None:
-        self._frozen_pos_embed.clear()
+        for grid_h, grid_w in list(self._frozen_grids):
+            self._drop_frozen(grid_h, grid_w)
+
+    @staticmethod
+    def _frozen_name(grid_h: int, grid_w: int) -> str:
+        return f"frozen_pos_embed_{grid_h}x{grid_w}"
+
+    def _drop_frozen(self, grid_h: int, grid_w: int) -> None:
+        self._frozen_grids.discard((grid_h, grid_w))
+        if hasattr(self, name := self._frozen_name(grid_h, grid_w)):
+            delattr(self, name)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images [N, 3, H, W] -> final-norm patch tokens [N, h*w, dim]."""

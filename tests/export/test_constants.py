@@ -108,3 +108,16 @@ def test_full_resolution_track_export_holds_no_large_constant_tables(tmp_path):
     # Observed after the fix: 0.08 MB of non-weight tensors, none over 30 KB; before it: 14 MB.
     assert max(t[2] for t in tensors) <= MAX_NON_WEIGHT_BYTES
     assert total <= MAX_NON_WEIGHT_TOTAL_BYTES, f"{total} bytes, largest {sorted(tensors, key=lambda t: -t[2])[:5]}"
+
+
+def test_resampled_dino_pos_embed_is_exported_as_an_initializer(tmp_path):
+    """Off its stored grid (5 x 5 here; VGGT-1B's 37 x 37 off a non-square 518-wide crop) the DINO
+    pos_embed is resampled once for the export and written as an initializer (external data when large)."""
+    model = build_vggt("tiny-dino").eval()
+    result = export_onnx(model, tmp_path / "model.onnx", torch.rand(1, 2, 3, 56, 70))
+    proto = onnx.load(str(result.onnx_path))
+    inits = {i.name: list(i.dims) for i in proto.graph.initializer}
+    assert inits.get("model.aggregator.patch_embed.frozen_pos_embed_4x5") == [1, 1 + 4 * 5, 64]
+    constants = [list(a.t.dims) for n in proto.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    assert [1, 1 + 4 * 5, 64] not in constants
+    assert "frozen_pos_embed_4x5" not in "".join(model.state_dict())  # the export leaves the model as it was

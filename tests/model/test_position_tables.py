@@ -57,9 +57,13 @@ def test_dino_pos_embed_is_frozen_only_off_its_stored_grid():
     torch.nn.init.normal_(vit.pos_embed)
     vit.freeze_pos_embed(5, 5)  # stored grid: the parameter itself is used, nothing frozen
     assert vit.interpolate_pos_encoding(5, 5) is vit.pos_embed
+    keys = set(vit.state_dict())
     vit.freeze_pos_embed(4, 6)  # another grid: the bicubic resample is precomputed, value unchanged
     frozen = vit.interpolate_pos_encoding(4, 6)
+    # held as a buffer while frozen, so that an export writes it as an initializer (not a Constant node)
+    assert set(vit.state_dict()) - keys == {"frozen_pos_embed_4x6"}
     vit.unfreeze_pos_embed()
+    assert set(vit.state_dict()) == keys
     assert frozen is not vit.pos_embed and torch.equal(frozen, vit.interpolate_pos_encoding(4, 6))
 
 
