@@ -85,10 +85,9 @@ def _write(results: dict[str, Any]) -> None:
               "serialize proto` at 13.5 GiB peak RSS: the exporter sized the graph with `ModelProto.ByteSize()`, "
               "which protobuf refuses above 2 GiB, the very case it had to detect. It now sums the tensors' bytes "
               "(`_tensor_bytes`); the table above is the run after that fix.",
-              "- The two largest tensors inside `model.onnx` are the depth and point heads' position embeddings at "
-              "full resolution ([128, 518, 518] float32, 137 MB each), which the tracer freezes as Constant nodes. "
-              "They keep the graph file at ~315 MB (far below the 2 GiB limit at any practical resolution); making "
-              "them initializers (external data) or computing them in the graph would shrink it.",
+              "- An earlier export held the depth and point heads' full-resolution position embeddings as Constant "
+              "nodes ([128, 518, 518] float32, 137 MB each; graph file 315 MB). The heads now add the embedding as "
+              "two 1-D factors ([C, 1, W] and [C, H, 1]), exactly, so the graph keeps O(C*(H+W)) constants.",
               "- The layer-by-layer parity check could not have run on such an export before: it linked the "
               "external data into a temporary folder, which ONNX Runtime 1.32 rejects (external data must sit in "
               "the model's folder, symlinks resolved); it now writes its temporary graph beside the original."]
