@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="engine form of DSFQ's rotation: the qvggt::Hadamard TensorRT plugin, or TensorRT's "
                              "inlining of the ONNX function (default plugin)")
     parser.add_argument("--no-engine", action="store_true", help="stop after ONNX export and parity")
+    parser.add_argument("--export-track", action="store_true",
+                        help="also export the tracking head as track.onnx (images + query_points -> track, vis, "
+                             "conf) and check it in ONNX Runtime")
     parser.add_argument("--engine-profile", default="rtx-default",
                         help="build profile name (engines/*.json) or path (default rtx-default)")
     parser.add_argument("--engine-lowering", default="auto",
@@ -227,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             frames=args.frames,
             image_size=args.image_size, preprocess=args.preprocess, seed=args.seed, engine=not args.no_engine,
             hadamard=args.hadamard, engine_hadamard=args.engine_hadamard, engine_profile=args.engine_profile,
-            engine_lowering=args.engine_lowering, engine_fp16=args.engine_fp16, backend=args.backend,
+            export_track=args.export_track, engine_lowering=args.engine_lowering, engine_fp16=args.engine_fp16,
+            backend=args.backend,
             progress=not args.no_progress)
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=2))
@@ -259,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         worst = max((entry["output_rel"] for entry in layers["layers"]), default=0.0)
         print(f"parity {len(layers['layers'])} quantized layers (teacher-forced): worst output rel_l2 {worst:.1e}, "
               f"first failing: {layers['first_failing_layer'] or 'none'}")
-    if not parity["passed"]:
+    track_parity = (report.get("track") or {}).get("parity") or {}
+    if track_parity:
+        print(f"track:  {report['track']['path']} (parity: "
+              f"{ {None: 'not run', True: 'ok', False: 'FAILED'}[track_parity.get('passed')] })")
+    if not parity["passed"] or track_parity.get("passed") is False:
         print("qvggt-export: parity check FAILED", file=sys.stderr)
         return EXIT_PARITY_FAILED
     if engine.get("failed"):

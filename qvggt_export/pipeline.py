@@ -79,6 +79,8 @@ class PipelineConfig:
         hadamard: ONNX form of the online rotation: ``"function"`` (O(d log d) local function) or
             ``"dense"`` (d x d MatMul).
         engine: build an engine after export.
+        export_track: also export the tracking head as ``track.onnx`` (images + query_points -> track, vis,
+            conf; the aggregator runs inside it too) and check it against PyTorch in ONNX Runtime.
         engine_hadamard: how the engine runs DSFQ rotations: ``"plugin"`` (the ``qvggt::Hadamard`` TensorRT
             plugin; the engine is built from ``model.plugin.onnx``) or ``"function"`` (TensorRT inlines the
             ONNX function into small GEMMs).
@@ -116,6 +118,7 @@ class PipelineConfig:
     seed: int = 0
     hadamard: str = "function"
     engine: bool = True
+    export_track: bool = False
     engine_hadamard: str = "plugin"
     engine_profile: str | None = DEFAULT_ENGINE_PROFILE
     engine_lowering: str = "auto"
@@ -341,6 +344,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     # Inputs first: nothing is written until model, weights and data are known to be good.
     with timer.stage("load_model"):
         model, report["model"] = _load_model(config)
+    if config.export_track and getattr(model, "track_head", None) is None:
+        raise QVGGTError(f"--export-track: model {config.model!r} has no tracking head")
     with timer.stage("calibration_data"):
         batches, report["calibration"], selection = _calibration_data(config, model, config.progress)
 
@@ -401,6 +406,9 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
         with timer.stage("parity"):
             report["parity"] = _parity_stage(config, model, float_model, onnx_path, batches)
+        if config.export_track:
+            with timer.stage("export_track"):
+                report["track"] = _track_stage(config, model, float_model, batches, opset)
 
         report["engine"] = _build_engine_stage(config, onnx_path, timer, float_model or model, batches)
         report["timings_s"] = dict(timer.seconds, total=round(time.perf_counter() - started, 3))
@@ -414,6 +422,37 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     except BaseException:
         _remove_partial_outputs(out_dir, existed, before)
         raise
+
+
+def _track_stage(config: PipelineConfig, model: torch.nn.Module, float_model: torch.nn.Module | None,
+                 batches: list[torch.Tensor], opset: int) -> dict[str, Any]:
+    """The optional tracking graph ``track.onnx`` and its ONNX Runtime parity (two frame / point counts that
+    differ from the export's example: both axes are dynamic)."""
+    from qvggt_export.export.track_export import export_track_onnx
+
+    images = batches[0]
+    height, width = images.shape[-2:]
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def points(count: int) -> torch.Tensor:
+        return torch.rand(images.shape[0], count, 2, generator=generator) * torch.tensor([width - 1, height - 1])
+
+    exported = export_track_onnx(model, config.out_dir / "track.onnx", images, points(8), opset=opset,
+                                 hadamard=config.hadamard)
+    result: dict[str, Any] = {"path": str(exported.onnx_path), "size_bytes": exported.size_bytes,
+                              "outputs": exported.outputs, "iters": exported.iters,
+                              "input_shapes": exported.input_shapes}
+    if config.family == "nvfp4":
+        result["parity"] = {"passed": None, "reason": "ONNX Runtime cannot run NVFP4 graphs (see parity)"}
+        return result
+    from qvggt_export.parity.track import check_track_parity
+
+    cases = [(images, points(5))]
+    if images.shape[1] > 1:
+        cases.append((images[:, :1], points(11)))
+    result["parity"] = check_track_parity(model, exported.onnx_path, cases,
+                                          float_model=float_model if config.quantized else None).to_dict()
+    return result
 
 
 def _parity_stage(config: PipelineConfig, model: torch.nn.Module, float_model: torch.nn.Module | None,
