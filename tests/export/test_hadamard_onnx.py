@@ -7,6 +7,8 @@ Relative error below is ``max |y - ref| / max |ref|`` in float32 with fixed seed
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -26,6 +28,8 @@ from qvggt_export.export.hadamard_onnx import (
     retarget_hadamard,
 )
 from qvggt_export.quant.hadamard import fwht, fwht_stages, hadamard_matrix
+
+ROOT = Path(__file__).resolve().parents[2]
 
 RTX_REASON = "needs TensorRT-RTX to build engines: pip install 'qvggt-export[rtx]'"
 SIZES = [64, 256, 1024, 4096, 192, 384, 768, 160]  # pure Sylvester, and 2^k * Paley 12 / 20
@@ -301,7 +305,15 @@ def test_function_variant_builds_rtx_engine(tmp_path) -> None:
 def test_plugin_variant_without_creator_is_reported(tmp_path) -> None:
     trt = pytest.importorskip("tensorrt_rtx", reason=RTX_REASON)
     if trt.get_plugin_registry().get_creator("Hadamard", "1", "qvggt") is not None:
-        pytest.skip("a Hadamard plugin creator is registered in this process; this test covers its absence")
+        # Another test registered the creator (registries cannot unregister): check its absence in a fresh process.
+        import subprocess
+        import sys
+
+        test_id = f"{Path(__file__).relative_to(ROOT)}::test_plugin_variant_without_creator_is_reported"
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_id], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout + run.stderr
+        return
     model = _empty_model([_value("x", ["N", 64])], [_value("y", ["N", 64])])
     add_to_model(model, emit_hadamard("x", "y", 64, prefix="a/", variant="plugin"))
     onnx.save(model, str(tmp_path / "plugin.onnx"))
