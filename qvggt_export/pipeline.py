@@ -478,20 +478,6 @@ def _parity_stage(config: PipelineConfig, model: torch.nn.Module, float_model: t
     return parity
 
 
-def _fp8_layer_parity(model: torch.nn.Module, onnx_path: Path, images: torch.Tensor) -> dict[str, Any]:
-    """Kept for callers of the old name: :func:`qvggt_export.parity.formats.fp8_layer_parity`."""
-    from qvggt_export.parity.formats import fp8_layer_parity
-
-    return fp8_layer_parity(model, onnx_path, images)
-
-
-def _nvfp4_expected(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
-    """Kept for callers of the old name: :func:`qvggt_export.parity.formats.nvfp4_expected`."""
-    from qvggt_export.parity.formats import nvfp4_expected
-
-    return nvfp4_expected(model)
-
-
 def _remove_partial_outputs(out_dir: Path, existed: bool, before: set[Path]) -> None:
     """After a failed run, remove what this run wrote (a failed run must not leave outputs that look like
     a result), except a block-reconstruction checkpoint, kept so that the same command resumes."""

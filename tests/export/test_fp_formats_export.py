@@ -24,7 +24,8 @@ from qvggt_export.export.qdq import (
 )
 from qvggt_export.model import build_vggt
 from qvggt_export.parity import check_parity, onnxruntime_session
-from qvggt_export.pipeline import _fp8_layer_parity, _nvfp4_expected, _plugin_graph
+from qvggt_export.parity.formats import fp8_layer_parity, nvfp4_expected
+from qvggt_export.pipeline import _plugin_graph
 from qvggt_export.quant import FloatQuantLinear, QuantConfig
 from qvggt_export.quant import formats as ff
 from qvggt_export.quant.calibrate import calibrate
@@ -79,7 +80,7 @@ def test_fp8_onnxruntime_parity_outputs_and_layers(fp8_export) -> None:  # noqa:
     assert report.passed, report.to_dict()
     for out in report.outputs:  # observed: 0.1-0.5 x the quantization noise
         assert out.rel_l2 <= out.tolerance
-    layers = _fp8_layer_parity(model, path, images)
+    layers = fp8_layer_parity(model, path, images)
     assert layers["first_failing_layer"] is None
     assert len(layers["layers"]) == 32
     # ONNX Runtime's FP8 QuantizeLinear rounds as PyTorch's float8 cast: observed 0 flipped codes.
@@ -95,7 +96,7 @@ def test_fp8_layer_check_names_a_corrupted_scale(fp8_export, tmp_path: Path) -> 
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.5), init.name))
     bad = tmp_path / "model.onnx"
     onnx.save(proto, str(bad))
-    layers = _fp8_layer_parity(model, bad, images)
+    layers = fp8_layer_parity(model, bad, images)
     assert layers["first_failing_layer"] == target
 
 
@@ -109,7 +110,7 @@ def test_nvfp4_structure_and_reference_evaluator(nvfp4_export) -> None:  # noqa:
     model, float_model, path, images = nvfp4_export
     proto = onnx.load(str(path))
     assert next(e.version for e in proto.opset_import if e.domain == "") == 23 and proto.ir_version >= 11
-    expected = _nvfp4_expected(model)
+    expected = nvfp4_expected(model)
     result = check_nvfp4_structure(proto, expected)
     assert result == {"passed": True, "layers": 32, "failures": []}
     evaluator = reference_evaluator(str(path))
@@ -124,7 +125,7 @@ def test_nvfp4_structure_and_reference_evaluator(nvfp4_export) -> None:  # noqa:
 
 def test_nvfp4_structure_check_names_corruption(nvfp4_export) -> None:  # noqa: ANN001
     model, _, path, _ = nvfp4_export
-    expected = _nvfp4_expected(model)
+    expected = nvfp4_expected(model)
     target = "aggregator.frame_blocks.2.attn.proj"
     proto = onnx.load(str(path))
     weight = next(i for i in proto.graph.initializer if i.name == f"{target}/weight_q")
