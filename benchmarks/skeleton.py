@@ -23,7 +23,7 @@ from qvggt_export.pipeline import PipelineConfig, run_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS = ("tiny", "tiny-dino")
-FORMATS = ("fp32", "w8a8", "w4a4")
+FORMATS = ("fp32", "fp16", "w8a8", "w6a6", "w4a4", "fp8", "nvfp4")
 
 
 def main() -> None:
@@ -45,6 +45,9 @@ def main() -> None:
                     "engine_targets": report["engine"].get("target_sms"),
                     "engine_layers": report["engine"].get("num_layers"),
                     "engine_reason": report["engine"].get("reason"),
+                    "engine_lowering": (report["engine"].get("lowering") or {}).get("target"),
+                    "engine_profile": report["engine"].get("profile_name"),
+                    "parity_runtime": report["parity"].get("runtime", "onnxruntime"),
                     "parity_passed": report["parity"]["passed"],
                     "parity_worst_max_rel": max(o["max_rel"] for o in parity.values()),
                     "parity_worst_rel_l2": max(o["rel_l2"] for o in parity.values()),
@@ -65,21 +68,26 @@ def main() -> None:
     lines = ["# Walking-skeleton benchmark", "",
              f"`{result['main_command']}` (tiny preset, generated data, TensorRT-RTX engine): "
              f"**{result['main_command_wall_s']} s** wall on {result['machine']} ({result['threads']} threads).", "",
-             "| preset | format | ONNX MB | ONNX fp32/x | engine MB | engine fp32/x | parity worst max_rel | "
-             "parity worst rel_l2 | world_points err vs fp | pose_enc err vs fp | total s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| preset | format | ONNX MB | ONNX fp32/x | engine MB | engine fp32/x | engine targets | lowering | "
+             "parity worst max_rel | parity worst rel_l2 | world_points err vs fp | pose_enc err vs fp | total s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         q = r["quant_error_rel_l2_max"]
         engine = f"{r['engine_bytes'] / 1e6:.2f}" if r["engine_bytes"] else "-"
         lines.append(
             f"| {r['preset']} | {r['bits']} | {r['onnx_bytes'] / 1e6:.2f} | {r['onnx_size_vs_fp32']} | {engine} | "
-            f"{r.get('engine_size_vs_fp32', '-')} | {r['parity_worst_max_rel']:.1e} | {r['parity_worst_rel_l2']:.1e} | "
+            f"{r.get('engine_size_vs_fp32', '-')} | {' '.join(r['engine_targets'] or [])} | {r['engine_lowering']} | "
+            f"{r['parity_worst_max_rel']:.1e} | {r['parity_worst_rel_l2']:.1e} | "
             f"{q.get('world_points', 0):.1e} | {q.get('pose_enc', 0):.1e} | {r['timings_s']['total']} |")
     lines += ["", "Sizes of the tiny presets are dominated by the float heads (the quantized aggregator linears are "
               "~25 % of tiny's weights, ~48 % of VGGT-1B's), so these ratios understate the full-size gain. "
               "Random weights: quantization errors are indicative only. Engines are *larger* than the fp32 "
               "engine at this scale: a 3-7 MB model compiles to 13-16 MB of kernels for three GPU generations, "
-              "and Q/DQ graphs need more kernels; weight savings dominate only at full size."]
+              "and Q/DQ graphs need more kernels; weight savings dominate only at full size "
+              "(benchmarks/engine_sizes.py). "
+              "fp8 engines target SM89/SM120 and nvfp4 engines SM120 only, so their sizes are not comparable with "
+              "the three-architecture rows. nvfp4 parity runs in ONNX's reference evaluator (ONNX Runtime cannot run "
+              "NVFP4)."]
     (RESULTS / "skeleton.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
