@@ -516,30 +516,6 @@ def _plugin_graph(onnx_path: Path, out_dir: Path) -> tuple[Path, int]:
     return target, count
 
 
-def _save_graph(proto: Any, path: Path) -> Path:
-    """Write an ONNX graph atomically, with its weights as external data (``<name>.data``) above protobuf's limit."""
-    import os
-    import shutil
-    import tempfile
-
-    import onnx
-
-    from qvggt_export.export.onnx_export import EXTERNAL_DATA_THRESHOLD, _tensor_bytes
-
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    data_name = path.name + ".data"
-    try:
-        external = _tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
-        onnx.save(proto, str(tmp_dir / path.name), save_as_external_data=external, all_tensors_to_one_file=True,
-                  location=data_name, size_threshold=1024)
-        if external:
-            os.replace(tmp_dir / data_name, path.parent / data_name)
-        os.replace(tmp_dir / path.name, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return path
-
-
 def _lowered_graph(config: PipelineConfig, onnx_path: Path, lowering: str, reference_model: torch.nn.Module,
                    batches: list[torch.Tensor]) -> tuple[Path, dict[str, Any]]:
     """The graph the engine is built from: the canonical export rewritten for the target (static activation
@@ -558,7 +534,10 @@ def _lowered_graph(config: PipelineConfig, onnx_path: Path, lowering: str, refer
             float_outputs.append({k: v.float().numpy() for k, v in outputs.items() if isinstance(v, torch.Tensor)})
     lowered, info = lower_for_target(onnx.load(str(onnx_path)), lowering, calibration_inputs=batches,
                                      float_outputs=float_outputs, float16=config.engine_fp16)
-    path = _save_graph(lowered, config.out_dir / "model.lowered.onnx")
+    from qvggt_export.export.onnx_export import save_graph
+
+    path = config.out_dir / "model.lowered.onnx"
+    save_graph(lowered, path, check=False)  # the lowering's own ONNX Runtime run has already loaded it
     return path, info.to_dict()
 
 

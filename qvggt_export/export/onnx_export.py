@@ -189,54 +189,100 @@ def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_ima
                 do_constant_folding=True,
             )
         proto = onnx.load(str(raw_path))
-        num_q = count_placeholders(proto)
-        lowered = lower_qlinear_placeholders(proto, hadamard=hadamard, opset=opset)
-        if lowered != num_q:
-            raise QVGGTError(f"lowered {lowered} of {num_q} quantized linears")
-        for entry in [*proto.opset_import, *(i for f in proto.functions for i in f.opset_import)]:
-            if entry.domain in ("", "ai.onnx"):
-                entry.version = opset  # function bodies must declare the model's opset
-        proto.producer_name = "qvggt-export"
+        num_q = lower_traced_graph(proto, hadamard, opset)
         # A plugin node has no schema or body, so shape inference (the full check) cannot type it.
-        full_check = hadamard != "plugin"
-        # Not proto.ByteSize(): protobuf refuses to size (serialize) a message over 2 GiB, the very case to detect.
-        external = _tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
-        final_tmp = tmp_dir / onnx_path.name
-        data_name = onnx_path.name + ".data"
-        if external:
-            onnx.save(proto, str(final_tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=data_name, size_threshold=1024)
-            onnx.checker.check_model(str(final_tmp), full_check=full_check)
-        else:
-            onnx.checker.check_model(proto, full_check=full_check)
-            onnx.save(proto, str(final_tmp))
-        if external:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp_dir / data_name, 0o666 & ~umask)  # onnx creates the data file 0600, unlike the graph
-            os.replace(tmp_dir / data_name, onnx_path.parent / data_name)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                (onnx_path.parent / data_name).unlink()  # a stale data file from an older export
-        os.replace(final_tmp, onnx_path)
-    except onnx.checker.ValidationError as exc:
-        raise QVGGTError(f"the exported graph failed the ONNX checker: {exc}") from exc
-    except OSError as exc:
+        external = save_graph(proto, onnx_path, full_check=hadamard != "plugin", tmp_dir=tmp_dir)
+    except OSError as exc:  # tracing writes into tmp_dir too
         raise QVGGTError(f"writing {onnx_path} failed: {exc}") from exc
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
-    op_counts: dict[str, int] = {}
-    for node in proto.graph.node:
-        op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
     input_dims = proto.graph.input[0].type.tensor_type.shape.dim
     result = ExportResult(
-        onnx_path=onnx_path, size_bytes=onnx_path.stat().st_size + (
-            (onnx_path.parent / (onnx_path.name + ".data")).stat().st_size if external else 0),
+        onnx_path=onnx_path, size_bytes=graph_size_bytes(onnx_path),
         external_data=external, input_shape=[d.dim_param or d.dim_value for d in input_dims],
         outputs=list(names), opset=opset, precision=precision, num_nodes=len(proto.graph.node), num_qlinear=num_q,
-        export_seconds=time.perf_counter() - started, op_counts=dict(sorted(op_counts.items())),
+        export_seconds=time.perf_counter() - started, op_counts=count_ops(proto),
     )
     logger.info("exported %s (%s, %d nodes, %d quantized linears, %.1f MB) in %.1f s", onnx_path, precision,
                 result.num_nodes, num_q, result.size_bytes / 1e6, result.export_seconds)
     return result
+
+
+def lower_traced_graph(proto: onnx.ModelProto, hadamard: str, opset: int) -> int:
+    """Lower a traced graph's QLinear placeholders into Q/DQ (in place) and declare ``opset``; returns the
+    number of quantized linears."""
+    num_q = count_placeholders(proto)
+    lowered = lower_qlinear_placeholders(proto, hadamard=hadamard, opset=opset)
+    if lowered != num_q:
+        raise QVGGTError(f"lowered {lowered} of {num_q} quantized linears")
+    for entry in [*proto.opset_import, *(i for f in proto.functions for i in f.opset_import)]:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset  # function bodies must declare the model's opset
+    proto.producer_name = "qvggt-export"
+    return num_q
+
+
+def save_graph(proto: onnx.ModelProto, onnx_path: str | os.PathLike[str], *, check: bool = True,
+               full_check: bool = True, tmp_dir: Path | None = None) -> bool:
+    """Write ``proto`` to ``onnx_path`` atomically: into a temporary folder beside it, checked, then renamed
+    into place, with the weights as external data (``<name>.data``) above :data:`EXTERNAL_DATA_THRESHOLD`.
+
+    Args:
+        check: run ``onnx.checker`` (``full_check`` adds shape inference; a plugin node cannot pass it).
+        tmp_dir: a temporary folder on the same file system to use (the caller removes it); default: one
+            of its own, removed afterwards.
+
+    Returns:
+        Whether the weights went to external data.
+
+    Raises:
+        QVGGTError: the checker refuses the graph, or writing fails (nothing is left under ``onnx_path``;
+            an earlier file there stays as it was).
+    """
+    onnx_path = Path(onnx_path)
+    own_tmp = tmp_dir is None
+    work = Path(tempfile.mkdtemp(prefix=f".{onnx_path.name}.", dir=onnx_path.parent)) if own_tmp else tmp_dir
+    try:
+        # Not proto.ByteSize(): protobuf refuses to size (serialize) a message over 2 GiB, the very case to detect.
+        external = _tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+        final_tmp = work / onnx_path.name
+        data_name = onnx_path.name + ".data"
+        if external:
+            onnx.save(proto, str(final_tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=data_name, size_threshold=1024)
+            if check:
+                onnx.checker.check_model(str(final_tmp), full_check=full_check)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(work / data_name, 0o666 & ~umask)  # onnx creates the data file 0600, unlike the graph
+            os.replace(work / data_name, onnx_path.parent / data_name)
+        else:
+            if check:
+                onnx.checker.check_model(proto, full_check=full_check)
+            onnx.save(proto, str(final_tmp))
+            with contextlib.suppress(FileNotFoundError):
+                (onnx_path.parent / data_name).unlink()  # a stale data file from an older export
+        os.replace(final_tmp, onnx_path)
+    except onnx.checker.ValidationError as exc:
+        raise QVGGTError(f"the exported graph {onnx_path.name} failed the ONNX checker: {exc}") from exc
+    except OSError as exc:
+        raise QVGGTError(f"writing {onnx_path} failed: {exc}") from exc
+    finally:
+        if own_tmp:
+            shutil.rmtree(work, ignore_errors=True)
+    return external
+
+
+def graph_size_bytes(onnx_path: Path) -> int:
+    """Bytes of a saved graph plus its external data file, if any."""
+    data = onnx_path.parent / (onnx_path.name + ".data")
+    return onnx_path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def count_ops(proto: onnx.ModelProto) -> dict[str, int]:
+    """Main-graph node count per op type, sorted by name."""
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))

@@ -39,7 +39,6 @@ a frames and a points profile; no engine has run (no GPU).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -55,13 +54,14 @@ from torch import nn
 
 from qvggt_export.errors import QVGGTError
 from qvggt_export.export.onnx_export import (
-    EXTERNAL_DATA_THRESHOLD,
     OPSET,
     TRACE_OPSET,
     _fixed_resolution,
-    _tensor_bytes,
+    count_ops,
+    graph_size_bytes,
+    lower_traced_graph,
+    save_graph,
 )
-from qvggt_export.export.qdq import count_placeholders, lower_qlinear_placeholders
 from qvggt_export.io import ensure_writable_dir
 from qvggt_export.quant.modules import PLACEHOLDER_DOMAIN, FloatQuantLinear, QuantLinear
 
@@ -187,50 +187,22 @@ def export_track_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], examp
                 custom_opsets={PLACEHOLDER_DOMAIN: 1} if quantized else None, do_constant_folding=True,
             )
         proto = onnx.load(str(raw_path))
-        num_q = count_placeholders(proto)
-        lowered = lower_qlinear_placeholders(proto, hadamard=hadamard, opset=opset)
-        if lowered != num_q:
-            raise QVGGTError(f"lowered {lowered} of {num_q} quantized linears")
-        for entry in [*proto.opset_import, *(i for f in proto.functions for i in f.opset_import)]:
-            if entry.domain in ("", "ai.onnx"):
-                entry.version = opset  # function bodies must declare the model's opset
-        proto.producer_name = "qvggt-export"
+        num_q = lower_traced_graph(proto, hadamard, opset)
         _declare_output_shapes(proto, int(example_images.shape[0]))
         _check_grid_samples(proto)
-        full_check = hadamard != "plugin"  # a plugin node has no schema: shape inference cannot type it
-        external = _tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
-        final_tmp = tmp_dir / onnx_path.name
-        data_name = onnx_path.name + ".data"
-        if external:
-            onnx.save(proto, str(final_tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=data_name, size_threshold=1024)
-            onnx.checker.check_model(str(final_tmp), full_check=full_check)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp_dir / data_name, 0o666 & ~umask)  # onnx creates the data file 0600, unlike the graph
-            os.replace(tmp_dir / data_name, onnx_path.parent / data_name)
-        else:
-            onnx.checker.check_model(proto, full_check=full_check)
-            onnx.save(proto, str(final_tmp))
-            with contextlib.suppress(FileNotFoundError):
-                (onnx_path.parent / data_name).unlink()  # a stale data file from an older export
-        os.replace(final_tmp, onnx_path)
-    except onnx.checker.ValidationError as exc:
-        raise QVGGTError(f"the exported track graph failed the ONNX checker: {exc}") from exc
-    except OSError as exc:
+        # A plugin node has no schema: shape inference cannot type it.
+        external = save_graph(proto, onnx_path, full_check=hadamard != "plugin", tmp_dir=tmp_dir)
+    except OSError as exc:  # tracing writes into tmp_dir too
         raise QVGGTError(f"writing {onnx_path} failed: {exc}") from exc
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
-    op_counts: dict[str, int] = {}
-    for node in proto.graph.node:
-        op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
     shapes = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
-    size = onnx_path.stat().st_size + ((onnx_path.parent / data_name).stat().st_size if external else 0)
+    size = graph_size_bytes(onnx_path)
     result = TrackExportResult(
         onnx_path=onnx_path, size_bytes=size, external_data=external, input_shapes=shapes, outputs=list(names),
         opset=opset, num_nodes=len(proto.graph.node), num_qlinear=num_q, iters=model.track_head.config.iters,
-        export_seconds=time.perf_counter() - started, op_counts=dict(sorted(op_counts.items())),
+        export_seconds=time.perf_counter() - started, op_counts=count_ops(proto),
     )
     logger.info("exported the track graph %s (%d nodes, %d quantized linears, %.1f MB) in %.1f s", onnx_path,
                 result.num_nodes, num_q, size / 1e6, result.export_seconds)
