@@ -43,6 +43,7 @@ from torch import nn
 
 from qvggt_export.errors import MissingDependencyError, QVGGTError
 from qvggt_export.parity.metrics import cosine as _cosine
+from qvggt_export.parity.metrics import rel_l2 as _rel_l2
 
 logger = logging.getLogger(__name__)
 
@@ -155,12 +156,11 @@ class OutputParity:
     cosine: float | None = None
 
 
-@dataclass
-class ParityReport:
-    runtime: str
-    inputs: list[list[int]]
-    outputs: list[OutputParity] = field(default_factory=list)
-    seconds: float = 0.0
+class OutputsReport:
+    """Shared behaviour of the parity reports: passed when every output passed; ``to_dict`` keys the outputs by
+    name."""
+
+    outputs: list[Any]
 
     @property
     def passed(self) -> bool:
@@ -173,8 +173,12 @@ class ParityReport:
         return data
 
 
-def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-30))
+@dataclass
+class ParityReport(OutputsReport):
+    runtime: str
+    inputs: list[list[int]]
+    outputs: list[OutputParity] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 def check_parity(model: nn.Module, onnx_path: str | os.PathLike[str], inputs: Sequence[torch.Tensor], *,

@@ -23,17 +23,17 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from qvggt_export.errors import QVGGTError
-from qvggt_export.parity.compare import NOISE_RATIO, onnxruntime_session, tolerance_for
+from qvggt_export.parity.compare import NOISE_RATIO, OutputsReport, onnxruntime_session, tolerance_for
 from qvggt_export.parity.metrics import cosine
+from qvggt_export.parity.metrics import rel_l2 as _rel_l2
 from qvggt_export.quant.modules import FloatQuantLinear, QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -58,25 +58,11 @@ class TrackOutputParity:
 
 
 @dataclass
-class TrackParityReport:
+class TrackParityReport(OutputsReport):
     runtime: str
     cases: list[dict[str, list[int]]]
     outputs: list[TrackOutputParity] = field(default_factory=list)
     seconds: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.outputs) and all(o.passed for o in self.outputs)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["passed"] = self.passed
-        data["outputs"] = {o["name"]: {k: v for k, v in o.items() if k != "name"} for o in data["outputs"]}
-        return data
-
-
-def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-30))
 
 
 def _run_torch(model: nn.Module, images: torch.Tensor, points: torch.Tensor, names: Sequence[str]
