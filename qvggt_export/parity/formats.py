@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,8 @@ import torch
 from torch import nn
 
 from qvggt_export.errors import QVGGTError
-from qvggt_export.export.qdq import LAYER_MAP_KEY
 from qvggt_export.parity.compare import FLOAT_MAX_REL, QUANT_NOISE_RATIO, onnxruntime_session
-from qvggt_export.parity.localize import _with_layer_outputs
+from qvggt_export.parity.localize import _with_layer_outputs, matched_layers
 
 # Per-layer FP8 criteria, as the integer checker's (localize.py) but in E4M3 steps: a correct layer differs
 # from PyTorch only where x / s sits on a rounding tie, by one E4M3 step, in few codes.
@@ -78,15 +76,9 @@ def fp8_layer_parity(model: nn.Module, onnx_path: str | os.PathLike[str], images
 
     onnx_path = Path(onnx_path)
     proto = onnx.load(str(onnx_path), load_external_data=False)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    if LAYER_MAP_KEY not in meta:
-        raise QVGGTError(f"{onnx_path} has no quantized-layer map: export it with qvggt-export to check its layers")
-    layer_map: dict[str, dict[str, str]] = json.loads(meta[LAYER_MAP_KEY])
-    modules = {n: m for n, m in model.named_modules() if isinstance(m, FloatQuantLinear) and m.format == "fp8"}
-    missing = sorted(set(layer_map) - set(modules))
-    if missing:
-        raise QVGGTError(f"the graph's quantized layers {missing[:5]} are not fp8 FloatQuantLinear modules of the "
-                         "model")
+    layer_map, modules = matched_layers(proto, onnx_path, model,
+                                        lambda m: isinstance(m, FloatQuantLinear) and m.format == "fp8",
+                                        "fp8 FloatQuantLinear")
     wanted = sorted({t for entry in layer_map.values() for t in entry.values()})
     with _with_layer_outputs(onnx_path, wanted) as copy:
         session = onnxruntime_session(copy)
@@ -143,15 +135,9 @@ def nvfp4_layer_parity(model: nn.Module, onnx_path: str | os.PathLike[str], imag
 
     onnx_path = Path(onnx_path)
     proto = onnx.load(str(onnx_path))
-    meta = {p.key: p.value for p in proto.metadata_props}
-    if LAYER_MAP_KEY not in meta:
-        raise QVGGTError(f"{onnx_path} has no quantized-layer map: export it with qvggt-export to check its layers")
-    layer_map: dict[str, dict[str, str]] = json.loads(meta[LAYER_MAP_KEY])
-    modules = {n: m for n, m in model.named_modules() if isinstance(m, FloatQuantLinear) and m.format == "nvfp4"}
-    missing = sorted(set(layer_map) - set(modules))
-    if missing:
-        raise QVGGTError(f"the graph's quantized layers {missing[:5]} are not nvfp4 FloatQuantLinear modules of "
-                         "the model")
+    layer_map, modules = matched_layers(proto, onnx_path, model,
+                                        lambda m: isinstance(m, FloatQuantLinear) and m.format == "nvfp4",
+                                        "nvfp4 FloatQuantLinear")
     existing = {o.name for o in proto.graph.output}
     wanted = sorted({t for entry in layer_map.values() for t in entry.values()} - existing)
     proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in wanted)

@@ -21,7 +21,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,14 +109,8 @@ def localize_divergence(model: nn.Module, onnx_path: str | os.PathLike[str], ima
         images: [B, S, 3, H, W] at the export's resolution.
     """
     onnx_path = Path(onnx_path)
-    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-    if LAYER_MAP_KEY not in meta:
-        raise QVGGTError(f"{onnx_path} has no quantized-layer map: export it with qvggt-export to localise layers")
-    layer_map: dict[str, dict[str, str]] = json.loads(meta[LAYER_MAP_KEY])
-    modules = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    missing = sorted(set(layer_map) - set(modules))
-    if missing:
-        raise QVGGTError(f"the graph's quantized layers {missing[:5]} are not QuantLinear modules of the model")
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    layer_map, modules = matched_layers(proto, onnx_path, model, lambda m: isinstance(m, QuantLinear), "QuantLinear")
     wanted = sorted({t for entry in layer_map.values() for t in entry.values()})
     with _with_layer_outputs(onnx_path, wanted) as copy:
         session = onnxruntime_session(copy)
@@ -153,3 +147,22 @@ def localize_divergence(model: nn.Module, onnx_path: str | os.PathLike[str], ima
                       and flips <= MAX_FLIP_FRACTION * count and output_rel <= OUTPUT_REL_TOL)
             report.layers.append(LayerCheck(name, transform_rel, flips, count, max_delta, output_rel, passed))
     return report
+
+
+def matched_layers(proto: onnx.ModelProto, onnx_path: Path, model: nn.Module, is_layer: Callable[[nn.Module], bool],
+                   kind: str) -> tuple[dict[str, dict[str, str]], dict[str, nn.Module]]:
+    """The graph's quantized-layer map (metadata written by the exporter) and, for each of its layers, the
+    model's module of that name, which must satisfy ``is_layer`` (``kind`` names it in the error).
+
+    Raises:
+        QVGGTError: the graph has no layer map, or a mapped layer is not a ``kind`` module of the model.
+    """
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if LAYER_MAP_KEY not in meta:
+        raise QVGGTError(f"{onnx_path} has no quantized-layer map: export it with qvggt-export to check its layers")
+    layer_map: dict[str, dict[str, str]] = json.loads(meta[LAYER_MAP_KEY])
+    modules = {name: m for name, m in model.named_modules() if is_layer(m)}
+    missing = sorted(set(layer_map) - set(modules))
+    if missing:
+        raise QVGGTError(f"the graph's quantized layers {missing[:5]} are not {kind} modules of the model")
+    return layer_map, modules
