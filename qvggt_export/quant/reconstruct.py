@@ -60,9 +60,18 @@ copies of the finished targets (a quarter of their float weights). Fine for the 
 for VGGT-1B on a GPU with the paper's 40 calibration sequences at moderate frame counts; for larger
 sets reduce the number of batches per block.
 
-**Cost.** Per block, two forward passes over the calibration set truncated after the block (the
-float pass could be shared across blocks, but that would cache every block's input at once), then
-``recon_iters`` forward/backward steps of the block alone.
+**Cost.** Per block, two capture passes over the calibration set (float and quantized chain), then
+``recon_iters`` forward/backward steps of the block alone. A capture pass would run the model from the
+images up to the block, so capturing every block of a deep model costs O(blocks^2) block forwards
+(about 2600 aggregator forwards for VGGT-1B's 48 blocks and 40 sequences). When every block of interest is
+an aggregator block called once per forward (the default targets), the passes *replay* instead: the
+patch embedding's output (recorded once) and the previous block's outputs in each chain (computed from its
+captured inputs right after it finished, with its baked float and its quantized linears) are returned by
+stand-ins, the blocks before it are skipped, and only the glue between the two blocks and the block itself
+run: O(blocks) in all, and bit-identical to full passes (tested). The price is memory: the float-chain inputs
+stay alive while the block learns, and the embedding and two sets of block outputs are kept. Other target
+sets (patch-embed or camera-trunk blocks, blocks called more than once) and the block after one resumed
+from a checkpoint use full passes.
 """
 
 from __future__ import annotations
@@ -295,10 +304,37 @@ def _as_images(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device)
 
 
-class _Runner:
-    """Runs the smallest part of the model that executes every block of interest, and captures block calls."""
+class _Replay(nn.Module):
+    """Stands in for a module during a capture pass: returns the current batch's recorded output."""
 
-    def __init__(self, model: nn.Module, blocks: Sequence[str], batches: Sequence[torch.Tensor]) -> None:
+    def __init__(self, outputs: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self.outputs = outputs
+        self.index = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.outputs[self.index]
+
+
+class _Skip(nn.Module):
+    """Stands in for a block whose output nobody reads (the replayed block after it ignores its input)."""
+
+    def forward(self, tokens: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return tokens
+
+
+_EMBED = "aggregator.patch_embed"
+
+
+class _Runner:
+    """Runs the smallest part of the model that executes every block of interest, and captures block calls.
+
+    With ``replay`` (see the module docstring, *Cost*) a capture pass starts from recorded outputs of the
+    patch embedding and of the previous block instead of from the images, when those are available.
+    """
+
+    def __init__(self, model: nn.Module, blocks: Sequence[str], batches: Sequence[torch.Tensor],
+                 replay: bool = True) -> None:
         self.model = model
         self.blocks = list(blocks)
         aggregator = getattr(model, "aggregator", None)
@@ -307,6 +343,31 @@ class _Runner:
         device = next(model.parameters()).device
         self.batches = [_as_images(b, device) for b in batches]
         self.sequence = self._call_sequence()
+        self.replays = (replay and in_aggregator and hasattr(aggregator, "patch_embed")
+                        and len(self.sequence) == len(set(self.sequence))
+                        and not any(b == _EMBED or b.startswith(_EMBED + ".") for b in self.blocks))
+        self._embed: list[torch.Tensor] | None = None
+        self._finished: dict[bool, tuple[str, list[torch.Tensor]]] = {}  # chain (with_output) -> last block's outputs
+        self.replayed = False  # whether the last capture pass started from recorded outputs
+
+    def remember(self, block: str, float_outputs: list[torch.Tensor], quant_outputs: list[torch.Tensor]) -> None:
+        """Record a finished block's per-batch outputs in the float and the quantized chain (for replay)."""
+        if self.replays:
+            self._finished = {True: (block, float_outputs), False: (block, quant_outputs)}
+
+    def _replay_modules(self, block: str, with_output: bool) -> dict[str, nn.Module]:
+        """Stand-ins that start a pass for ``block`` at its predecessor's recorded output; {} for a full pass."""
+        position = self.sequence.index(block)
+        finished = self._finished.get(with_output)
+        if not self.replays or self._embed is None or position == 0 or finished is None:
+            return {}
+        previous, outputs = finished
+        if previous != self.sequence[position - 1]:
+            return {}
+        stand_ins: dict[str, nn.Module] = {b: _Skip() for b in self.sequence[:position - 1]}
+        stand_ins[previous] = _Replay(outputs)
+        stand_ins[_EMBED] = _Replay(self._embed)
+        return stand_ins
 
     def _hooks(self, make: Callable[[str], Callable]) -> list:
         return [self.model.get_submodule(b).register_forward_pre_hook(make(b), with_kwargs=True) for b in self.blocks]
@@ -371,23 +432,38 @@ class _Runner:
             if position == last:
                 raise _StopForwardSignal
 
-        handles = self._hooks(make)
-        if with_output:
-            handles.append(self.model.get_submodule(block).register_forward_hook(output_hook, with_kwargs=True))
+        stand_ins = self._replay_modules(block, with_output)
+        embeddings: list[torch.Tensor] = []
+
+        def embed_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            embeddings.append(output.detach().clone())
+
         result = []
-        try:
-            for images in self.batches:
-                position = -1
-                calls = []
-                with contextlib.suppress(_StopForwardSignal):
-                    self.forward(images)
-                if len(calls) != expected:
-                    raise QVGGTError(f"block {block} ran {len(calls)} times on a calibration batch, "
-                                     f"expected {expected}")
-                result.append(calls)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with _swapped(self.model, stand_ins):
+            handles = self._hooks(make)
+            if with_output:
+                handles.append(self.model.get_submodule(block).register_forward_hook(output_hook, with_kwargs=True))
+            if self.replays and self._embed is None:
+                handles.append(self.model.get_submodule(_EMBED).register_forward_hook(embed_hook))
+            try:
+                for index, images in enumerate(self.batches):
+                    for module in stand_ins.values():
+                        if isinstance(module, _Replay):
+                            module.index = index
+                    position = -1
+                    calls = []
+                    with contextlib.suppress(_StopForwardSignal):
+                        self.forward(images)
+                    if len(calls) != expected:
+                        raise QVGGTError(f"block {block} ran {len(calls)} times on a calibration batch, "
+                                         f"expected {expected}")
+                    result.append(calls)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        self.replayed = bool(stand_ins)
+        if embeddings and len(embeddings) == len(self.batches):
+            self._embed = embeddings
         return result
 
 
@@ -402,6 +478,15 @@ def _swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
     finally:
         for name, module in originals.items():
             replace_module(model, name, module)
+
+
+@torch.no_grad()
+def _block_outputs(model: nn.Module, block: str, swaps: dict[str, nn.Module],
+                   chain: Sequence[Sequence[BlockCall]]) -> list[torch.Tensor]:
+    """A finished block's output on one chain's inputs, exactly as a full pass of that chain computes it."""
+    with _swapped(model, swaps):
+        module = model.get_submodule(block)
+        return [module(*calls[-1].args, **calls[-1].kwargs).detach() for calls in chain]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -547,7 +632,7 @@ def _save_checkpoint(path: Path, fingerprint: str, tensors: dict[str, torch.Tens
 
 def reconstruct_blocks(model: nn.Module, targets: Sequence[QuantTarget], config: QuantConfig,
                        batches: Sequence[torch.Tensor], progress: Callable[[Iterable], Iterable] = lambda x: x,
-                       *, checkpoint: str | Path | None = None
+                       *, checkpoint: str | Path | None = None, replay: bool = True
                        ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
     """Learn per-channel smoothing corrections and weight steps block by block (in place; DSFQ step 4).
 
@@ -566,13 +651,16 @@ def reconstruct_blocks(model: nn.Module, targets: Sequence[QuantTarget], config:
         checkpoint: optional safetensors file; the learned ``s``/``D`` of every finished block are written
             to it (atomically) after each block, and blocks already in it are applied and skipped. A
             checkpoint from other settings, weights or data is refused.
+        replay: start capture passes from recorded outputs where possible (module docstring, *Cost*);
+            False runs every pass from the images (slower; for comparison).
 
     Returns:
         ``(weight_steps, report)``: the learned step ``D`` [out] (float32) per target name, and per block
         path ``loss_before`` / ``loss_after`` (mean block-output MSE over the calibration batches with the
         initial / learned parameters), ``iters``, ``seconds`` (capture + learning), ``resumed`` (1.0 if taken
-        from the checkpoint) and per layer ``<attn.qkv>.smooth_min`` / ``smooth_max`` / ``step_ratio_min`` /
-        ``step_ratio_max`` (``D`` over its round-to-nearest initial value).
+        from the checkpoint), ``replayed`` (1.0 if its capture passes started from recorded outputs) and
+        per layer ``<attn.qkv>.smooth_min`` / ``smooth_max`` / ``step_ratio_min`` / ``step_ratio_max`` (``D``
+        over its round-to-nearest initial value).
 
     Raises:
         QVGGTError: no calibration batches, a target that is not a float linear, a non-finite or diverging
@@ -599,7 +687,7 @@ def reconstruct_blocks(model: nn.Module, targets: Sequence[QuantTarget], config:
     # runs under torch.inference_mode().
     with torch.inference_mode(False):
         try:
-            return _reconstruct(model, targets, groups, config, batches, progress, path)
+            return _reconstruct(model, targets, groups, config, batches, progress, path, replay)
         finally:
             for parameter in frozen:
                 parameter.requires_grad_(True)
@@ -607,12 +695,12 @@ def reconstruct_blocks(model: nn.Module, targets: Sequence[QuantTarget], config:
 
 def _reconstruct(model: nn.Module, targets: list[QuantTarget], groups: dict[str, list[QuantTarget]],
                  config: QuantConfig, batches: Sequence[torch.Tensor], progress: Callable[[Iterable], Iterable],
-                 path: Path | None) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+                 path: Path | None, replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
     fingerprint = _fingerprint(model, targets, config, batches) if path is not None else ""
     saved, report = ({}, {})
     if path is not None and path.exists():
         saved, report = _load_checkpoint(path, fingerprint)
-    runner = _Runner(model, list(groups), batches)
+    runner = _Runner(model, list(groups), batches, replay)
     space = smoothing_space(config.method)
     steps: dict[str, torch.Tensor] = {}
     quantized: dict[str, QuantLinear] = {}  # finished targets as quantize_model will build them
@@ -644,6 +732,7 @@ def _reconstruct(model: nn.Module, targets: list[QuantTarget], groups: dict[str,
             continue
         started = time.perf_counter()
         float_chain = runner.capture(block, with_output=True)
+        replayed = runner.replayed
         if quantized:
             with _swapped(model, quantized):
                 quant_chain = runner.capture(block, with_output=False)
@@ -652,17 +741,24 @@ def _reconstruct(model: nn.Module, targets: list[QuantTarget], groups: dict[str,
                     q_call.output = fp_call.output
         else:  # nothing upstream is quantized yet: both chains feed the block the same input
             quant_chain = float_chain
-        del float_chain
+        if not runner.replays:
+            del float_chain
         result = _learn_block(model, block, block_targets, quant_chain, config)
-        del quant_chain
         finish(block_targets, result.smooth, result.steps)
-        report[block] = {**result.report, "seconds": time.perf_counter() - started, "resumed": 0.0}
+        if runner.replays:  # the next block's passes start here: this block's outputs, baked float and quantized
+            runner.remember(block, _block_outputs(model, block, {}, float_chain),
+                            _block_outputs(model, block, quantized, quant_chain))
+            del float_chain
+        del quant_chain
+        report[block] = {**result.report, "seconds": time.perf_counter() - started, "resumed": 0.0,
+                         "replayed": float(replayed)}
         before, after = report[block]["loss_before"], report[block]["loss_after"]
         logger.info("reconstruction of %s: loss %.4g -> %.4g in %.1f s", block, before, after, report[block]["seconds"])
         if after > before:
             logger.warning("reconstruction of %s ended above its initial loss (%.4g > %.4g); consider more "
                            "calibration data, more iterations or lower learning rates", block, after, before)
         if path is not None:
-            _save_checkpoint(path, fingerprint, learned, {b: {k: v for k, v in report[b].items() if k != "resumed"}
+            run_only = ("resumed", "replayed")  # how this run got the block, not what was learned
+            _save_checkpoint(path, fingerprint, learned, {b: {k: v for k, v in report[b].items() if k not in run_only}
                                                           for b in report if b in groups})
     return steps, {block: report[block] for block in runner.order()}

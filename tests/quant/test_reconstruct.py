@@ -191,6 +191,30 @@ def test_same_seed_gives_identical_steps(calib_batches):
     assert any(r["attn.qkv.step_ratio_max"] > 1.01 or r["attn.qkv.step_ratio_min"] < 0.99 for r in report_a.values())
 
 
+@pytest.mark.parametrize("method", ["rtn", "dsfq", "smooth_rotate"])
+def test_replayed_capture_passes_match_full_passes_bit_for_bit(method, calib_batches, held_out):
+    """Capture passes that start from the previous block's recorded outputs (O(blocks)) learn exactly what passes
+    from the images (O(blocks^2)) learn, and skip the earlier blocks and the patch embedding."""
+    config = QuantConfig(bits="w4a4", method=method, seed=0, recon_iters=3)
+    runs = {}
+    for replay in (False, True):
+        model, targets = _prepared(config, calib_batches)
+        embed_calls = []
+        model.aggregator.patch_embed.register_forward_pre_hook(lambda m, args, calls=embed_calls: calls.append(1))
+        steps, report = reconstruct_blocks(model, targets, config, calib_batches, replay=replay)
+        runs[replay] = (model, steps, report, len(embed_calls))
+    (model_full, steps_full, report_full, embeds_full), (model_r, steps_r, report_r, embeds_r) = runs[False], runs[True]
+    assert [r["replayed"] for r in report_full.values()] == [0.0] * 8
+    assert [r["replayed"] for r in report_r.values()] == [0.0] + [1.0] * 7  # the first block has nothing to replay
+    assert steps_full.keys() == steps_r.keys() and all(torch.equal(steps_full[k], steps_r[k]) for k in steps_full)
+    assert [r["loss_after"] for r in report_full.values()] == [r["loss_after"] for r in report_r.values()]
+    for a, b in zip(_tokens(model_full, held_out), _tokens(model_r, held_out), strict=True):
+        assert torch.equal(a, b)
+    # one call-order pass on the first batch, then the embedding runs only in the first block's capture pass
+    assert embeds_r == 1 + len(calib_batches)
+    assert embeds_full == 1 + (8 + 7) * len(calib_batches)  # every float and quantized-chain pass from the images
+
+
 class _Interrupted(Exception):  # noqa: N818 (a simulated Ctrl-C, not an error)
     pass
 
@@ -213,6 +237,8 @@ def test_resume_from_checkpoint_skips_finished_blocks(calib_batches, held_out, t
 
     model_c, steps_c, report_c = _run(calib_batches, checkpoint=path)
     assert [r["resumed"] for r in report_c.values()] == [1.0] * 3 + [0.0] * 5
+    # the block after the resumed ones has no recorded predecessor outputs: its passes start from the images
+    assert [r.get("replayed") for r in report_c.values()] == [None] * 3 + [0.0] + [1.0] * 4
     assert all(torch.equal(steps_a[k], steps_c[k]) for k in steps_a)
     assert [r["loss_after"] for r in report_a.values()] == [r["loss_after"] for r in report_c.values()]
     for a, c in zip(_tokens(model_a, held_out), _tokens(model_c, held_out), strict=True):
@@ -254,6 +280,7 @@ def test_blocks_outside_the_aggregator_run_in_execution_order():
     assert list(report) == ["aggregator.patch_embed.blocks.0", "aggregator.patch_embed.blocks.1",
                             "aggregator.global_blocks.0", "aggregator.global_blocks.1", "camera_head.trunk.0"]
     assert set(steps) == {t.name for t in targets}
+    assert all(r["replayed"] == 0.0 for r in report.values())  # replay is for aggregator blocks only
     # The camera trunk runs once per refinement iteration (4): every call of every batch is learned on.
     assert set(calls) == {(1, 2, 128)}
     assert len(calls) >= 2 * 4 * (1 + 2)  # capture passes (float chain + quantized chain) + 2 learning steps
