@@ -1,8 +1,9 @@
 """Named TensorRT / TensorRT-RTX build profiles (JSON), installed as ``qvggt_export.engine.profiles``.
 
 A profile says *how* to build an engine from an exported ONNX model: which backend, which GPU
-architectures, the frame range of the dynamic frame axis, and builder settings. The resolution (H, W) is
-not part of it: it is fixed per engine and read from the ONNX input.
+architectures, the ranges of the dynamic axes (the frame axis of ``images``; the points axis of
+``query_points`` in the tracking graph ``track.onnx``), and builder settings. The resolution (H, W) is not
+part of it: it is fixed per engine and read from the ONNX input.
 
 Schema (every key except ``name`` is optional; unknown keys are errors)::
 
@@ -12,6 +13,7 @@ Schema (every key except ``name`` is optional; unknown keys are errors)::
       "backend": "rtx",                       # "auto" | "rtx" | "trt"
       "compute_capabilities": ["SM86", "SM89", "SM120"],   # or ["CURRENT"] (the build machine's GPU)
       "frames": {"min": 1, "opt": 8, "max": 32},           # 1 <= min <= opt <= max
+      "points": {"min": 1, "opt": 256, "max": 4096},       # query points of track.onnx; same rule, or null
       "workspace_mib": null,                  # positive int, or null for the backend's default
       "strongly_typed": true,
       "timing_cache": null,                   # path; relative paths resolve against the engine's directory
@@ -36,7 +38,7 @@ from typing import Any
 
 from qvggt_export.errors import QVGGTError
 
-__all__ = ["EngineProfile", "FrameRange", "list_profiles", "load_profile"]
+__all__ = ["EngineProfile", "FrameRange", "PointRange", "list_profiles", "load_profile"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # "CURRENT" or an SM number; whether the chosen backend knows it is checked at build time, by the backend.
@@ -60,14 +62,7 @@ class FrameRange:
     max: int = 32
 
     def __post_init__(self) -> None:
-        for key in ("min", "opt", "max"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise QVGGTError(f"frames.{key} must be an integer, got {value!r}")
-        if not 1 <= self.min <= self.opt <= self.max:
-            raise QVGGTError(
-                f"frames must satisfy 1 <= min <= opt <= max, got min={self.min}, opt={self.opt}, max={self.max}"
-            )
+        _check_range("frames", self.min, self.opt, self.max)
 
     @classmethod
     def static(cls, frames: int) -> FrameRange:
@@ -77,6 +72,46 @@ class FrameRange:
     def as_tuple(self) -> tuple[int, int, int]:
         """``(min, opt, max)``."""
         return (self.min, self.opt, self.max)
+
+
+@dataclass(frozen=True)
+class PointRange:
+    """Range of the dynamic points axis (axis 1 of ``query_points`` [B, N, 2]) a tracking engine accepts.
+
+    Only the tracking graph (``track.onnx``) has this input; engines of the canonical graph ignore the range.
+    The defaults cover a sparse set of tracks (1) to a dense 64 x 64 grid (4096), tuned for 256. TensorRT
+    reserves activation memory for ``max`` points at ``frames.max`` frames: the tracker's correlation volumes
+    grow with frames x points, so lower ``max`` when the engine's memory matters more than the range.
+
+    Attributes:
+        min: Fewest query points the engine accepts.
+        opt: Point count TensorRT tunes kernels for.
+        max: Most query points the engine accepts.
+    """
+
+    min: int = 1
+    opt: int = 256
+    max: int = 4096
+
+    def __post_init__(self) -> None:
+        _check_range("points", self.min, self.opt, self.max)
+
+    @classmethod
+    def static(cls, points: int) -> PointRange:
+        """A range admitting exactly ``points`` query points."""
+        return cls(points, points, points)
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        """``(min, opt, max)``."""
+        return (self.min, self.opt, self.max)
+
+
+def _check_range(label: str, low: object, opt: object, high: object) -> None:
+    for key, value in (("min", low), ("opt", opt), ("max", high)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise QVGGTError(f"{label}.{key} must be an integer, got {value!r}")
+    if not 1 <= low <= opt <= high:  # type: ignore[operator]
+        raise QVGGTError(f"{label} must satisfy 1 <= min <= opt <= max, got min={low}, opt={opt}, max={high}")
 
 
 @dataclass(frozen=True)
@@ -92,6 +127,10 @@ class EngineProfile:
             other architectures; full TensorRT accepts only ``CURRENT``.
         frames: Range of the dynamic frame axis (a dict {min, opt, max} is converted); ignored, with a
             warning, for an ONNX whose frame axis is static.
+        points: Range of the dynamic points axis of ``query_points`` (tracking graphs; a dict is converted);
+            ignored, with a warning, when that axis is static. ``None`` (JSON ``null``) says "no points axis":
+            a resolved profile of an engine without ``query_points`` records it so, and building a graph with a
+            dynamic points axis from such a profile is refused.
         workspace_mib: Builder workspace limit in MiB, ``None`` for the backend's default.
         strongly_typed: Let the ONNX graph's Q/DQ and casts decide all precisions (what a quantized
             export means); weak typing leans on precision flags that TensorRT 11 removed.
@@ -107,6 +146,7 @@ class EngineProfile:
     backend: str = "auto"
     compute_capabilities: tuple[str, ...] = ("CURRENT",)
     frames: FrameRange = field(default_factory=FrameRange)
+    points: PointRange | None = field(default_factory=PointRange)
     workspace_mib: int | None = None
     strongly_typed: bool = True
     timing_cache: str | None = None
@@ -147,6 +187,10 @@ class EngineProfile:
             object.__setattr__(self, "frames", _frames_from_dict(self.frames, where))
         elif not isinstance(self.frames, FrameRange):
             raise QVGGTError(f"{where}: frames must be an object {{min, opt, max}}, got {self.frames!r}")
+        if isinstance(self.points, dict):
+            object.__setattr__(self, "points", _points_from_dict(self.points, where))
+        elif self.points is not None and not isinstance(self.points, PointRange):
+            raise QVGGTError(f"{where}: points must be an object {{min, opt, max}} or null, got {self.points!r}")
 
         if self.workspace_mib is not None and (
             isinstance(self.workspace_mib, bool) or not isinstance(self.workspace_mib, int) or self.workspace_mib <= 0
@@ -217,17 +261,29 @@ class EngineProfile:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
 
-def _frames_from_dict(data: dict[str, Any], where: str) -> FrameRange:
+def _range_keys(data: dict[str, Any], where: str, label: str) -> None:
     unknown = sorted(set(data) - {"min", "opt", "max"})
     missing = sorted({"min", "opt", "max"} - set(data))
     if unknown or missing:
         raise QVGGTError(
-            f"{where}: frames must have exactly the keys min, opt, max"
+            f"{where}: {label} must have exactly the keys min, opt, max"
             + (f"; unknown: {', '.join(unknown)}" if unknown else "")
             + (f"; missing: {', '.join(missing)}" if missing else "")
         )
+
+
+def _frames_from_dict(data: dict[str, Any], where: str) -> FrameRange:
+    _range_keys(data, where, "frames")
     try:
         return FrameRange(min=data["min"], opt=data["opt"], max=data["max"])
+    except QVGGTError as exc:
+        raise QVGGTError(f"{where}: {exc}") from None
+
+
+def _points_from_dict(data: dict[str, Any], where: str) -> PointRange:
+    _range_keys(data, where, "points")
+    try:
+        return PointRange(min=data["min"], opt=data["opt"], max=data["max"])
     except QVGGTError as exc:
         raise QVGGTError(f"{where}: {exc}") from None
 

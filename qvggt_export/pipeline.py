@@ -411,6 +411,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                 report["track"] = _track_stage(config, model, float_model, batches, opset)
 
         report["engine"] = _build_engine_stage(config, onnx_path, timer, float_model or model, batches)
+        if config.export_track:
+            report["track"]["engine"] = _track_engine_stage(config, Path(report["track"]["path"]), timer, batches)
         report["timings_s"] = dict(timer.seconds, total=round(time.perf_counter() - started, 3))
         if config.quantized:
             # All calibration work: reading the pool, NFDS, loading the selection (calibration_data) + quantize.
@@ -497,8 +499,8 @@ def _remove_partial_outputs(out_dir: Path, existed: bool, before: set[Path]) -> 
         out_dir.rmdir()
 
 
-def _plugin_graph(onnx_path: Path, out_dir: Path) -> tuple[Path, int]:
-    """A copy of the canonical graph whose Hadamard function calls are TensorRT plugin nodes.
+def _plugin_graph(onnx_path: Path, target: Path) -> tuple[Path, int]:
+    """A copy of the graph whose Hadamard function calls are TensorRT plugin nodes, written to ``target``.
 
     External weights stay where they are (the copy references the same ``.data`` file). NVFP4's
     ``trt::TRT_FP4DynamicQuantize`` stays as it is: TensorRT's ONNX parser imports it natively."""
@@ -511,7 +513,6 @@ def _plugin_graph(onnx_path: Path, out_dir: Path) -> tuple[Path, int]:
     count = retarget_hadamard(proto, "plugin")
     if not count:
         return onnx_path, 0
-    target = out_dir / "model.plugin.onnx"
     atomic_write(target, lambda tmp: onnx.save(proto, tmp))
     return target, count
 
@@ -551,10 +552,7 @@ def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTim
     """
     if not config.engine:
         return {"path": None, "reason": "engine build disabled (--no-engine)"}
-    from qvggt_export.engine import build_engine
-
     engine_path = config.out_dir / "model.engine"
-    backend = None if config.backend == "auto" else config.backend
     profile = config.resolved_engine_profile()
     choice: dict[str, Any] = {"profile_name": profile}
     if profile != config.engine_profile:
@@ -564,24 +562,116 @@ def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTim
         graph, choice["lowering"] = _lowered_graph(config, onnx_path, config.resolved_engine_lowering(),
                                                    reference_model, batches)
     with timer.stage("build_engine"):
-        try:
-            plugin_nodes = 0
-            if config.engine_hadamard == "plugin":
-                graph, plugin_nodes = _plugin_graph(graph, config.out_dir)
-            if plugin_nodes:
-                from qvggt_export.plugins import register
+        data, plugin_nodes = _engine_from_graph(config, graph, engine_path, profile,
+                                                config.out_dir / "model.plugin.onnx")
+    return _engine_report(config, graph, data, plugin_nodes, choice)
 
-                register(config.backend)  # the parser instantiates the plugin through its creator
-            result = build_engine(graph, engine_path, profile, backend=backend,
-                                  format_name=config.bits)
-        except MissingDependencyError as exc:
-            logger.warning("no engine built: %s", exc)
-            return {"path": None, "reason": str(exc), **choice}
-        except QVGGTError as exc:
-            logger.error("engine build failed: %s", exc)
-            return {"path": None, "reason": f"build failed: {exc}", "failed": True, **choice}
-    data = result.to_dict()
+
+def _engine_report(config: PipelineConfig, graph: Path, data: dict[str, Any], plugin_nodes: int,
+                   choice: dict[str, Any]) -> dict[str, Any]:
+    if "engine_path" not in data:  # not built: {"path": None, "reason": ...}
+        return {**data, **choice}
     rotates = config.quantized and config.method in ("rotate", "smooth_rotate", "dsfq")
     hadamard = "plugin" if plugin_nodes else ("function" if rotates else "none")
     return {"path": data.pop("engine_path"), "onnx": str(graph), "hadamard": hadamard,
             "hadamard_plugin_nodes": plugin_nodes, **choice, **data}
+
+
+def _engine_from_graph(config: PipelineConfig, graph: Path, engine_path: Path, profile: str,
+                       plugin_path: Path) -> tuple[dict[str, Any], int]:
+    """Build one engine from ``graph`` (Hadamard calls swapped for plugin nodes into ``plugin_path`` first, when
+    the run uses the plugin). Returns the build result as a dict, or ``{"path": None, "reason": ...}``, and the
+    number of plugin nodes."""
+    from qvggt_export.engine import build_engine
+
+    backend = None if config.backend == "auto" else config.backend
+    plugin_nodes = 0
+    try:
+        if config.engine_hadamard == "plugin":
+            graph, plugin_nodes = _plugin_graph(graph, plugin_path)
+        if plugin_nodes:
+            from qvggt_export.plugins import register
+
+            register(config.backend)  # the parser instantiates the plugin through its creator
+        result = build_engine(graph, engine_path, profile, backend=backend, format_name=config.bits)
+    except MissingDependencyError as exc:
+        logger.warning("no engine built: %s", exc)
+        return {"path": None, "reason": str(exc)}, plugin_nodes
+    except QVGGTError as exc:
+        logger.error("engine build failed: %s", exc)
+        return {"path": None, "reason": f"build failed: {exc}", "failed": True}, plugin_nodes
+    return result.to_dict(), plugin_nodes
+
+
+def _track_engine_stage(config: PipelineConfig, track_path: Path, timer: StageTimer,
+                        batches: list[torch.Tensor]) -> dict[str, Any]:
+    """``track.engine`` beside ``model.engine``, from ``track.onnx``: the same profile (targets, frame range; its
+    point range for ``query_points``), backend, lowering target and Hadamard form as the main engine.
+
+    Not applied: ``engine_fp16`` (the tracker stays float32, as in the track export and upstream). A static
+    lowering (``int8-static``, ``w4a8``) measures its activation ranges with the query points fixed: the
+    quantized layers are the aggregator's, whose inputs do not depend on the points (:func:`_lowered_track_graph`).
+    """
+    if not config.engine:
+        return {"path": None, "reason": "engine build disabled (--no-engine)"}
+    profile = config.resolved_engine_profile()
+    lowering = config.resolved_engine_lowering()
+    choice: dict[str, Any] = {"profile_name": profile}
+    with timer.stage("lower_track_for_engine"):
+        try:
+            graph, choice["lowering"] = _lowered_track_graph(config, track_path, lowering, batches)
+        except MissingDependencyError as exc:
+            return {"path": None, "reason": str(exc), **choice}
+    if config.engine_fp16:
+        choice["lowering"]["float16_not_applied"] = ("--engine-fp16 is not applied to the track engine: the "
+                                                     "tracker stays float32, as in the track export")
+    with timer.stage("build_track_engine"):
+        data, plugin_nodes = _engine_from_graph(config, graph, config.out_dir / "track.engine", profile,
+                                                config.out_dir / "track.plugin.onnx")
+    return _engine_report(config, graph, data, plugin_nodes, choice)
+
+
+def _lowered_track_graph(config: PipelineConfig, track_path: Path, lowering: str,
+                         batches: list[torch.Tensor]) -> tuple[Path, dict[str, Any]]:
+    """The track graph rewritten for the engine's target (``track.lowered.onnx``), as the canonical graph is.
+
+    :func:`~qvggt_export.export.lowering.lower_for_target` runs graphs with one ``images`` input; the track
+    graph also takes ``query_points``. It is lowered with ``query_points`` held as a constant (seeded points),
+    then given its input back: the rewrite only touches the aggregator's quantized layers, whose inputs do not
+    depend on the points, so the static scales are those of the canonical graph on the same images, and the
+    accuracy it reports (lowered vs exported track graph, ONNX Runtime) is for those fixed points.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from qvggt_export.export.lowering import lower_for_target
+    from qvggt_export.export.onnx_export import save_graph
+
+    if lowering == "as-written":
+        return track_path, {"target": "as-written", "note": "the track graph as exported, unchanged"}
+    proto = onnx.load(str(track_path))
+    (points_input,) = [i for i in proto.graph.input if i.name == "query_points"]
+    height, width = batches[0].shape[-2:]
+    generator = torch.Generator().manual_seed(config.seed)
+    points = torch.rand(batches[0].shape[0], 16, 2, generator=generator) * torch.tensor([width - 1, height - 1])
+    frozen = onnx.ModelProto()
+    frozen.CopyFrom(proto)
+    kept_inputs = [i for i in frozen.graph.input if i.name != "query_points"]
+    del frozen.graph.input[:]
+    frozen.graph.input.extend(kept_inputs)
+    frozen.graph.initializer.append(numpy_helper.from_array(points.numpy(), "query_points"))
+    lowered, info = lower_for_target(frozen, lowering, calibration_inputs=batches)
+    # Back to a graph input, in its original place and with its dynamic points axis.
+    kept = [init for init in lowered.graph.initializer if init.name != "query_points"]
+    del lowered.graph.initializer[:]
+    lowered.graph.initializer.extend(kept)
+    inputs = {i.name: i for i in lowered.graph.input}
+    inputs["query_points"] = points_input
+    ordered = [inputs[i.name] for i in proto.graph.input]
+    del lowered.graph.input[:]
+    lowered.graph.input.extend(ordered)
+    path = config.out_dir / "track.lowered.onnx"
+    save_graph(lowered, path, full_check=False)
+    result = info.to_dict()
+    result["accuracy_points"] = int(points.shape[1])
+    return path, result

@@ -1,12 +1,16 @@
 """Build a TensorRT / TensorRT-RTX engine from an exported VGGT ONNX model.
 
 The public entry point is :func:`build_engine`. It checks the ONNX model's ``images`` input
-([B, S, 3, H, W]; only the frame axis S may be dynamic, the resolution is fixed per engine), builds with
-the backend and settings of an :class:`~qvggt_export.engine.profiles.EngineProfile`, and writes three
-files, each atomically (temporary file in the same directory, fsync, rename):
+([B, S, 3, H, W]; only the frame axis S may be dynamic, the resolution is fixed per engine) and, in the
+tracking graph (``track.onnx``), its ``query_points`` input ([B, N, 2]; the points axis N may be dynamic),
+builds with the backend and settings of an :class:`~qvggt_export.engine.profiles.EngineProfile` (one
+optimization profile covering every dynamic axis: frames from ``profile.frames``, points from
+``profile.points``), and writes three files, each atomically (temporary file in the same directory, fsync,
+rename):
 
 * ``<engine>``: the serialized engine;
-* ``<engine>.profile.json``: the resolved profile (backend and frame range as built), loadable with
+* ``<engine>.profile.json``: the resolved profile (backend, frame and point ranges as built; ``points`` is
+  ``null`` for an engine without ``query_points``), loadable with
   :func:`~qvggt_export.engine.profiles.load_profile` to rebuild the same way;
 * ``<engine>.build.log``: the builder's messages (INFO and above) and its per-layer report.
 
@@ -38,11 +42,11 @@ from qvggt_export.engine.backend import (
     ensure_rtx_parser_symlink,
     load_backend,
 )
-from qvggt_export.engine.profiles import EngineProfile, FrameRange, load_profile
+from qvggt_export.engine.profiles import EngineProfile, FrameRange, PointRange, load_profile
 from qvggt_export.engine.targets import check_format_targets
 from qvggt_export.errors import QVGGTError
 
-__all__ = ["FRAME_AXIS", "EngineBuildResult", "build_engine"]
+__all__ = ["FRAME_AXIS", "POINTS_AXIS", "POINTS_INPUT", "EngineBuildResult", "build_engine"]
 
 logger = logging.getLogger(__name__)
 # TensorRT's own messages go to a child logger, so users can silence or raise them separately.
@@ -54,6 +58,14 @@ _BATCH_AXIS = 0
 _CHANNEL_AXIS = 2
 _HEIGHT_AXIS, _WIDTH_AXIS = 3, 4
 _IMAGE_RANK = 5
+#: The tracking graph's second input, [B, N, 2] pixel (x, y) in frame 0, and its dynamic axis N.
+POINTS_INPUT = "query_points"
+POINTS_AXIS = 1
+_POINTS_RANK = 3
+# The dynamic axes an optimization profile can be written for, per input role: a dynamic batch axis is pinned
+# to 1 (VGGT engines run one sequence at a time); any other dynamic axis is refused, naming input and axis.
+_PROFILED_AXES = {"images": {_BATCH_AXIS: "batch", FRAME_AXIS: "frames"},
+                  POINTS_INPUT: {_BATCH_AXIS: "batch", POINTS_AXIS: "points"}}
 
 # Nodes from any other domain are plugins to TensorRT (unless they call a local ONNX function, which the
 # parser inlines).
@@ -110,6 +122,8 @@ class EngineBuildResult:
         profile_path: ``<engine>.profile.json``.
         profile: The resolved profile as written to ``profile_path``.
         input_shape: Shape of the engine's image input as built; -1 marks the dynamic frame axis.
+        input_shapes: Shape of every engine input as built (``images``, and ``query_points`` [1, -1, 2] for a
+            tracking engine); -1 marks a dynamic axis.
         plugin_ops: Custom-domain ONNX ops (``"domain::op"``) TensorRT had to map to plugins.
         gemm_precisions: GEMM layers per ``"<input type> x <weight type>"`` from the per-layer report, e.g.
             ``{"Int8 x Int8": 32, "Float x Float": 80}``: shows which Q/DQ patterns became integer GEMMs.
@@ -132,12 +146,19 @@ class EngineBuildResult:
     plugin_ops: tuple[str, ...] = field(default=())
     gemm_precisions: dict[str, int] = field(default_factory=dict)
     attention: dict[str, Any] = field(default_factory=dict)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def frames(self) -> tuple[int, int, int]:
         """``(min, opt, max)`` frame counts the engine accepts."""
         frames = self.profile["frames"]
         return (frames["min"], frames["opt"], frames["max"])
+
+    @property
+    def points(self) -> tuple[int, int, int] | None:
+        """``(min, opt, max)`` query-point counts a tracking engine accepts; ``None`` without ``query_points``."""
+        points = self.profile.get("points")
+        return None if points is None else (points["min"], points["opt"], points["max"])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (paths as strings), for reports."""
@@ -157,6 +178,7 @@ class EngineBuildResult:
             "plugin_ops": list(self.plugin_ops),
             "gemm_precisions": dict(self.gemm_precisions),
             "attention": dict(self.attention),
+            "input_shapes": {name: list(shape) for name, shape in self.input_shapes.items()},
         }
 
 
@@ -167,6 +189,7 @@ class _OnnxSummary:
     dims: tuple[int | None, ...]  # images dims; None marks a dynamic one
     plugin_ops: tuple[str, ...]
     plugins: tuple[tuple[str, str, str], ...] = ()  # (name, version, namespace) the parser will look up
+    points_dims: tuple[int | None, ...] | None = None  # query_points dims, None without that input
 
 
 def build_engine(
@@ -180,10 +203,12 @@ def build_engine(
 ) -> EngineBuildResult:
     """Build a TensorRT / TensorRT-RTX engine from an ONNX model (not in place: writes new files).
 
-    The frame axis (axis 1 of ``images`` [B, S, 3, H, W]) gets the profile's frame range when it is
-    dynamic in the ONNX; a static frame count is used as is (with a warning if the profile asks for
-    another range). A dynamic batch axis is pinned to 1. Models with custom-domain nodes (plugins such as
-    the Hadamard op) need their plugin creators registered before the call.
+    Every dynamic input axis gets an optimization profile: the frame axis (axis 1 of ``images``
+    [B, S, 3, H, W]) the profile's frame range and, in a tracking graph, the points axis (axis 1 of
+    ``query_points`` [B, N, 2]) the profile's point range. A static frame or point count is used as is (with a
+    warning if the profile asks for another range); a dynamic batch axis is pinned to 1. Any other dynamic
+    axis, or another input with one, is refused before anything is written. Models with custom-domain nodes
+    (plugins such as the Hadamard op) need their plugin creators registered before the call.
 
     Besides ``engine_path`` it writes ``<engine>.profile.json`` (the resolved profile) and
     ``<engine>.build.log``. A build that fails leaves no engine behind: an engine from an earlier build at
@@ -205,7 +230,9 @@ def build_engine(
         Sizes, targets and layer statistics of the engine, and where its files are.
 
     Raises:
-        QVGGTError: Unusable ONNX, profile or input; unknown compute capability, or one ``format_name`` cannot
+        QVGGTError: Unusable ONNX, profile or input (a dynamic axis no profile range covers names the input and
+            the axis; a dynamic points axis with a profile whose ``points`` is null); unknown compute
+            capability, or one ``format_name`` cannot
             target; a plugin node whose creator is not registered; a GPU is needed but absent; the parser or
             builder rejects the model (the message quotes its first errors).
         MissingDependencyError: The backend's package is not installed.
@@ -220,6 +247,7 @@ def build_engine(
     if engine_file.exists() and engine_file.resolve() == onnx_file.resolve():
         raise QVGGTError(f"engine path {engine_file} is the ONNX model itself")
     frames = _resolve_frames(summary.dims, resolved.frames, input_name, resolved.name)
+    points = _resolve_points(summary.points_dims, resolved.points, resolved.name)
     if format_name is not None:
         check_format_targets(format_name, resolved.compute_capabilities)
 
@@ -240,7 +268,7 @@ def build_engine(
         ensure_rtx_parser_symlink()
     _check_plugins_registered(be, summary.plugins, onnx_file)
 
-    final = replace(resolved, backend=be.name, frames=frames)
+    final = replace(resolved, backend=be.name, frames=frames, points=points)
     engine_file.parent.mkdir(parents=True, exist_ok=True)
     log_path = engine_file.with_name(engine_file.name + ".build.log")
     profile_path = engine_file.with_name(engine_file.name + ".profile.json")
@@ -254,13 +282,13 @@ def build_engine(
         "profile": final.to_dict(),
     }
     logger.info(
-        "building %s engine %s from %s (profile %s, targets %s, frames %s)",
+        "building %s engine %s from %s (profile %s, targets %s, frames %s, points %s)",
         be.display_name, engine_file, onnx_file, final.name, ",".join(final.compute_capabilities),
-        "/".join(map(str, frames.as_tuple())),
+        "/".join(map(str, frames.as_tuple())), "-" if points is None else "/".join(map(str, points.as_tuple())),
     )
 
     try:
-        serialized, input_shape, timing_cache = _build_serialized(
+        serialized, input_shapes, timing_cache = _build_serialized(
             be, capture, onnx_file, input_name, final, targets, hardware_level, cache_path
         )
         _write_atomic(profile_path, final.to_json().encode("utf-8"))
@@ -299,10 +327,11 @@ def build_engine(
         log_path=log_path,
         profile_path=profile_path,
         profile=final.to_dict(),
-        input_shape=input_shape,
+        input_shape=input_shapes[input_name],
         plugin_ops=summary.plugin_ops,
         gemm_precisions=gemm_precisions,
         attention=attention,
+        input_shapes=input_shapes,
     )
 
 
@@ -350,14 +379,35 @@ def _inspect_onnx(path: Path, input_name: str) -> _OnnxSummary:
             f"input {input_name!r} of {path} has a dynamic resolution {_format_dims(dims)}; an engine has one "
             "fixed resolution: export the ONNX with static H and W (only the frame axis may be dynamic)"
         )
-    others = [f"{name} {_format_dims(_dims(vi))}" for name, vi in inputs.items()
-              if name != input_name and None in _dims(vi)]
-    if others:
-        raise QVGGTError(
-            f"{path} has other inputs with dynamic dimensions ({', '.join(others)}); only the frame axis of "
-            f"{input_name!r} can be dynamic in an engine built here"
-        )
-    return _OnnxSummary(dims=dims, plugin_ops=_plugin_ops(model), plugins=_plugin_identities(model))
+    points_dims = _dims(inputs[POINTS_INPUT]) if POINTS_INPUT in inputs else None
+    if points_dims is not None:
+        _check_points_input(path, inputs[POINTS_INPUT], points_dims, dims[_BATCH_AXIS])
+    for name, value_info in inputs.items():
+        role = "images" if name == input_name else name
+        for axis, dim in enumerate(_dims(value_info)):
+            if dim is None and axis not in _PROFILED_AXES.get(role, {}):
+                raise QVGGTError(_unprofiled_axis(path, name, axis, _dims(value_info), input_name))
+    return _OnnxSummary(dims=dims, plugin_ops=_plugin_ops(model), plugins=_plugin_identities(model),
+                        points_dims=points_dims)
+
+
+def _check_points_input(path: Path, value_info: Any, dims: tuple[int | None, ...], image_batch: int | None) -> None:
+    expected = "[1, N, 2] (pixel x, y in frame 0; N query points)"
+    if not value_info.type.HasField("tensor_type") or not value_info.type.tensor_type.HasField("shape"):
+        raise QVGGTError(f"input {POINTS_INPUT!r} of {path} has no tensor shape; expected {expected}")
+    if len(dims) != _POINTS_RANK or dims[-1] != 2:
+        raise QVGGTError(f"input {POINTS_INPUT!r} of {path} has shape {_format_dims(dims)}; expected {expected}")
+    batch = dims[_BATCH_AXIS]
+    if batch is not None and image_batch is not None and batch != image_batch:
+        raise QVGGTError(f"input {POINTS_INPUT!r} of {path} has batch {batch} but images have batch {image_batch}")
+
+
+def _unprofiled_axis(path: Path | str, name: str, axis: int, dims: tuple[int | None, ...], input_name: str) -> str:
+    known = (f"axis {FRAME_AXIS} (frames) of {input_name!r}, axis {POINTS_AXIS} (points) of {POINTS_INPUT!r} "
+             "and a batch axis 0 (pinned to 1)")
+    return (f"{path}: input {name!r} has a dynamic axis {axis} (shape {_format_dims(dims)}) that no build-profile "
+            f"range covers; an engine built here can have only these dynamic axes: {known}. Export the graph "
+            "with that axis static. No engine was built.")
 
 
 def _dims(value_info: Any) -> tuple[int | None, ...]:
@@ -436,6 +486,30 @@ def _resolve_frames(dims: tuple[int | None, ...], wanted: FrameRange, input_name
     return fixed
 
 
+def _resolve_points(dims: tuple[int | None, ...] | None, wanted: PointRange | None,
+                    profile_name: str) -> PointRange | None:
+    """The point range as built: ``None`` without ``query_points``; the static count when the axis is static."""
+    if dims is None:
+        return None
+    static_points = dims[POINTS_AXIS]
+    if static_points is None:
+        if wanted is None:
+            raise QVGGTError(
+                f"input {POINTS_INPUT!r} has a dynamic points axis but profile {profile_name!r} has no points range "
+                "(points: null, as in the resolved profile of an engine without query points); give the profile "
+                '"points": {"min": ..., "opt": ..., "max": ...}. No engine was built.'
+            )
+        return wanted
+    fixed = PointRange.static(static_points)
+    if wanted is not None and wanted != fixed:
+        logger.warning(
+            "input %r has a static point count of %d; profile %r points min/opt/max %s do not apply (export the "
+            "ONNX with a dynamic points axis to get a point range)",
+            POINTS_INPUT, static_points, profile_name, "/".join(map(str, wanted.as_tuple())),
+        )
+    return fixed
+
+
 def _resolve_targets(be: Backend, profile: EngineProfile) -> list[Any]:
     """ComputeCapability members to set on the config (empty: the backend builds for the current GPU)."""
     if profile.targets_current_gpu:
@@ -505,7 +579,7 @@ def _build_serialized(
     targets: list[Any],
     hardware_level: Any,
     cache_path: Path | None,
-) -> tuple[Any, tuple[int, ...], Any]:
+) -> tuple[Any, dict[str, tuple[int, ...]], Any]:
     trt = be.trt
     try:
         builder = trt.Builder(capture)
@@ -527,25 +601,29 @@ def _build_serialized(
     if input_name not in inputs:
         # The parser drops inputs nothing reads.
         raise QVGGTError(f"the parsed network has no input {input_name!r} (is it used?); inputs: {', '.join(inputs)}")
-    shape = tuple(int(d) for d in inputs[input_name].shape)
-    dynamic_axes = {axis for axis, dim in enumerate(shape) if dim < 0}
-    if dynamic_axes - {_BATCH_AXIS, FRAME_AXIS}:
-        raise QVGGTError(f"input {input_name!r} parsed with shape {list(shape)}; only axes 0 and 1 may be dynamic")
-    other_dynamic = [name for name, tensor in inputs.items() if name != input_name and -1 in tuple(tensor.shape)]
-    if other_dynamic:
-        raise QVGGTError(f"inputs {', '.join(other_dynamic)} have dynamic dimensions; only {input_name!r} may")
+    shapes = {name: tuple(int(d) for d in tensor.shape) for name, tensor in inputs.items()}
+    # The parser's view can differ from the ONNX declaration (e.g. a dim_param it resolved); check it again.
+    ranges: dict[str, tuple[int, int, int]] = {"batch": (1, 1, 1), "frames": profile.frames.as_tuple()}
+    if profile.points is not None:
+        ranges["points"] = profile.points.as_tuple()
+    profile_shapes = {}
+    for name, shape in shapes.items():
+        axes = _PROFILED_AXES.get("images" if name == input_name else name, {})
+        dynamic = [axis for axis, dim in enumerate(shape) if dim < 0]
+        unknown = [axis for axis in dynamic if axes.get(axis) not in ranges]
+        if unknown:
+            dims = tuple(None if d < 0 else d for d in shape)
+            raise QVGGTError(_unprofiled_axis(onnx_file, name, unknown[0], dims, input_name))
+        if dynamic:  # (min, opt, max) shapes: each dynamic axis from its range, static axes as they are
+            profile_shapes[name] = [tuple(ranges[axes[axis]][k] if dim < 0 else dim for axis, dim in enumerate(shape))
+                                    for k in range(3)]
 
     config = builder.create_builder_config()
-    if dynamic_axes:
-        # TensorRT needs an optimization profile for every dynamic input dimension.
-        shapes = []
-        for frames in profile.frames.as_tuple():
-            dims = list(shape)
-            dims[_BATCH_AXIS] = 1 if dims[_BATCH_AXIS] < 0 else dims[_BATCH_AXIS]
-            dims[FRAME_AXIS] = frames if dims[FRAME_AXIS] < 0 else dims[FRAME_AXIS]
-            shapes.append(tuple(dims))
+    if profile_shapes:
+        # TensorRT needs one optimization profile covering every dynamic input dimension.
         optimization_profile = builder.create_optimization_profile()
-        optimization_profile.set_shape(input_name, *shapes)
+        for name, (low, opt, high) in profile_shapes.items():
+            optimization_profile.set_shape(name, low, opt, high)
         config.add_optimization_profile(optimization_profile)
     # DETAILED makes the builder log its per-layer report, the only layer view available without a GPU.
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
@@ -586,7 +664,7 @@ def _build_serialized(
             + "\n  ".join(errors[:_MAX_QUOTED_ERRORS] or ["(no error reported)"])
             + hint
         )
-    return serialized, shape, timing_cache
+    return serialized, shapes, timing_cache
 
 
 def _format_parser_error(error: Any) -> str:

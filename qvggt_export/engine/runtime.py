@@ -8,6 +8,11 @@
         predictions = engine.infer(images)  # images [S, 3, H, W] or [1, S, 3, H, W], float in [0, 1]
         depth = predictions["depth"]          # the same keys as the PyTorch model's dense outputs
 
+    # A tracking engine (built from track.onnx) also takes the query points, pixel (x, y) in frame 0:
+    with QVGGTEngine("out/track.engine") as tracker:
+        tracks = tracker.infer(images, query_points)  # query_points [N, 2] or [1, N, 2]
+        tracks["track"], tracks["vis"], tracks["conf"]  # [1, S, N, 2], [1, S, N], [1, S, N]
+
 Running an engine needs an NVIDIA GPU and driver (building one with TensorRT-RTX does not). Everything that can
 be checked without one is checked first, in this order, and each failure is a :class:`QVGGTError` that says what
 was expected: the file exists and is not empty; the backend (from ``<engine>.profile.json`` for ``"auto"``) is
@@ -54,6 +59,7 @@ __all__ = [
     "QVGGTEngine",
     "TensorSpec",
     "check_images_shape",
+    "check_points_shape",
     "polygraphy_runner",
 ]
 
@@ -69,6 +75,10 @@ _BUILD_LOG_BACKEND = "# backend: "  # header line of <engine>.build.log written 
 _IMAGE_RANK = 5
 _BATCH_AXIS, _FRAME_AXIS, _CHANNEL_AXIS, _HEIGHT_AXIS, _WIDTH_AXIS = range(_IMAGE_RANK)
 _CHANNELS = 3
+# query_points [B, N, 2] of a tracking engine (track.onnx); B is 1 as for images.
+_POINTS_INPUT = "query_points"
+_POINTS_RANK = 3
+_POINTS_AXIS = 1
 
 # ILogger.Severity values, identical in TensorRT and TensorRT-RTX (lower = more severe).
 _INTERNAL_ERROR, _ERROR, _WARNING, _INFO = range(4)
@@ -137,17 +147,22 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """The image input and the outputs of a VGGT engine.
+    """The inputs and the outputs of a VGGT engine.
 
     Attributes:
         input: The ``images`` input [1, S, 3, H, W].
-        outputs: The outputs in engine order (``pose_enc``, ``depth``, ... as exported).
+        outputs: The outputs in engine order (``pose_enc``, ``depth``, ... as exported; ``track``, ``vis``,
+            ``conf`` for a tracking engine).
         frames: ``(min, opt, max)`` frame counts of the optimization profile (all equal for a static S).
+        points_input: The ``query_points`` input [1, N, 2] of a tracking engine; ``None`` otherwise.
+        points: ``(min, opt, max)`` query-point counts of a tracking engine (all equal for a static N).
     """
 
     input: TensorSpec
     outputs: tuple[TensorSpec, ...]
     frames: tuple[int, int, int]
+    points_input: TensorSpec | None = None
+    points: tuple[int, int, int] | None = None
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -207,12 +222,59 @@ def check_images_shape(
     return count
 
 
+def check_points_shape(shape: Sequence[int], points: tuple[int, int] | tuple[int, int, int]) -> int:
+    """Check query points against what a tracking engine accepts and return their count N.
+
+    Args:
+        shape: Shape of the points, ``[N, 2]`` or ``[1, N, 2]`` (pixel x, y in frame 0).
+        points: ``(min, max)`` or ``(min, opt, max)`` point counts of the engine's optimization profile.
+
+    Returns:
+        N.
+
+    Raises:
+        QVGGTError: Wrong rank, batch or last axis, or N outside the profile's range; the message names what the
+            engine accepts.
+    """
+    shape = tuple(int(d) for d in shape)
+    low, high = points[0], points[-1]
+    expected = f"[N, 2] or [1, N, 2] (pixel x, y in frame 0) with {low} <= N <= {high}"
+    if len(shape) == _POINTS_RANK - 1:
+        shape = (1, *shape)
+    if len(shape) != _POINTS_RANK or shape[-1] != 2:
+        raise QVGGTError(f"query points have shape {list(shape)}; expected {expected}")
+    if shape[_BATCH_AXIS] != 1:
+        raise QVGGTError(f"query points have shape {list(shape)}: a batch of {shape[_BATCH_AXIS]}; the engine runs "
+                         f"one sequence at a time, expected {expected}")
+    count = shape[_POINTS_AXIS]
+    if not low <= count <= high:
+        allowed = f"exactly {low}" if low == high else f"{low} to {high}"
+        raise QVGGTError(
+            f"got {count} query points; the engine's optimization profile accepts {allowed} points. Split them into "
+            f"calls of at most {high}, or rebuild the engine with a profile whose points range includes {count}"
+        )
+    return count
+
+
+def _profile_range(engine: Any, tensor: TensorSpec, axis: int) -> tuple[int, int, int]:
+    """``(min, opt, max)`` of one axis of an input: from optimization profile 0 when dynamic, else the static size."""
+    if all(d >= 0 for d in tensor.shape):
+        return (tensor.shape[axis],) * 3
+    low, opt, high = (tuple(int(d) for d in dims) for dims in engine.get_tensor_profile_shape(tensor.name, 0))
+    if (low[_BATCH_AXIS], high[_BATCH_AXIS]) != (1, 1):
+        raise QVGGTError(
+            f"engine input {tensor.name!r} accepts batches of {low[_BATCH_AXIS]} to {high[_BATCH_AXIS]}; "
+            "this runtime runs one sequence (batch 1) at a time"
+        )
+    return (low[axis], opt[axis], high[axis])
+
+
 def _read_spec(engine: Any, trt: ModuleType) -> EngineSpec:
     """Read and check the I/O tensors of a deserialized engine (TensorRT 10 / TensorRT-RTX tensor API).
 
     Raises:
-        QVGGTError: Not one image input [1|-1, S, 3, H, W] with a static resolution, no outputs, or a batch
-            range other than 1.
+        QVGGTError: Not one image input [1|-1, S, 3, H, W] with a static resolution (plus, for a tracking engine,
+            ``query_points`` [1|-1, N, 2]), no outputs, or a batch range other than 1.
     """
     inputs: list[TensorSpec] = []
     outputs: list[TensorSpec] = []
@@ -225,10 +287,13 @@ def _read_spec(engine: Any, trt: ModuleType) -> EngineSpec:
             inputs.append(spec)
         elif mode == trt.TensorIOMode.OUTPUT:
             outputs.append(spec)
-    if len(inputs) != 1:
+    points_inputs = [t for t in inputs if t.name == _POINTS_INPUT]
+    image_inputs = [t for t in inputs if t.name != _POINTS_INPUT]
+    if len(image_inputs) != 1:
         listed = ", ".join(f"{t.name} {list(t.shape)}" for t in inputs) or "none"
-        raise QVGGTError(f"the engine has inputs {listed}; a VGGT engine has one, images [1, S, 3, H, W]")
-    (image,) = inputs
+        raise QVGGTError(f"the engine has inputs {listed}; a VGGT engine has one, images [1, S, 3, H, W] (a "
+                         f"tracking engine also {_POINTS_INPUT} [1, N, 2])")
+    (image,) = image_inputs
     shape = image.shape
     expected = "[1, S, 3, H, W] with a fixed H and W"
     if len(shape) != _IMAGE_RANK or shape[_CHANNEL_AXIS] != _CHANNELS:
@@ -238,19 +303,17 @@ def _read_spec(engine: Any, trt: ModuleType) -> EngineSpec:
     if not outputs:
         raise QVGGTError("the engine has no outputs")
 
-    if any(d < 0 for d in shape):
-        low, opt, high = (tuple(int(d) for d in dims) for dims in engine.get_tensor_profile_shape(image.name, 0))
-        if (low[_BATCH_AXIS], high[_BATCH_AXIS]) != (1, 1):
-            raise QVGGTError(
-                f"engine input {image.name!r} accepts batches of {low[_BATCH_AXIS]} to {high[_BATCH_AXIS]}; "
-                "this runtime runs one sequence (batch 1) at a time"
-            )
-        frames = (low[_FRAME_AXIS], opt[_FRAME_AXIS], high[_FRAME_AXIS])
-    else:
-        if shape[_BATCH_AXIS] != 1:
-            raise QVGGTError(f"engine input {image.name!r} has shape {list(shape)}; expected {expected}")
-        frames = (shape[_FRAME_AXIS],) * 3
-    return EngineSpec(input=image, outputs=tuple(outputs), frames=frames)
+    if shape[_BATCH_AXIS] >= 0 and shape[_BATCH_AXIS] != 1:
+        raise QVGGTError(f"engine input {image.name!r} has shape {list(shape)}; expected {expected}")
+    frames = _profile_range(engine, image, _FRAME_AXIS)
+    if not points_inputs:
+        return EngineSpec(input=image, outputs=tuple(outputs), frames=frames)
+    (points_input,) = points_inputs
+    points_shape = points_input.shape
+    if len(points_shape) != _POINTS_RANK or points_shape[-1] != 2 or points_shape[_BATCH_AXIS] not in (-1, 1):
+        raise QVGGTError(f"engine input {_POINTS_INPUT!r} has shape {list(points_shape)}; expected [1, N, 2]")
+    points = _profile_range(engine, points_input, _POINTS_AXIS)
+    return EngineSpec(input=image, outputs=tuple(outputs), frames=frames, points_input=points_input, points=points)
 
 
 def _torch_dtype(trt_dtype: str) -> torch.dtype:
@@ -508,7 +571,8 @@ def _check_rtx_length(engine_file: Path) -> None:
 
 @dataclass
 class _Bindings:
-    """Device buffers for one frame count; their addresses stay fixed while the engine holds them.
+    """Device buffers for one frame count (and point count, for a tracking engine); their addresses stay fixed
+    while the engine holds them.
 
     ``context`` is the engine's shared execution context, or (manual CUDA graphs) one dedicated to this frame
     count: a captured graph bakes in the shapes, addresses and host-side state of the context it was captured
@@ -520,8 +584,15 @@ class _Bindings:
     outputs: dict[str, torch.Tensor]
     context: Any
     dedicated: bool = False
+    points: int | None = None  # query points of a tracking engine
+    points_input: torch.Tensor | None = None
     graph: Any = None  # torch.cuda.CUDAGraph captured for this frame count (manual CUDA graphs only)
     capture_failed: bool = False
+
+    @property
+    def key(self) -> int | tuple[int, int]:
+        """S, or (S, N) for a tracking engine: what the engine keys its buffers by."""
+        return self.frames if self.points is None else (self.frames, self.points)
 
 
 def _graph_context(engine: Any, trt: ModuleType, scratch: torch.Tensor | None, device: torch.device,
@@ -557,10 +628,13 @@ class QVGGTEngine:
 
     The engine takes ``images`` [1, S, 3, H, W] (float in [0, 1]; ImageNet normalisation is inside the graph)
     and returns the exported dense outputs (``pose_enc``, ``depth``, ``depth_conf``, ``world_points``,
-    ``world_points_conf``, as the model's heads provide), keyed as in the PyTorch model's output dict.
+    ``world_points_conf``, as the model's heads provide), keyed as in the PyTorch model's output dict. A tracking
+    engine (built from ``track.onnx``) also takes ``query_points`` [1, N, 2] and returns ``track``, ``vis`` and
+    ``conf``.
 
-    Device buffers are allocated once per frame count S and reused (fixed addresses, which CUDA graphs need).
-    Without ``cuda_graph`` only the buffers of the latest S are kept; with it, those of every S seen.
+    Device buffers are allocated once per frame count S (per (S, N) for a tracking engine) and reused (fixed
+    addresses, which CUDA graphs need). Without ``cuda_graph`` only the buffers of the latest shape are kept;
+    with it, those of every shape seen.
 
     Not thread-safe to share between threads beyond the internal lock, which serialises :meth:`infer` calls.
 
@@ -569,8 +643,9 @@ class QVGGTEngine:
         backend: ``"auto"`` (the one recorded beside the engine, else TensorRT-RTX if installed, else TensorRT),
             ``"rtx"`` or ``"trt"``. An engine loads only in the flavour and version that built it.
         device: CUDA device: index, ``"cuda:N"`` or ``torch.device``.
-        cuda_graph: Replay each frame count's execution as a CUDA graph. TensorRT-RTX captures and replays
-            natively (``CudaGraphStrategy.WHOLE_GRAPH_CAPTURE``); with full TensorRT the first call per S runs
+        cuda_graph: Replay each frame count's (tracking engines: each (S, N)'s) execution as a CUDA graph.
+            TensorRT-RTX captures and replays natively (``CudaGraphStrategy.WHOLE_GRAPH_CAPTURE``); with full
+            TensorRT the first call per S runs
             normally and is then captured with ``torch.cuda.CUDAGraph`` (skipped, with a warning, if TensorRT
             reports the context not capturable).
 
@@ -649,7 +724,7 @@ class QVGGTEngine:
                 raise QVGGTError(f"{be.display_name} {be.version} could not deserialize {engine_file}"
                                  + _quote(capture.since(mark, _ERROR) or lines))
             spec = _read_spec(engine, trt)
-            for tensor in (spec.input, *spec.outputs):
+            for tensor in (spec.input, *((spec.points_input,) if spec.points_input else ()), *spec.outputs):
                 _torch_dtype(tensor.dtype)  # fail now, not at the first call
             stream = torch.cuda.Stream(device=torch_device)
             native_graph = cuda_graph and hasattr(trt, "CudaGraphStrategy") and hasattr(engine, "create_runtime_config")
@@ -683,7 +758,7 @@ class QVGGTEngine:
         self._scratch = scratch  # activation memory shared by the per-frame-count contexts (manual graphs)
         self._spare_context = context if manual_graph else None  # the first frame count's dedicated context
         self._bindings: dict[int, _Bindings] = {}
-        self._active: int | None = None  # frame count whose shape and addresses the context holds
+        self._active: int | tuple[int, int] | None = None  # the shape key whose shapes and addresses the context holds
         self._lock = threading.Lock()
         self._closed = False
         logger.info("loaded %s engine %s on %s (%s): frames %s, resolution %sx%s, outputs %s", be.display_name,
@@ -723,6 +798,11 @@ class QVGGTEngine:
         return self._spec.frames
 
     @property
+    def points(self) -> tuple[int, int, int] | None:
+        """``(min, opt, max)`` query-point counts of a tracking engine; ``None`` for an engine without them."""
+        return self._spec.points
+
+    @property
     def resolution(self) -> tuple[int, int]:
         """``(H, W)``."""
         return self._spec.resolution
@@ -742,10 +822,12 @@ class QVGGTEngine:
 
     # -- running -----------------------------------------------------------------------------------------
 
-    def __call__(self, images: torch.Tensor, *, copy: bool = True) -> dict[str, torch.Tensor]:
-        return self.infer(images, copy=copy)
+    def __call__(self, images: torch.Tensor, query_points: torch.Tensor | None = None, *,
+                 copy: bool = True) -> dict[str, torch.Tensor]:
+        return self.infer(images, query_points, copy=copy)
 
-    def infer(self, images: torch.Tensor, *, copy: bool = True) -> dict[str, torch.Tensor]:
+    def infer(self, images: torch.Tensor, query_points: torch.Tensor | None = None, *,
+              copy: bool = True) -> dict[str, torch.Tensor]:
         """Run the engine on one sequence.
 
         Ordered like ordinary torch work: the engine's stream waits for the caller's current stream before
@@ -755,8 +837,10 @@ class QVGGTEngine:
         Args:
             images: ``[S, 3, H, W]`` or ``[1, S, 3, H, W]`` floating-point images in [0, 1], on the CPU or any
                 CUDA device; converted to the engine's input dtype.
+            query_points: For a tracking engine (and only for one): ``[N, 2]`` or ``[1, N, 2]`` floating-point
+                pixel coordinates (x, y) in frame 0, on the CPU or any CUDA device.
             copy: Return fresh tensors (default). With ``False`` the engine's own output buffers are returned:
-                no copy, but the next call with the same S overwrites them.
+                no copy, but the next call with the same S (and N) overwrites them.
 
         Returns:
             Output name -> CUDA tensor on the engine's device, shapes with batch 1 as the model's (e.g.
@@ -764,7 +848,8 @@ class QVGGTEngine:
 
         Raises:
             QVGGTError: Not a floating-point tensor, a shape the engine does not accept (the message gives the
-                allowed frame range and resolution), the engine is closed, or TensorRT fails to enqueue.
+                allowed frame or point range and resolution), query points missing for a tracking engine or given
+                to another engine, the engine is closed, or TensorRT fails to enqueue.
         """
         import torch
 
@@ -775,33 +860,54 @@ class QVGGTEngine:
                 f"images have dtype {images.dtype}; expected floating point in [0, 1] (divide uint8 images by 255)"
             )
         frames = check_images_shape(tuple(images.shape), self.resolution, self.frames)
+        key: int | tuple[int, int] = frames
+        if self._spec.points is None:
+            if query_points is not None:
+                raise QVGGTError(f"engine {self._path} has no {_POINTS_INPUT} input (not a tracking engine); call "
+                                 "infer(images) without query points, or load the track.engine built beside it")
+        else:
+            if query_points is None:
+                raise QVGGTError(f"engine {self._path} is a tracking engine: infer(images, query_points) needs the "
+                                 "query points [N, 2] or [1, N, 2], pixel (x, y) in frame 0")
+            if not isinstance(query_points, torch.Tensor) or not query_points.is_floating_point():
+                found = query_points.dtype if isinstance(query_points, torch.Tensor) else type(query_points).__name__
+                raise QVGGTError(f"query points must be a floating-point torch.Tensor (pixel x, y), got {found}")
+            key = (frames, check_points_shape(tuple(query_points.shape), self._spec.points))
         with self._lock:
             if self._closed:
                 raise QVGGTError(f"engine {self._path} is closed")
             with torch.cuda.device(self._device):
                 caller = torch.cuda.current_stream(self._device)
-                bindings = self._bindings_for(frames)
-                if images.is_cuda and images.device != self._device:
-                    images = images.to(self._device)  # a peer copy, ordered by torch
+                bindings = self._bindings_for(key)
+                sources = [(images, bindings.input)]
+                if query_points is not None and bindings.points_input is not None:
+                    sources.append((query_points, bindings.points_input))
+                # Peer copies (ordered by torch) for tensors on another GPU than the engine's.
+                sources = [(x.to(self._device) if x.is_cuda and x.device != self._device else x, buffer)
+                           for x, buffer in sources]
                 self._stream.wait_stream(caller)
-                if images.is_cuda:
-                    images.record_stream(self._stream)  # the caller may free it before our copy has run
+                for source, _ in sources:
+                    if source.is_cuda:
+                        source.record_stream(self._stream)  # the caller may free it before our copy has run
                 with torch.cuda.stream(self._stream):
-                    bindings.input.copy_(images.reshape(bindings.input.shape), non_blocking=True)
+                    for source, buffer in sources:
+                        buffer.copy_(source.reshape(buffer.shape), non_blocking=True)
                     self._run(bindings)
                 caller.wait_stream(self._stream)
                 if not copy:
                     return dict(bindings.outputs)
                 return {name: tensor.clone() for name, tensor in bindings.outputs.items()}
 
-    def _bindings_for(self, frames: int) -> _Bindings:
+    def _bindings_for(self, key: int | tuple[int, int]) -> _Bindings:
+        """The buffers of one shape key: S, or (S, N) for a tracking engine."""
         import torch
 
-        found = self._bindings.get(frames)
+        found = self._bindings.get(key)
         if found is not None:
             return found
+        frames, points = key if isinstance(key, tuple) else (key, None)
         if not self._cuda_graph:
-            self._bindings.clear()  # keep one frame count's buffers
+            self._bindings.clear()  # keep one shape's buffers
             self._active = None
         spec = self._spec
         if self._manual_graph:
@@ -813,20 +919,28 @@ class QVGGTEngine:
                                                         self._stream)
                 if context is None:
                     raise QVGGTError(f"{self._backend.display_name} could not create an execution context for "
-                                     f"{frames} frames" + _quote(self._capture.since(mark, _ERROR)))
+                                     f"shape key {key}" + _quote(self._capture.since(mark, _ERROR)))
         else:
             context, dedicated = self._context, False
             self._active = None  # the shared context's shape changes below: rebind before the next run
         shape = list(spec.input.shape)
         shape[_BATCH_AXIS], shape[_FRAME_AXIS] = 1, frames
-        mark = self._capture.count
-        if not context.set_input_shape(spec.input.name, shape):
-            raise QVGGTError(f"{self._backend.display_name} refused input shape {shape} for {spec.input.name!r}"
-                             + _quote(self._capture.since(mark, _ERROR)))
+        shapes = {spec.input.name: shape}
+        if spec.points_input is not None and points is not None:
+            shapes[spec.points_input.name] = [1, points, 2]
+        for name, dims in shapes.items():
+            mark = self._capture.count
+            if not context.set_input_shape(name, dims):
+                raise QVGGTError(f"{self._backend.display_name} refused input shape {dims} for {name!r}"
+                                 + _quote(self._capture.since(mark, _ERROR)))
         # Allocated on the engine's stream: when these buffers are dropped, only work ordered after the engine's
         # can reuse their memory.
         with torch.cuda.stream(self._stream):
             image_buffer = torch.empty(shape, dtype=_torch_dtype(spec.input.dtype), device=self._device)
+            points_buffer = None
+            if spec.points_input is not None and points is not None:
+                points_buffer = torch.empty(shapes[spec.points_input.name], dtype=_torch_dtype(spec.points_input.dtype),
+                                            device=self._device)
             outputs = {}
             for output in spec.outputs:
                 dims = tuple(int(d) for d in context.get_tensor_shape(output.name))
@@ -834,27 +948,33 @@ class QVGGTEngine:
                     raise QVGGTError(f"output {output.name!r} has a data-dependent shape {list(dims)}, which this "
                                      "runtime does not support")
                 outputs[output.name] = torch.empty(dims, dtype=_torch_dtype(output.dtype), device=self._device)
-        bindings = _Bindings(frames=frames, input=image_buffer, outputs=outputs, context=context, dedicated=dedicated)
+        bindings = _Bindings(frames=frames, input=image_buffer, outputs=outputs, context=context, dedicated=dedicated,
+                             points=points, points_input=points_buffer)
         if dedicated:
             self._bind_addresses(bindings)
-        self._bindings[frames] = bindings
+        self._bindings[key] = bindings
         return bindings
 
     def _bind_addresses(self, bindings: _Bindings) -> None:
         context = bindings.context
         context.set_tensor_address(self._spec.input.name, bindings.input.data_ptr())
+        if bindings.points_input is not None and self._spec.points_input is not None:
+            context.set_tensor_address(self._spec.points_input.name, bindings.points_input.data_ptr())
         for name, tensor in bindings.outputs.items():
             context.set_tensor_address(name, tensor.data_ptr())
 
     def _activate(self, bindings: _Bindings) -> None:
-        """Point the shared context at this frame count's shape and buffers (dedicated contexts stay bound)."""
-        if bindings.dedicated or self._active == bindings.frames:
+        """Point the shared context at this shape key's shapes and buffers (dedicated contexts stay bound)."""
+        if bindings.dedicated or self._active == bindings.key:
             return
-        shape = tuple(bindings.input.shape)
-        if not bindings.context.set_input_shape(self._spec.input.name, shape):
-            raise QVGGTError(f"{self._backend.display_name} refused input shape {list(shape)}")
+        shapes = {self._spec.input.name: tuple(bindings.input.shape)}
+        if bindings.points_input is not None and self._spec.points_input is not None:
+            shapes[self._spec.points_input.name] = tuple(bindings.points_input.shape)
+        for name, shape in shapes.items():
+            if not bindings.context.set_input_shape(name, shape):
+                raise QVGGTError(f"{self._backend.display_name} refused input shape {list(shape)} for {name!r}")
         self._bind_addresses(bindings)
-        self._active = bindings.frames
+        self._active = bindings.key
 
     def _execute(self, context: Any) -> None:
         mark = self._capture.count
