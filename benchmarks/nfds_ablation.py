@@ -21,10 +21,15 @@ drops, cluster sizes, and how many degraded candidates each strategy picks.
 fraction F of the candidates is degraded, a third each with heavy sensor noise (Gaussian, sigma 0.25),
 overexposure (x3, clipped) or one frame blanked to mid-grey.
 
-**Cost** (``--cost``): seconds of the NFDS statistics pass vs calibration (DSFQ statistics, transforms,
-block reconstruction, quantization) at the issue's shape (pool 400, budget 40, 10 frames) on ``tiny``,
-pool from the real clips, for several ``--recon-list`` settings, interleaved (NFDS pass, calibration,
-NFDS pass, ...). Writes ``nfds_cost.{md,json}``.
+**Cost** (``--cost``): seconds of the NFDS statistics pass, one candidate at a time and in batches of
+``--cost-batch`` (with and without a reader thread), vs calibration (DSFQ statistics, transforms, block
+reconstruction, quantization) at the issue's shape (pool 400, budget 40, 10 frames) on ``tiny``, pool
+from the real clips, for ``--recon-list`` steps per block (default 0, 100 and 600; 600 is the published
+QuantVGGT recipe: 15 epochs over 40 sequences at calibration batch size 1, ``evaluation/quarot/args_utils.py``),
+interleaved (NFDS passes, calibration, NFDS passes, ...), after a profile of the pass (reading vs bare
+forward, top operators). Writes ``nfds_cost.{md,json}``.
+
+    python benchmarks/nfds_ablation.py --cost --threads 1
 
 Runs single-threaded by default (``--threads``): on a shared 2-core machine two intra-op threads
 contend with other jobs and make small ops 100x slower, which swamps every timing.
@@ -237,64 +242,170 @@ def ablation(args) -> None:
     print("\n".join(lines))
 
 
+def _profile(pool, model, device, batch_size: int) -> dict:
+    """Where one statistics pass spends its time: reading, the bare aggregator forward (batch 1 vs ``batch_size``)
+    and the top operators of one batch-1 forward of the aggregator (torch profiler, self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    samples = [sample for _, sample in pool.iter_samples()]
+    read_s = time.perf_counter() - t0
+    aggregator = model.aggregator
+    subset = samples[: 4 * batch_size]
+    out = {"read_pool_s": read_s, "read_per_candidate_ms": 1e3 * read_s / len(samples)}
+    with torch.inference_mode():
+        aggregator(subset[0].unsqueeze(0).to(device))  # warm-up
+        for _ in range(2):  # two interleaved rounds: the machine's load drifts
+            for size in (1, batch_size):
+                t0 = time.perf_counter()
+                for start in range(0, len(subset), size):
+                    aggregator(torch.stack(subset[start:start + size]).to(device))
+                out.setdefault(f"forward_ms_per_candidate_batch{size}", []).append(
+                    1e3 * (time.perf_counter() - t0) / len(subset))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for sample in subset[:8]:
+                aggregator(sample.unsqueeze(0).to(device))
+    out.update(_decode_pool_probe())
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    out["top_ops_self_cpu_share"] = {e.key: round(e.self_cpu_time_total / total, 3) for e in events[:8]}
+    out["ops_per_forward"] = sum(e.count for e in events) / 8
+    del samples
+    return out
+
+
+def _decode_pool_probe(frames: int = 200) -> dict:
+    """Would a decoding thread pool help? Per-frame work of reading a video window (PyAV ``to_image`` + the
+    model's resize/pad; both release the GIL) on ``frames`` decoded frames, serial vs 2 threads, twice."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import av
+
+    from qvggt_export.model.preprocess import preprocess_image
+
+    with av.open(str(DATA / "videos" / "great_wall.mp4")) as container:
+        t0 = time.perf_counter()
+        decoded = []
+        for frame in container.decode(video=0):
+            decoded.append(frame)
+            if len(decoded) == frames:
+                break
+        decode_s = time.perf_counter() - t0
+
+    def work(frame):
+        return preprocess_image(frame.to_image(), SIZE, "pad", 14)
+
+    serial, threaded = [], []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        want = [work(f) for f in decoded]
+        serial.append(1e3 * (time.perf_counter() - t0) / len(decoded))
+        with ThreadPoolExecutor(2) as pool:
+            t0 = time.perf_counter()
+            got = list(pool.map(work, decoded))
+            threaded.append(1e3 * (time.perf_counter() - t0) / len(decoded))
+        assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    return {"video_decode_ms_per_frame": 1e3 * decode_s / len(decoded),
+            "to_image_preprocess_ms_per_frame_serial": serial, "to_image_preprocess_ms_per_frame_2_threads": threaded}
+
+
+def _nfds_pass(pool, model, batch_size: int, prefetch: int | None, budget: int):
+    config = NFDSConfig(budget=budget, batch_size=batch_size)
+    t0 = time.perf_counter()
+    stats = collect_statistics(pool, model, config, progress=False, prefetch=prefetch)
+    selection = select_from_statistics(stats, config)
+    return time.perf_counter() - t0, stats, selection
+
+
 def cost(args) -> None:
-    """NFDS statistics seconds vs calibration seconds at the issue's shape, interleaved."""
+    """NFDS statistics seconds (batch 1 vs batched) vs calibration seconds at the issue's shape, interleaved."""
     if not (DATA / "videos").is_dir():
         raise SystemExit(f"--cost needs the real clips in {DATA}")
     sources = [str(DATA / "sequences"), str(DATA / "videos")]
     device = torch.device(args.device)
+    batch = args.cost_batch
+    if batch < 2:
+        raise SystemExit(f"--cost-batch must be >= 2 (it is compared with batch 1), got {batch}")
     model = build_vggt(args.cost_preset).eval().to(device)
     t0 = time.perf_counter()
     pool = build_candidate_pool(sources, args.cost_frames, args.cost_size, "pad", pool_size=args.cost_pool, seed=0)
     pool_s = time.perf_counter() - t0
-    config = NFDSConfig(budget=args.cost_budget)
+    profile = _profile(pool, model, device, batch)
+    print(profile, flush=True)
+    t0 = time.perf_counter()
+    _nfds_pass(pool[:args.cost_budget], model, batch, None, args.cost_budget // 4)  # warm-up: imports, K-Means
+    warmup_s = time.perf_counter() - t0
+    variants = {"batch1": (1, 0), f"batch{batch}": (batch, None), f"batch{batch}_prefetch": (batch, batch)}
     rows = []
-    nfds_runs = []
     for recon in args.recon_list:
+        runs = {}
+        selections = {}
+        for name, (size, prefetch) in variants.items():
+            seconds, stats, selection = _nfds_pass(pool, model, size, prefetch, args.cost_budget)
+            runs[name] = {"total_s": seconds, "load_s": stats.timing["load_s"],
+                          "forward_s": stats.timing["forward_s"], "selection_s": selection.timing["selection_s"]}
+            selections[name] = selection
+        first = next(iter(selections.values()))
+        # Same statistics and selection whatever the batch (tests/calib/test_nfds_batched.py, 1e-5 relative).
+        assert all(s.selected_ids == first.selected_ids for s in selections.values())
         t0 = time.perf_counter()
-        ahead = collect_statistics(pool, model, config, progress=False, prefetch=2)  # reader thread, for comparison
-        ahead_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        stats = collect_statistics(pool, model, config, progress=False)  # the default (CPU: no reader thread)
-        selection = select_from_statistics(stats, config)
-        nfds_s = time.perf_counter() - t0
-        assert (ahead.means == stats.means).all() and (ahead.vectors == stats.vectors).all()
-        nfds_runs.append({"total_s": nfds_s, **stats.timing, "selection_s": selection.timing["selection_s"],
-                          "prefetch2_s": ahead_s, "prefetch2_wait_s": ahead.timing["load_s"]})
-        t0 = time.perf_counter()
-        batches = [sample.unsqueeze(0).to(device) for sample in selection.samples()]
+        batches = [sample.unsqueeze(0).to(device) for sample in first.samples()]
         load_selected_s = time.perf_counter() - t0
         quantized = build_vggt(args.cost_preset).eval().to(device)
         t0 = time.perf_counter()
         calibrate(quantized, QuantConfig(bits="w4a4", method="dsfq", seed=0, recon_iters=recon), batches)
         calib_s = time.perf_counter() - t0
-        rows.append({"recon_iters": recon, "nfds_s": nfds_s, "calibrate_s": calib_s,
-                     "load_selected_s": load_selected_s,
-                     "share_of_nfds_plus_calibrate": nfds_s / (nfds_s + calib_s),
-                     "share_of_all_calibration": nfds_s / (pool_s + nfds_s + load_selected_s + calib_s)})
-        print(rows[-1], flush=True)
+        rest = pool_s + load_selected_s + calib_s
+        row = {"recon_iters": recon, "nfds": runs, "calibrate_s": calib_s, "load_selected_s": load_selected_s}
+        for name, run in runs.items():
+            row[f"share_{name}_of_nfds_plus_calibrate"] = run["total_s"] / (run["total_s"] + calib_s)
+            row[f"share_{name}_of_all_calibration"] = run["total_s"] / (run["total_s"] + rest)
+        rows.append(row)
+        print(row, flush=True)
     result = {"preset": args.cost_preset, "pool": len(pool), "budget": args.cost_budget, "frames": args.cost_frames,
               "image_size": args.cost_size, "device": str(device), "sources": "../shared/data sequences + videos",
-              "pool_build_s": pool_s,
+              "batch_size": batch, "pool_build_s": pool_s, "warmup_s": warmup_s, "profile": profile,
               "threads": torch.get_num_threads(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-              "nfds_runs": nfds_runs, "rows": rows}
+              "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "nfds_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    fwd1 = profile["forward_ms_per_candidate_batch1"]
+    fwdb = profile[f"forward_ms_per_candidate_batch{batch}"]
+    _ms = lambda values: " / ".join(f"{x:.2f}" for x in values)  # noqa: E731
+    ops = ", ".join(f"{k} {100 * v:.0f} %" for k, v in profile["top_ops_self_cpu_share"].items())
     lines = [f"# NFDS cost vs calibration on `{args.cost_preset}` (pool {len(pool)}, budget {args.cost_budget}, "
              f"{args.cost_frames} frames, {args.cost_size}x{args.cost_size}, {device})", "",
              f"Pool from the real clips (../shared/data); {result['threads']} thread(s); load average "
-             f"{result['load_average_1_5_15']} at the end. Each row: one NFDS pass (statistics + selection; "
-             "loading the 400 candidates included), then one calibration (`calibrate`: DSFQ statistics, "
-             "transforms, block reconstruction, quantization) on its 40 selected sequences, interleaved.", "",
-             "| recon iters | NFDS s (load / forward) | NFDS s with a reader thread (waiting for data) | calibrate s | "
-             "NFDS / (NFDS + calibrate) | NFDS / all calibration work |", "|---|---|---|---|---|---|"]
-    for row, run in zip(rows, nfds_runs, strict=True):
-        lines.append(f"| {row['recon_iters']} | {row['nfds_s']:.1f} ({run['load_s']:.1f} / {run['forward_s']:.1f}) | "
-                     f"{run['prefetch2_s']:.1f} ({run['prefetch2_wait_s']:.1f}) | "
-                     f"{row['calibrate_s']:.1f} | {100 * row['share_of_nfds_plus_calibrate']:.1f} % | "
-                     f"{100 * row['share_of_all_calibration']:.1f} % |")
-    lines += ["", f"Pool build (headers, video demux): {pool_s:.1f} s; \"all calibration work\" adds it and loading "
-              "the selected sequences to the denominator."]
+             f"{result['load_average_1_5_15']} at the end. Each row: three NFDS passes (statistics + selection, "
+             f"reading the {len(pool)} candidates included) -- batch 1, batch {batch} (the default), batch {batch} "
+             f"with a reader thread ({batch} ahead) -- all selecting the same {args.cost_budget}, then one "
+             "calibration (`calibrate`: DSFQ W4A4 statistics, transforms, block reconstruction with one sequence "
+             "per step, quantization) on them; interleaved.", "",
+             "## Profile of the pass", "",
+             f"- reading the pool (decode + preprocess, frames shared by overlapping windows decoded once): "
+             f"{profile['read_pool_s']:.2f} s, {profile['read_per_candidate_ms']:.1f} ms per candidate",
+             f"- bare aggregator forward per candidate, two interleaved rounds: batch 1 "
+             f"{' / '.join(f'{x:.1f}' for x in fwd1)} ms, batch {batch} {' / '.join(f'{x:.1f}' for x in fwdb)} ms",
+             f"- one batch-1 forward: {profile['ops_per_forward']:.0f} operator calls; self CPU time: {ops}",
+             f"- reading a video window, per frame: decode {profile['video_decode_ms_per_frame']:.2f} ms (sequential), "
+             f"then `to_image` + resize/pad {_ms(profile['to_image_preprocess_ms_per_frame_serial'])} ms serially "
+             f"vs {_ms(profile['to_image_preprocess_ms_per_frame_2_threads'])} ms in a 2-thread pool (same tensors)",
+             "",
+             "## NFDS share of calibration", "",
+             f"| recon iters | calibrate s | NFDS s, batch 1 (load / forward) | NFDS s, batch {batch} (load / forward) "
+             f"| batch {batch} + reader thread (waiting) | share, batch 1 | share, batch {batch} | "
+             f"share of all calibration work, batch {batch} |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        one, many, ahead = (row["nfds"][k] for k in variants)
+        b1, bb = "share_batch1_of_nfds_plus_calibrate", f"share_batch{batch}_of_nfds_plus_calibrate"
+        lines.append(f"| {row['recon_iters']} | {row['calibrate_s']:.1f} | {one['total_s']:.1f} ({one['load_s']:.1f} / "
+                     f"{one['forward_s']:.1f}) | {many['total_s']:.1f} ({many['load_s']:.1f} / {many['forward_s']:.1f})"
+                     f" | {ahead['total_s']:.1f} ({ahead['load_s']:.1f}) | {100 * row[b1]:.1f} % | "
+                     f"{100 * row[bb]:.1f} % | {100 * row[f'share_batch{batch}_of_all_calibration']:.1f} % |")
+    lines += ["", "Share = NFDS / (NFDS + calibrate). \"All calibration work\" also adds building the pool "
+              f"({pool_s:.1f} s: headers, video demux) and loading the selected sequences to the denominator. "
+              f"Not in any row: a one-off {warmup_s:.1f} s warm-up pass (imports of tqdm/scikit-learn, first "
+              "K-Means) run before the timed rows, which a pipeline run pays once."]
     (RESULTS / "nfds_cost.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -317,7 +428,10 @@ def main() -> None:
     parser.add_argument("--cost-frames", type=int, default=10)
     parser.add_argument("--cost-size", type=int, default=SIZE, help="square image size of the cost run")
     parser.add_argument("--device", default="cpu", help="device of the cost run (e.g. cuda on a GPU host)")
-    parser.add_argument("--recon-list", type=int, nargs="+", default=[0, 20, 100])
+    parser.add_argument("--cost-batch", type=int, default=NFDSConfig().batch_size,
+                        help="batched NFDS pass compared with batch 1 (default: NFDSConfig's)")
+    parser.add_argument("--recon-list", type=int, nargs="+", default=[0, 100, 600],
+                        help="reconstruction steps per block; 600 = the published recipe (15 epochs x 40, batch 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -138,6 +138,10 @@ def test_nonfinite_activations_name_the_candidate_within_a_batch(tiny, pool):
         collect_statistics(samples, tiny, NFDSConfig(batch_size=4), progress=False)
     with pytest.raises(QVGGTError, match=r"candidate c4: NaN/Inf"):
         collect_statistics(samples, tiny, NFDSConfig(batch_size=1), progress=False)
+    samples["c2"] = pool[2].clone()
+    samples["c2"][1, 0, 5, 5] = float("nan")  # a NaN pixel: named as bad input, before c4 (pool order)
+    with pytest.raises(QVGGTError, match=r"candidate c2: the input images contain NaN/Inf"):
+        collect_statistics(samples, tiny, NFDSConfig(batch_size=4), progress=False)
 
 
 def test_batch_size_validated():
