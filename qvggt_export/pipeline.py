@@ -562,8 +562,8 @@ def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTim
         graph, choice["lowering"] = _lowered_graph(config, onnx_path, config.resolved_engine_lowering(),
                                                    reference_model, batches)
     with timer.stage("build_engine"):
-        data, plugin_nodes = _engine_from_graph(config, graph, engine_path, profile,
-                                                config.out_dir / "model.plugin.onnx")
+        data, graph, plugin_nodes = _engine_from_graph(config, graph, engine_path, profile,
+                                                       config.out_dir / "model.plugin.onnx")
     return _engine_report(config, graph, data, plugin_nodes, choice)
 
 
@@ -578,10 +578,10 @@ def _engine_report(config: PipelineConfig, graph: Path, data: dict[str, Any], pl
 
 
 def _engine_from_graph(config: PipelineConfig, graph: Path, engine_path: Path, profile: str,
-                       plugin_path: Path) -> tuple[dict[str, Any], int]:
+                       plugin_path: Path) -> tuple[dict[str, Any], Path, int]:
     """Build one engine from ``graph`` (Hadamard calls swapped for plugin nodes into ``plugin_path`` first, when
-    the run uses the plugin). Returns the build result as a dict, or ``{"path": None, "reason": ...}``, and the
-    number of plugin nodes."""
+    the run uses the plugin). Returns the build result as a dict, or ``{"path": None, "reason": ...}``, the graph
+    the engine was built from, and the number of plugin nodes."""
     from qvggt_export.engine import build_engine
 
     backend = None if config.backend == "auto" else config.backend
@@ -596,11 +596,11 @@ def _engine_from_graph(config: PipelineConfig, graph: Path, engine_path: Path, p
         result = build_engine(graph, engine_path, profile, backend=backend, format_name=config.bits)
     except MissingDependencyError as exc:
         logger.warning("no engine built: %s", exc)
-        return {"path": None, "reason": str(exc)}, plugin_nodes
+        return {"path": None, "reason": str(exc)}, graph, plugin_nodes
     except QVGGTError as exc:
         logger.error("engine build failed: %s", exc)
-        return {"path": None, "reason": f"build failed: {exc}", "failed": True}, plugin_nodes
-    return result.to_dict(), plugin_nodes
+        return {"path": None, "reason": f"build failed: {exc}", "failed": True}, graph, plugin_nodes
+    return result.to_dict(), graph, plugin_nodes
 
 
 def _track_engine_stage(config: PipelineConfig, track_path: Path, timer: StageTimer,
@@ -626,8 +626,8 @@ def _track_engine_stage(config: PipelineConfig, track_path: Path, timer: StageTi
         choice["lowering"]["float16_not_applied"] = ("--engine-fp16 is not applied to the track engine: the "
                                                      "tracker stays float32, as in the track export")
     with timer.stage("build_track_engine"):
-        data, plugin_nodes = _engine_from_graph(config, graph, config.out_dir / "track.engine", profile,
-                                                config.out_dir / "track.plugin.onnx")
+        data, graph, plugin_nodes = _engine_from_graph(config, graph, config.out_dir / "track.engine", profile,
+                                                       config.out_dir / "track.plugin.onnx")
     return _engine_report(config, graph, data, plugin_nodes, choice)
 
 
