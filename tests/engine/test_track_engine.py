@@ -422,3 +422,31 @@ def test_tracking_engine_input_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         TensorSpec("images", "FLOAT", (1, -1, 3, SIZE, SIZE)), (TensorSpec("depth", "FLOAT", (1, -1)),), (1, 2, 4)))
     with pytest.raises(QVGGTError, match="has no query_points input"):
         image_only.infer(images, points)
+
+
+# --------------------------------------------------------------------------------------------------------
+# GPU: a tracking engine against ONNX Runtime (not run in this project's CI: no GPU)
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU host)")
+def test_gpu_tracking_engine_matches_onnxruntime(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime for the reference outputs")
+    from qvggt_export.engine import load_backend
+
+    major, minor = torch.cuda.get_device_capability(0)
+    backend = "rtx" if f"SM{major}{minor}" in load_backend("rtx").compute_capability_names() else "trt"
+    model = tiny_track_onnx(tmp_path / "track.onnx")
+    profile = EngineProfile(name="gpu-track", backend=backend, compute_capabilities=("CURRENT",),
+                            frames={"min": 1, "opt": 2, "max": 4}, points={"min": 1, "opt": 8, "max": 64})
+    result = build_engine(model, tmp_path / "track.engine", profile)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    with QVGGTEngine(result.engine_path) as engine:
+        assert engine.points == (1, 8, 64)
+        for frames, points, seed in ((2, 5, 0), (4, 64, 1), (1, 1, 2), (2, 5, 3)):
+            images, query = _case(frames, points, seed)
+            track, vis = session.run(["track", "vis"], {"images": images.numpy(), "query_points": query.numpy()})
+            out = engine.infer(images, query)
+            np.testing.assert_allclose(out["track"].cpu().numpy(), track, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(out["vis"].cpu().numpy(), vis, rtol=1e-5, atol=1e-5)
