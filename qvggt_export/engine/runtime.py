@@ -22,9 +22,10 @@ the engine was compiled for. Then the Hadamard plugin is registered if the engin
 deserialized and its inputs and outputs are checked. A failed constructor leaves no engine, context or GPU
 buffer behind (only the plugin's registration, which is process-wide and idempotent, outlives it).
 
-:func:`check_images_shape` (the input checks of :meth:`QVGGTEngine.infer`) and the log classification are pure
-functions, tested without a GPU. :func:`polygraphy_runner` wraps a full-TensorRT engine in Polygraphy's
-``TrtRunner`` for the parity checker.
+:func:`check_images_shape` and :func:`check_points_shape` (the input checks of :meth:`QVGGTEngine.infer`) and the
+log classification are pure functions, tested without a GPU; so is the binding of a tracking engine's second
+input, ``query_points``, on stand-in contexts (``tests/engine/test_track_engine.py``).
+:func:`polygraphy_runner` wraps a full-TensorRT engine in Polygraphy's ``TrtRunner`` for the parity checker.
 
 Neither TensorRT nor torch is imported when this module is imported: the engine constructor imports them.
 """
