@@ -31,16 +31,17 @@ Strategies: ``"random"`` (uniform over all candidates; the model is not run), ``
 then uniform), ``"clustered"`` (cluster every candidate, no filter) and ``"nfds"`` (filter, then cluster).
 
 **Cost.** The statistics pass runs the aggregator (not the heads: eq. 9 and 12 read only aggregator
-layers, and eq. 12 needs its *last* layer, so the whole aggregator runs) once per candidate, under
-``torch.inference_mode``, streaming the pool: overlapping windows decode each frame once
+layers, and eq. 12 needs its *last* layer, so the whole aggregator runs) over the pool under
+``torch.inference_mode``, ``batch_size`` candidates per forward (``[B, S, 3, H, W]``; the hooks split
+per sample), streaming the pool: overlapping windows decode each frame once
 (:meth:`CandidatePool.iter_samples`) and, when the model is on an accelerator, a background thread
-reads ahead so decoding overlaps the forwards. What remains is inherent: ``pool`` (400) aggregator
-forwards against the calibration's ``budget`` (40) full forwards plus block reconstruction, whose
-input captures alone run the model up to each block twice per calibration sample (about
-``budget x (blocks + 1)`` aggregator-forward equivalents). So NFDS is most of the work without
-reconstruction (71-80 % on ``tiny``) and a minority with it; it is under 10 % only when calibration
-costs over 9x the pass: block reconstruction of a deep model with many steps per block (measured
-on ``tiny`` and modelled for VGGT-1B in ``benchmarks/results/nfds_cost.md``).
+reads the next batch while the device runs this one. On ``tiny`` (10 frames, 70 px, one CPU thread)
+a pass is about half reading (decode + resize, ~6 ms per candidate) and half forward (9.5 ms per
+candidate one at a time, 7.5-8.5 ms in batches of 8: the forward is GEMM and attention work, not
+per-call overhead, so batching saves 15-25 % of it). What remains is inherent: ``pool`` (400)
+aggregator forwards against a calibration on ``budget`` (40) sequences, so NFDS is most of the
+calibration time without block reconstruction (~80 %) and 13-14 % at the published recipe's 600
+steps per block (``benchmarks/results/nfds_cost.md``); the issue's < 10 % is not met on ``tiny``.
 
 The sampler only selects: it never quantizes, and the model is returned as it came (hooks removed,
 train/eval mode restored). :func:`collect_statistics` and :func:`select_from_statistics` split the
@@ -136,10 +137,12 @@ class NFDSConfig:
             (consecutive candidates of one shape; the last batch may be smaller). The statistics equal the
             one-at-a-time ones to float32 rounding (tested: relative 1e-5) and so does the selection.
             Default 8: on the CPU the best measured (``tiny``, 10 frames at 70 px: 7.3 ms per candidate
-            at 8 against 9.5 ms at 1; 16 no faster, 64 slower), and on a GPU at 518 px with 10 frames a
-            modest ~10 GB: one VGGT-1B candidate (13,740 tokens) holds about 1.2 GB of float32
-            activations at its peak (an estimate: block temporaries ~0.7 GB, the aggregator's cached
-            layer outputs and the two hooked outputs ~0.5 GB; not measured, no GPU here).
+            at 8 against 9.5 ms at 1; larger batches no faster, see ``benchmarks/results/nfds_cost.md``),
+            and on a GPU at 518 px with 10 frames a modest ~5-6 GB: one VGGT-1B candidate (13,740
+            tokens of 1024 channels, 56 MB per float32 token tensor) peaks at about 0.7 GB of activations
+            inside one block (qkv and the 4096-wide MLP temporaries; the pass caches no layer outputs)
+            plus the two hooked outputs (0.11 GB). An estimate, not measured (no GPU here); it assumes a
+            fused SDPA kernel (the math fallback would hold a 16 x 13,740^2 score matrix, 12 GB).
     """
 
     strategy: str = "nfds"
@@ -563,6 +566,10 @@ def collect_statistics(candidates: Candidates, model: nn.Module, config: NFDSCon
     handles.append(aggregator.frame_blocks[-1].register_forward_hook(recorder.output_hook("frame")))
     handles.append(aggregator.global_blocks[-1].register_forward_hook(recorder.output_hook("global")))
     was_training = model.training
+    # The aggregator returns every cached layer's [B, S, P, 2C] output (all of them by default: 24 x 110 MB
+    # per candidate for VGGT-1B at 518 px, 10 frames); the pass reads only the hooks, so nothing is cached
+    # while it runs (restored afterwards). This makes a candidate's peak memory that of one block.
+    cached_layers = getattr(aggregator, "cached_layers", None)
     kept_refs: list[SampleRef] = []
     means: list[np.ndarray] = []
     variances: list[np.ndarray] = []
@@ -598,6 +605,8 @@ def collect_statistics(candidates: Candidates, model: nn.Module, config: NFDSCon
     start = time.perf_counter()
     try:
         model.eval()
+        if cached_layers is not None:
+            aggregator.cached_layers = frozenset()
         # inference_mode, not no_grad: no version counters or views tracked, and the hooks' detached
         # tensors never leave this function.
         with torch.inference_mode(), closing(_prefetched(_iter_candidates(candidates, refs), prefetch)) as stream:
@@ -627,6 +636,8 @@ def collect_statistics(candidates: Candidates, model: nn.Module, config: NFDSCon
         for handle in handles:
             handle.remove()
         model.train(was_training)
+        if cached_layers is not None:
+            aggregator.cached_layers = cached_layers
     ids = [r.id for r in kept_refs]
     skipped = list(candidates.skipped) if isinstance(candidates, CandidatePool) else []
     if not ids:

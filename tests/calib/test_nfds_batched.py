@@ -66,7 +66,9 @@ def _assert_same_selections(got, want, budget, k):
 
 @pytest.mark.parametrize("batch_size", [4, 32])  # 11 = 4 + 4 + 3 (partial last batch); 32 > pool: one batch
 def test_batched_statistics_and_selection_equal_one_at_a_time(tiny, pool, one_at_a_time, batch_size):
+    cached = tiny.aggregator.cached_layers
     batched = collect_statistics(pool, tiny, NFDSConfig(batch_size=batch_size), progress=False)
+    assert tiny.aggregator.cached_layers is cached  # the pass caches no layer outputs, then restores the set
     _assert_same_statistics(batched, one_at_a_time)
     _assert_same_selections(batched, one_at_a_time, budget=4, k=3)
     assert batched.timing["batch_size"] == batch_size
@@ -138,6 +140,7 @@ def test_nonfinite_activations_name_the_candidate_within_a_batch(tiny, pool):
         collect_statistics(samples, tiny, NFDSConfig(batch_size=4), progress=False)
     with pytest.raises(QVGGTError, match=r"candidate c4: NaN/Inf"):
         collect_statistics(samples, tiny, NFDSConfig(batch_size=1), progress=False)
+    assert tiny.aggregator.cached_layers == frozenset(range(4))  # restored after a failed pass too
     samples["c2"] = pool[2].clone()
     samples["c2"][1, 0, 5, 5] = float("nan")  # a NaN pixel: named as bad input, before c4 (pool order)
     with pytest.raises(QVGGTError, match=r"candidate c2: the input images contain NaN/Inf"):
