@@ -499,8 +499,8 @@ def _remove_partial_outputs(out_dir: Path, existed: bool, before: set[Path]) -> 
         out_dir.rmdir()
 
 
-def _plugin_graph(onnx_path: Path, target: Path) -> tuple[Path, int]:
-    """A copy of the graph whose Hadamard function calls are TensorRT plugin nodes, written to ``target``.
+def _plugin_graph(onnx_path: Path, out_dir: Path, name: str = "model.plugin.onnx") -> tuple[Path, int]:
+    """A copy of the graph whose Hadamard function calls are TensorRT plugin nodes, written to ``out_dir / name``.
 
     External weights stay where they are (the copy references the same ``.data`` file). NVFP4's
     ``trt::TRT_FP4DynamicQuantize`` stays as it is: TensorRT's ONNX parser imports it natively."""
@@ -513,6 +513,7 @@ def _plugin_graph(onnx_path: Path, target: Path) -> tuple[Path, int]:
     count = retarget_hadamard(proto, "plugin")
     if not count:
         return onnx_path, 0
+    target = out_dir / name
     atomic_write(target, lambda tmp: onnx.save(proto, tmp))
     return target, count
 
@@ -588,7 +589,7 @@ def _engine_from_graph(config: PipelineConfig, graph: Path, engine_path: Path, p
     plugin_nodes = 0
     try:
         if config.engine_hadamard == "plugin":
-            graph, plugin_nodes = _plugin_graph(graph, plugin_path)
+            graph, plugin_nodes = _plugin_graph(graph, plugin_path.parent, plugin_path.name)
         if plugin_nodes:
             from qvggt_export.plugins import register
 

@@ -43,14 +43,18 @@ def test_model_without_track_head_is_refused_before_writing(tmp_path: Path) -> N
 
 @pytest.fixture(scope="module")
 def w4a4_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """W4A4 DSFQ (plugin Hadamard, W4A16 lowering by default) with both engines, for SM89 only (one target keeps
-    the two TensorRT-RTX builds near 20 s)."""
+    """W4A4 DSFQ (plugin Hadamard, W4A16 lowering by default) with both engines, from a profile file for SM89
+    only, with small ranges and builder level 0 (keeps the two TensorRT-RTX builds near 20 s together)."""
     pytest.importorskip("tensorrt_rtx", reason="needs TensorRT-RTX to build engines: pip install 'qvggt-export[rtx]'")
-    out = tmp_path_factory.mktemp("track_engine") / "out"
+    folder = tmp_path_factory.mktemp("track_engine")
+    profile = folder / "sm89-small.json"
+    profile.write_text(json.dumps({"name": "sm89-small", "backend": "rtx", "compute_capabilities": ["SM89"],
+                                   "frames": {"min": 1, "opt": 2, "max": 4}, "points": {"min": 1, "opt": 16, "max": 64},
+                                   "builder_optimization_level": 0}))
     config = {**SMALL, "engine": True}
-    report = run_pipeline(PipelineConfig(out_dir=out, bits="w4a4", export_track=True, engine_profile="rtx-sm89",
-                                         **config))
-    return out, report
+    report = run_pipeline(PipelineConfig(out_dir=folder / "out", bits="w4a4", export_track=True,
+                                         engine_profile=str(profile), **config))
+    return folder / "out", report
 
 
 @pytest.mark.rtx
@@ -61,7 +65,7 @@ def test_track_engine_is_built_beside_the_main_engine(w4a4_run: tuple[Path, dict
     assert track["size_bytes"] == (out / "track.engine").stat().st_size > 0
     assert json.loads((out / "report.json").read_text())["track"]["engine"]["path"] == track["path"]
     # Same profile, targets, lowering and Hadamard form as the main engine.
-    assert track["profile_name"] == main["profile_name"] == "rtx-sm89"
+    assert track["profile_name"] == main["profile_name"] and main["profile_name"].endswith("sm89-small.json")
     assert track["target_sms"] == main["target_sms"] == ["SM89"]
     assert track["lowering"]["target"] == main["lowering"]["target"] == "w4a16"
     assert track["hadamard"] == main["hadamard"] == "plugin" and track["plugin_ops"] == ["qvggt::Hadamard"]
@@ -70,8 +74,8 @@ def test_track_engine_is_built_beside_the_main_engine(w4a4_run: tuple[Path, dict
     assert track["input_shapes"] == {"images": [1, -1, 3, 70, 70], "query_points": [1, -1, 2]}
     # The resolved profiles: both ranges for the track engine; no points axis in the main engine.
     track_profile = json.loads((out / "track.engine.profile.json").read_text())
-    assert track_profile["frames"] == {"min": 1, "opt": 8, "max": 32}
-    assert track_profile["points"] == {"min": 1, "opt": 256, "max": 4096}
+    assert track_profile["frames"] == {"min": 1, "opt": 2, "max": 4}
+    assert track_profile["points"] == {"min": 1, "opt": 16, "max": 64}
     assert load_profile(out / "track.engine.profile.json").to_dict() == track["profile"]
     assert json.loads((out / "model.engine.profile.json").read_text())["points"] is None
     assert "# result: built" in (out / "track.engine.build.log").read_text()
