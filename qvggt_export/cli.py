@@ -267,10 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     if track_parity:
         print(f"track:  {report['track']['path']} (parity: "
               f"{ {None: 'not run', True: 'ok', False: 'FAILED'}[track_parity.get('passed')] })")
+    track_engine = (report.get("track") or {}).get("engine") or {}
+    if track_engine.get("path"):
+        print(f"track engine: {track_engine['path']} ({track_engine.get('size_bytes', 0) / 1e6:.2f} MB, "
+              f"points {'/'.join(map(str, (track_engine.get('profile') or {}).get('points', {}).values()))})")
+    elif track_engine:
+        print(f"track engine: none ({track_engine.get('reason') or track_engine.get('error')})")
     if not parity["passed"] or track_parity.get("passed") is False:
         print("qvggt-export: parity check FAILED", file=sys.stderr)
         return EXIT_PARITY_FAILED
-    if engine.get("failed"):
+    if engine.get("failed") or track_engine.get("failed"):
         return EXIT_ENGINE_FAILED
     return EXIT_OK
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qvggt_export.cli import EXIT_OK, EXIT_PARITY_FAILED, EXIT_USAGE, main
+from qvggt_export.cli import EXIT_ENGINE_FAILED, EXIT_OK, EXIT_PARITY_FAILED, EXIT_USAGE, main
 from qvggt_export.model import build_vggt
 from tests.conftest import require_shared_data
 
@@ -113,6 +113,20 @@ def test_parity_failure_gives_exit_code_1(tmp_path, monkeypatch):
     out = tmp_path / "p"
     assert main(["--bits", "w4a4", "--no-engine", "--out", str(out), "--no-progress"]) == EXIT_PARITY_FAILED
     assert json.loads((out / "report.json").read_text())["parity"]["passed"] is False
+
+
+def test_failed_track_engine_gives_exit_code_3(tmp_path, monkeypatch, capsys):
+    """A track engine that fails to build is an engine failure even when the main engine built."""
+    import qvggt_export.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_build_engine_stage",
+                        lambda *args, **kwargs: {"path": str(tmp_path / "model.engine"), "size_bytes": 1})
+    monkeypatch.setattr(pipeline, "_track_engine_stage",
+                        lambda *args, **kwargs: {"path": None, "reason": "build failed: test", "failed": True})
+    out = tmp_path / "t"
+    assert main(["--bits", "w8a8", "--export-track", "--out", str(out), "--no-progress"]) == EXIT_ENGINE_FAILED
+    assert "track engine: none (build failed: test)" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["track"]["engine"]["failed"] is True
 
 
 def test_print_config_runs_nothing(tmp_path, capsys):

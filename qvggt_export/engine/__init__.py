@@ -39,26 +39,38 @@ from qvggt_export.engine.backend import (
 )
 from qvggt_export.engine.build import (
     FRAME_AXIS,
+    POINTS_AXIS,
+    POINTS_INPUT,
     EngineBuildResult,
     attention_report,
     build_engine,
     gemm_precision_report,
 )
-from qvggt_export.engine.profiles import EngineProfile, FrameRange, list_profiles, load_profile
-from qvggt_export.engine.runtime import EngineSpec, QVGGTEngine, check_images_shape, polygraphy_runner
+from qvggt_export.engine.profiles import EngineProfile, FrameRange, PointRange, list_profiles, load_profile
+from qvggt_export.engine.runtime import (
+    EngineSpec,
+    QVGGTEngine,
+    check_images_shape,
+    check_points_shape,
+    polygraphy_runner,
+)
 from qvggt_export.engine.targets import FORMAT_MIN_SM, check_format_targets
 
 __all__ = [
     "FORMAT_MIN_SM",
     "FRAME_AXIS",
+    "POINTS_AXIS",
+    "POINTS_INPUT",
     "Backend",
     "EngineBuildResult",
     "EngineProfile",
     "EngineSpec",
     "QVGGTEngine",
     "check_images_shape",
+    "check_points_shape",
     "polygraphy_runner",
     "FrameRange",
+    "PointRange",
     "attention_report",
     "build_engine",
     "check_format_targets",
