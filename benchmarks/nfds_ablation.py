@@ -336,6 +336,15 @@ def cost(args) -> None:
     t0 = time.perf_counter()
     _nfds_pass(pool[:args.cost_budget], model, batch, None, args.cost_budget // 4)  # warm-up: imports, K-Means
     warmup_s = time.perf_counter() - t0
+    # How far ahead must a reader thread read to hide the reading? (iter_samples decodes a clip's whole run
+    # of windows before yielding the first, so a shallow queue overlaps little.) Two interleaved rounds.
+    depths = (0, batch, 8 * batch)
+    for _ in range(2):
+        for depth in depths:
+            seconds, stats, _ = _nfds_pass(pool, model, batch, depth, args.cost_budget)
+            profile.setdefault(f"prefetch{depth}_s", []).append(seconds)
+            profile.setdefault(f"prefetch{depth}_wait_s", []).append(stats.timing["load_s"])
+    profile["prefetch_depths"] = list(depths)
     variants = {"batch1": (1, 0), f"batch{batch}": (batch, None), f"batch{batch}_prefetch": (batch, batch)}
     rows = []
     for recon in args.recon_list:
@@ -391,6 +400,11 @@ def cost(args) -> None:
              f"- reading a video window, per frame: decode {profile['video_decode_ms_per_frame']:.2f} ms (sequential), "
              f"then `to_image` + resize/pad {_ms(profile['to_image_preprocess_ms_per_frame_serial'])} ms serially "
              f"vs {_ms(profile['to_image_preprocess_ms_per_frame_2_threads'])} ms in a 2-thread pool (same tensors)",
+             f"- batch-{batch} pass with a reader thread N candidates ahead, two interleaved rounds, seconds (of which "
+             "the forwards waited for data): " + "; ".join(
+                 f"N = {d}: " + " / ".join(f"{t:.1f} ({w:.1f})" for t, w in zip(
+                     profile[f"prefetch{d}_s"], profile[f"prefetch{d}_wait_s"], strict=True))
+                 for d in profile["prefetch_depths"]),
              "",
              "## NFDS share of calibration", "",
              f"| recon iters | calibrate s | NFDS s, batch 1 (load / forward) | NFDS s, batch {batch} (load / forward) "
