@@ -36,8 +36,8 @@ layers, and eq. 12 needs its *last* layer, so the whole aggregator runs) over th
 per sample), streaming the pool: overlapping windows decode each frame once
 (:meth:`CandidatePool.iter_samples`) and, when the model is on an accelerator, a background thread
 reads the next batch while the device runs this one. On ``tiny`` (10 frames, 70 px, one CPU thread)
-a pass is about half reading (decode + resize, ~6 ms per candidate) and half forward (9.2-9.7 ms
-per candidate one at a time, 7.6-8.2 ms in batches of 8: the forward is GEMM and attention work, not
+a pass is about half reading (decode + resize, ~6 ms per candidate) and half forward (9.2-10.3 ms
+per candidate one at a time, 7.6-8.3 ms in batches of 8: the forward is GEMM and attention work, not
 per-call overhead, so batching saves 12-20 % of it). What remains is inherent: ``pool`` (400)
 aggregator forwards against a calibration on ``budget`` (40) sequences, so NFDS is most of the
 calibration time without block reconstruction (~80 %) and 12-14 % at the published recipe's 600
@@ -136,8 +136,8 @@ class NFDSConfig:
         batch_size: Candidates run together as one ``[B, S, 3, H, W]`` forward in the statistics pass
             (consecutive candidates of one shape; the last batch may be smaller). The statistics equal the
             one-at-a-time ones to float32 rounding (tested: relative 1e-5) and the selection is identical.
-            Default 8: on the CPU as fast as any measured (``tiny``, 10 frames at 70 px: 7.6-8.2 ms per
-            candidate at 4 to 32 against 9.2-9.7 ms at 1, ``benchmarks/results/nfds_cost.md``),
+            Default 8: on the CPU as fast as any measured (``tiny``, 10 frames at 70 px: 7.6-8.3 ms per
+            candidate at 8 or 16, up to 9.0 at 32, against 9.2-10.3 ms at 1; ``nfds_cost.md``),
             and on a GPU at 518 px with 10 frames a modest ~5-6 GB: one VGGT-1B candidate (13,740
             tokens of 1024 channels, 56 MB per float32 token tensor) peaks at about 0.7 GB of activations
             inside one block (qkv and the 4096-wide MLP temporaries; the pass caches no layer outputs)
