@@ -130,9 +130,13 @@ def test_failed_track_engine_gives_exit_code_3(tmp_path, monkeypatch, capsys):
 
 
 def test_print_config_runs_nothing(tmp_path, capsys):
-    assert main(["--bits", "w8a8", "--out", str(tmp_path / "c"), "--print-config"]) == EXIT_OK
-    assert json.loads(capsys.readouterr().out)["bits"] == "w8a8"
+    assert main(["--bits", "w8a8", "--out", str(tmp_path / "c"), "--nfds-batch", "3", "--print-config"]) == EXIT_OK
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["bits"] == "w8a8" and printed["nfds_batch"] == 3
     assert not (tmp_path / "c").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["--nfds-batch", "0", "--out", str(tmp_path / "c")])
+    assert exc.value.code == EXIT_USAGE and not (tmp_path / "c").exists()
 
 
 def test_checkpoint_option_loads_weights(tmp_path):
