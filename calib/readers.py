@@ -30,9 +30,12 @@ change the windows drawn from the others (it may change how many each gives).
 
 **Laziness**: the pool holds :class:`SampleRef` descriptors (id + how to load) and loads one sample
 when asked, so 400 candidates of 10 frames at 518 never sit in memory together. Iterating the pool
-(:meth:`CandidatePool.iter_samples`) reads each run of windows of one clip in one pass, decoding and
-preprocessing every frame once (bit-identical samples; at most 1 GiB of frames held): 400 windows
-of a few clips share most of their frames.
+(:meth:`CandidatePool.iter_samples`) streams each run of windows of one clip: every frame is decoded and
+preprocessed once (400 windows of a few clips share most of their frames), a window is yielded as soon
+as its frames are ready, and a frame is dropped once no later window of the run uses it, so what is held
+is about one window's span of frames. The PIL conversion and the model's resize/pad (most of the reading
+time; PIL and PyAV release the GIL there) run in a small thread pool while the calling thread decodes.
+Samples are bit-identical to :meth:`SampleRef.load`'s.
 
 **Bad input**: image headers (and every video, fully demuxed) are checked when the pool is built, for
 the files the drawn windows use; an unreadable file raises :class:`~qvggt_export.errors.QVGGTError`
@@ -59,7 +62,10 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
@@ -103,8 +109,13 @@ SYNTHETIC = "synthetic"
 _KEY_ALLOCATION = 0x5EED
 _KEY_WINDOWS = 0xF00D
 
-# Frames held at once while overlapping windows are read (see CandidatePool.iter_samples): 330 frames at 518.
+# Cap on the distinct frames of one streamed run of windows (see CandidatePool.iter_samples): 330 frames at 518.
 DEFAULT_FRAME_CACHE_BYTES = 1 << 30
+# Threads that convert + resize/pad frames in CandidatePool.iter_samples (0 or 1: in the calling thread).
+# Measured in benchmarks/results/nfds_cost.md (reading the 400-candidate pool, serial vs 2 vs 4 workers).
+DEFAULT_READ_WORKERS = 2
+# Frames submitted to the workers ahead of the window being assembled, per worker (bounds memory).
+_READ_AHEAD_PER_WORKER = 4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,37 +301,58 @@ class CandidatePool(Sequence[torch.Tensor]):
         """The distinct predicted ``(H, W)`` of the samples (more than one: see the module notes)."""
         return {(s[2], s[3]) for s in self.shapes() if s is not None}
 
-    def iter_samples(self, *, reuse_frames: bool = True,
-                     frame_cache_bytes: int = DEFAULT_FRAME_CACHE_BYTES) -> Iterator[tuple[SampleRef, torch.Tensor]]:
+    def iter_samples(self, *, reuse_frames: bool = True, frame_cache_bytes: int = DEFAULT_FRAME_CACHE_BYTES,
+                     workers: int | None = None) -> Iterator[tuple[SampleRef, torch.Tensor]]:
         """Yield ``(descriptor, sample)`` pairs, one sample at a time, in pool order.
 
         Windows of one sequence overlap (400 windows from a few clips share most frames), so with
-        ``reuse_frames`` each run of consecutive samples from one video or image folder is read in one
-        pass: every frame it uses is decoded and preprocessed once and held until the run is done, the
-        run cut into chunks whose distinct frames fit in ``frame_cache_bytes``. The samples are the same
-        tensors :meth:`SampleRef.load` gives (same decoder, same per-frame preprocessing, same stacking).
+        ``reuse_frames`` each run of consecutive samples from one video or image folder is streamed in one
+        pass: every frame it uses is decoded and preprocessed once, a sample is yielded as soon as its
+        frames are ready (not after the whole run), and a frame is released once no later sample of the run
+        needs it, so memory is bounded by a window's span of frames (plus the frames read ahead), not by
+        the run. Runs are also cut where their distinct frames pass ``frame_cache_bytes``. The samples are
+        the tensors :meth:`SampleRef.load` gives, bit for bit (same decoder, same per-frame
+        preprocessing, same stacking).
+
+        Args:
+            reuse_frames: Share frames between the samples of a run (``False``: read each sample alone).
+            frame_cache_bytes: Cap on the distinct frames of one run (``0``: every sample alone).
+            workers: Threads that convert and resize/pad frames while this thread decodes video (image
+                files are also opened in them); up to ``4 * workers`` frames are read ahead, and they keep
+                working while the caller holds a sample. ``None``: :data:`DEFAULT_READ_WORKERS`; ``0`` or
+                ``1``: everything in the calling thread, on demand.
 
         A sample that fails to load raises :class:`QVGGTError` naming the file, or, if the pool was built
-        with ``skip_bad=True``, is skipped with a warning and its id appended to :attr:`skipped`. (A run
-        whose shared read fails is read again sample by sample, so one bad frame costs only its samples.)
+        with ``skip_bad=True``, is skipped with a warning and its id appended to :attr:`skipped`. (If a
+        run's shared video decode fails, its remaining samples are read one by one, so one bad frame costs
+        only its samples.)
         """
         if isinstance(frame_cache_bytes, bool) or not isinstance(frame_cache_bytes, int) or frame_cache_bytes < 0:
             raise QVGGTError(f"frame_cache_bytes must be an integer >= 0, got {frame_cache_bytes!r}")
+        if workers is None:
+            workers = DEFAULT_READ_WORKERS
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise QVGGTError(f"workers must be None or an integer >= 0 (reading threads), got {workers!r}")
         chunks = _frame_sharing_chunks(self._refs, frame_cache_bytes) if reuse_frames else [[r] for r in self._refs]
-        for chunk in chunks:
-            frames: dict[Any, torch.Tensor | QVGGTError] = _read_shared_frames(chunk) if len(chunk) > 1 else {}
-            for ref in chunk:
-                try:
-                    sample = _stack_from(ref, frames) if frames else ref.load()
-                except QVGGTError as exc:
-                    if not self.skip_bad:
-                        raise
-                    logger.warning("skipping candidate %s: %s", ref.id, exc)
-                    if ref.id not in self.skipped:
-                        self.skipped.append(ref.id)
-                    continue
-                yield ref, sample
-            frames.clear()  # the run is done: free its frames before the next one is read
+        executor = ThreadPoolExecutor(workers, thread_name_prefix="calib-read") if workers > 1 else None
+        ahead = _READ_AHEAD_PER_WORKER * workers if executor is not None else 0
+        try:
+            for chunk in chunks:
+                results = _stream_chunk(chunk, executor, ahead) if _group_key(chunk[0]) is not None else (
+                    (ref, _load_or_error(ref)) for ref in chunk)
+                with closing(results):  # type: ignore[arg-type]
+                    for ref, sample in results:
+                        if isinstance(sample, QVGGTError):
+                            if not self.skip_bad:
+                                raise sample
+                            logger.warning("skipping candidate %s: %s", ref.id, sample)
+                            if ref.id not in self.skipped:
+                                self.skipped.append(ref.id)
+                            continue
+                        yield ref, sample
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -371,21 +403,42 @@ def _frame_sharing_chunks(refs: Sequence[SampleRef], limit_bytes: int) -> list[l
     return chunks
 
 
-def _read_shared_frames(chunk: Sequence[SampleRef]) -> dict[Any, torch.Tensor | QVGGTError]:
-    """Decode and preprocess every distinct frame of ``chunk`` once (same source, same preprocessing).
+def _load_or_error(ref: SampleRef) -> torch.Tensor | QVGGTError:
+    try:
+        return ref.load()
+    except QVGGTError as exc:
+        return exc
 
-    Image files fail one by one (the error is stored for the samples that use the file); a video that
-    fails to decode returns ``{}`` so its samples load one by one and each reports its own error.
+
+def _image_frame(path: str, target_size: int, mode: str, patch_size: int) -> torch.Tensor | QVGGTError:
+    """Open + preprocess one image file; a read error is returned (it belongs to the samples using the file)."""
+    try:
+        return preprocess_image(open_image(Path(path)), target_size, mode, patch_size)
+    except QVGGTError as exc:
+        return exc
+
+
+def _video_frame(frame: Any, target_size: int, mode: str, patch_size: int) -> torch.Tensor | QVGGTError:
+    """Convert + preprocess one decoded video frame (the work :meth:`SampleRef.load` does per frame)."""
+    try:
+        return preprocess_image(frame.to_image(), target_size, mode, patch_size)
+    except QVGGTError as exc:
+        return exc
+
+
+def _frame_jobs(chunk: Sequence[SampleRef]) -> Iterator[tuple[Any, Callable[[], torch.Tensor | QVGGTError]]]:
+    """``(frame key, preprocessing job)`` for every distinct frame of ``chunk``, in reading order.
+
+    Image files come in the order the samples first use them; video frames in decoding order (ascending),
+    decoded here, in the calling thread (PyAV's decoder is sequential). Raises :class:`QVGGTError` if the
+    video cannot be decoded.
     """
     first = chunk[0]
-    out: dict[Any, torch.Tensor | QVGGTError] = {}
+    size, mode, patch = first.target_size, first.mode, first.patch_size
     if first.kind == "images":
         for path in dict.fromkeys(p for ref in chunk for p in ref.paths):
-            try:
-                out[path] = preprocess_image(open_image(Path(path)), first.target_size, first.mode, first.patch_size)
-            except QVGGTError as exc:
-                out[path] = exc
-        return out
+            yield path, lambda path=path: _image_frame(path, size, mode, patch)
+        return
     pts_of: dict[int, int] | None = {}
     for ref in chunk:
         if ref.frame_pts is None or len(ref.frame_pts) != len(ref.frame_indices):
@@ -394,14 +447,70 @@ def _read_shared_frames(chunk: Sequence[SampleRef]) -> dict[Any, torch.Tensor | 
         pts_of.update(zip(ref.frame_indices, ref.frame_pts, strict=True))  # type: ignore[union-attr]
     indices = sorted({i for ref in chunk for i in ref.frame_indices})
     pts = [pts_of[i] for i in indices] if pts_of is not None else None
+    with closing(_iter_video_frames(Path(first.paths[0]), indices, pts)) as frames:
+        for index, frame in frames:
+            yield index, lambda frame=frame: _video_frame(frame, size, mode, patch)
+
+
+def _stream_chunk(chunk: Sequence[SampleRef], executor: ThreadPoolExecutor | None,
+                  ahead: int) -> Iterator[tuple[SampleRef, torch.Tensor | QVGGTError]]:
+    """Yield each sample of ``chunk`` (one source, one preprocessing) as soon as its frames are read.
+
+    Each distinct frame is read once (by ``executor``'s threads, keeping ``ahead`` frames in flight, or
+    here on demand) and dropped after the last sample that uses it. A failed load is yielded as the error;
+    if the shared decode fails or ends early, the samples it cannot serve load alone (each reports its own
+    error).
+    """
+    keys = [_frame_keys(ref) for ref in chunk]
+    last_use = {key: j for j, frame_keys in enumerate(keys) for key in frame_keys}
+    frames: dict[Any, torch.Tensor | QVGGTError] = {}
+    queue: deque[tuple[Any, Future[torch.Tensor | QVGGTError] | None]] = deque()
+    jobs = _frame_jobs(chunk)
+    exhausted = False
+
+    def submit(limit: int) -> None:
+        """Take jobs from the decoder until ``limit`` frames are queued (serial: queue one, run it later)."""
+        nonlocal exhausted
+        while not exhausted and len(queue) < limit:
+            try:
+                item = next(jobs, None)
+            except QVGGTError as exc:
+                logger.debug("shared read of %s failed (%s); loading its samples one by one", chunk[0].paths[0], exc)
+                item = None
+            if item is None:
+                exhausted = True
+            elif executor is not None:
+                queue.append((item[0], executor.submit(item[1])))
+            else:
+                frames[item[0]] = item[1]()
+                queue.append((item[0], None))
+
     try:
-        images = _decode_video_frames(Path(first.paths[0]), indices, pts)
-    except QVGGTError as exc:
-        logger.debug("shared decode of %s failed (%s); loading its samples one by one", first.paths[0], exc)
-        return {}
-    for index, image in zip(indices, images, strict=True):
-        out[index] = preprocess_image(image, first.target_size, first.mode, first.patch_size)
-    return out
+        for j, ref in enumerate(chunk):
+            while any(key not in frames for key in keys[j]):
+                submit(max(ahead, 1))
+                if not queue:
+                    break
+                key, future = queue.popleft()
+                if future is not None:
+                    frames[key] = future.result()
+            if all(key in frames for key in keys[j]):
+                try:
+                    sample: torch.Tensor | QVGGTError = _stack_from(ref, frames)
+                except QVGGTError as exc:
+                    sample = exc
+            else:
+                sample = _load_or_error(ref)
+            submit(ahead)  # keep the workers busy while the caller uses the sample
+            yield ref, sample
+            for key in keys[j]:
+                if last_use[key] == j:
+                    frames.pop(key, None)
+    finally:
+        for _, future in queue:
+            if future is not None:
+                future.cancel()
+        jobs.close()
 
 
 def _stack_from(ref: SampleRef, frames: dict[Any, torch.Tensor | QVGGTError]) -> torch.Tensor:
@@ -490,46 +599,58 @@ class _SeekMissError(Exception):
     """Seeking did not deliver the wanted frames; fall back to decoding from the start."""
 
 
-def _decode_video_frames(path: Path, indices: Sequence[int], pts: Sequence[int] | None) -> list[Any]:
-    """Decode the frames at ``indices`` (presentation order) of ``path`` as PIL images, in ``indices`` order."""
+def _iter_video_frames(path: Path, indices: Sequence[int], pts: Sequence[int] | None) -> Iterator[tuple[int, Any]]:
+    """Decode the frames at ``indices`` (presentation order) of ``path``: ``(index, av.VideoFrame)`` as decoded.
+
+    With timestamps, seeks to the key frame before each wanted frame; if seeking misses a frame, the rest
+    are decoded sequentially from the start. Raises :class:`QVGGTError` naming the file if it cannot be
+    decoded or ends before a wanted frame.
+    """
     av = _import_av()
     if not path.is_file():
         raise QVGGTError(f"video not found: {path}")
     wanted = set(indices)
-    found: dict[int, Any] = {}
+    done: set[int] = set()
     try:
         if pts is not None and len(pts) == len(indices):
             try:
                 with av.open(str(path)) as container:
                     stream = container.streams.video[0]
                     stream.thread_type = "AUTO"
-                    found = _decode_by_seeking(container, stream, dict(zip(pts, indices, strict=True)))
+                    for index, frame in _seek_frames(container, stream, dict(zip(pts, indices, strict=True))):
+                        done.add(index)
+                        yield index, frame
             except _SeekMissError:
-                logger.debug("seeking in %s missed frames; decoding sequentially", path)
-                found = {}
-        if len(found) < len(wanted):
-            found = {}
+                logger.debug("seeking in %s missed frames; decoding the rest sequentially", path)
+        if len(done) < len(wanted):
             with av.open(str(path)) as container:
                 stream = container.streams.video[0]
                 stream.thread_type = "AUTO"
                 for position, frame in enumerate(container.decode(stream)):
-                    if position in wanted:
-                        found[position] = frame.to_image()
-                        if len(found) == len(wanted):
+                    if position in wanted and position not in done:
+                        done.add(position)
+                        yield position, frame
+                        if len(done) == len(wanted):
                             break
     except _av_errors(av) as exc:
         raise QVGGTError(f"cannot decode video {path}: {exc}") from exc
-    missing = sorted(wanted - set(found))
+    missing = sorted(wanted - done)
     if missing:
         raise QVGGTError(f"video {path} ended before frame(s) {missing[:5]} could be decoded")
+
+
+def _decode_video_frames(path: Path, indices: Sequence[int], pts: Sequence[int] | None) -> list[Any]:
+    """Decode the frames at ``indices`` (presentation order) of ``path`` as PIL images, in ``indices`` order."""
+    found = {index: frame.to_image() for index, frame in _iter_video_frames(path, indices, pts)}
     return [found[i] for i in indices]
 
 
-def _decode_by_seeking(container: Any, stream: Any, index_of_pts: dict[int, int]) -> dict[int, Any]:
-    """Seek to the key frame before each wanted timestamp and decode forward; frames by index.
+def _seek_frames(container: Any, stream: Any, index_of_pts: dict[int, int]) -> Iterator[tuple[int, Any]]:
+    """Seek to the key frame before each wanted timestamp and decode forward: ``(index, frame)`` as found.
 
     The key frames are listed first (demuxing only), so a new seek happens only when a key frame lies
     between the last decoded frame and the next wanted one: never more decoding than sequential order.
+    Raises :class:`_SeekMissError` when a wanted frame does not come out where expected.
     """
     keyframes = sorted(p.pts for p in container.demux(stream) if p.is_keyframe and p.pts is not None)
     if not keyframes:
@@ -538,7 +659,7 @@ def _decode_by_seeking(container: Any, stream: Any, index_of_pts: dict[int, int]
     def key_before(stamp: int) -> int:
         return keyframes[max(bisect.bisect_right(keyframes, stamp) - 1, 0)]
 
-    found: dict[int, Any] = {}
+    found: set[int] = set()
     remaining = sorted(index_of_pts)
     while remaining:
         container.seek(remaining[0], stream=stream, backward=True, any_frame=False)
@@ -548,9 +669,10 @@ def _decode_by_seeking(container: Any, stream: Any, index_of_pts: dict[int, int]
             if stamp is None:
                 raise _SeekMissError
             if stamp in index_of_pts and index_of_pts[stamp] not in found:
-                found[index_of_pts[stamp]] = frame.to_image()
+                found.add(index_of_pts[stamp])
                 remaining.remove(stamp)
                 progressed = True
+                yield index_of_pts[stamp], frame
             if not remaining:
                 break
             if stamp > remaining[0]:
@@ -562,7 +684,6 @@ def _decode_by_seeking(container: Any, stream: Any, index_of_pts: dict[int, int]
                 raise _SeekMissError
         if not progressed and remaining:
             raise _SeekMissError
-    return found
 
 
 def _probe_image(path: Path) -> tuple[int, int]:

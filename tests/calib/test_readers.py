@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -429,3 +430,100 @@ def test_shared_reads_cost_only_the_samples_of_a_bad_frame(tmp_path, caplog):
     strict = build_candidate_pool(tmp_path, frames=2, target_size=28, pool_size=None)
     with pytest.raises(QVGGTError, match=r"cannot read image .*002\.png"):
         list(strict.iter_samples())
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming runs and the reading thread pool
+# --------------------------------------------------------------------------------------------------
+
+
+def _count_video_frames(monkeypatch):
+    """Record every video frame index the shared (streamed) decode hands out."""
+    decoded = []
+    real = readers_module._iter_video_frames
+
+    def counting(path, indices, pts):
+        for index, frame in real(path, indices, pts):
+            decoded.append(index)
+            yield index, frame
+
+    monkeypatch.setattr(readers_module, "_iter_video_frames", counting)
+    return decoded
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_first_window_arrives_before_the_run_is_read(tmp_path, monkeypatch, workers):
+    _write_images(tmp_path / "scene", 30, size=(28, 28))
+    video = _write_video(tmp_path / "clip.mp4", count=12)
+    images = build_candidate_pool(tmp_path / "scene", frames=3, target_size=28, pool_size=None, seed=0)
+    clip = build_candidate_pool(video, frames=3, target_size=28, pool_size=None, seed=0)
+    assert len(images) > 100 and len(clip) == 30  # one run each
+    ahead = 4 * workers if workers > 1 else 0
+    opened = _count_opens(monkeypatch)
+    stream = images.iter_samples(workers=workers)
+    ref, sample = next(stream)
+    # Only the first window's frames (plus what the workers read ahead) are read before it is yielded.
+    assert set(ref.paths) <= set(opened) and len(opened) <= len(ref.paths) + ahead < 30
+    assert torch.equal(sample, ref.load())
+    stream.close()
+    decoded = _count_video_frames(monkeypatch)
+    stream = clip.iter_samples(workers=workers)
+    ref, sample = next(stream)
+    assert set(ref.frame_indices) <= set(decoded) and len(decoded) <= max(ref.frame_indices) + 1 + ahead < 12
+    assert torch.equal(sample, ref.load())
+    stream.close()
+    assert not any(t.name.startswith("calib-read") for t in threading.enumerate())  # pool shut down on close
+
+
+def test_streamed_frames_are_released_after_their_last_window(tmp_path, monkeypatch):
+    _write_images(tmp_path / "scene", 40, size=(28, 28))
+    pool = build_candidate_pool(tmp_path / "scene", frames=3, target_size=28, pool_size=60, seed=0, strides=[1, 2])
+    held = []
+    real = readers_module._stack_from
+
+    def recording(ref, frames):
+        held.append(len(frames))
+        return real(ref, frames)
+
+    monkeypatch.setattr(readers_module, "_stack_from", recording)
+    opened = _count_opens(monkeypatch)
+    samples = list(pool.iter_samples(workers=0))
+    assert len(samples) == 60 and len(opened) == len(set(opened))  # each frame read once
+    # Windows come sorted by start: held frames span at most one window (stride 2: 5 frames), not the run.
+    span = max(int(_window(i)[2]) - int(_window(i)[1]) for i in pool.ids)
+    assert max(held) <= span < len(set(opened))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_reading_threads_give_identical_samples_in_order(tmp_path, workers):
+    _write_images(tmp_path / "scene", 8, size=(42, 28))
+    _write_images(tmp_path / "other", 5, size=(28, 42))
+    video = _write_video(tmp_path / "clip.mp4", count=12)
+    pool = build_candidate_pool([tmp_path / "scene", tmp_path / "other", video], frames=3, target_size=28,
+                                pool_size=None, seed=0)
+    serial = list(pool.iter_samples(workers=0))
+    threaded = list(pool.iter_samples(workers=workers))
+    assert [r.id for r, _ in threaded] == [r.id for r in pool.refs] == [r.id for r, _ in serial]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(serial, threaded, strict=True))
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(QVGGTError, match="workers must be"):
+            list(pool.iter_samples(workers=bad))
+
+
+def test_a_video_that_ends_early_costs_only_its_windows(tmp_path, monkeypatch, caplog):
+    video = _write_video(tmp_path / "clip.mp4", count=12)
+    pool = build_candidate_pool(video, frames=3, target_size=28, pool_size=None, seed=0, skip_bad=True)
+    real = readers_module._iter_video_frames
+
+    def truncated(path, indices, pts):  # the shared decode (more than one window's frames) fails after frame 7
+        for index, frame in real(path, indices, pts):
+            if len(indices) > 3 and index > 7:
+                raise QVGGTError(f"cannot decode video {path}: broken after frame 7")
+            yield index, frame
+
+    monkeypatch.setattr(readers_module, "_iter_video_frames", truncated)
+    got = list(pool.iter_samples(workers=2))
+    monkeypatch.undo()
+    # Windows past frame 7 load alone (and succeed here: only the shared decode was broken), same tensors.
+    assert [r.id for r, _ in got] == pool.ids and not pool.skipped
+    assert all(torch.equal(sample, ref.load()) for ref, sample in got)
