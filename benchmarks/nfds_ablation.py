@@ -38,6 +38,7 @@ contend with other jobs and make small ops 100x slower, which swamps every timin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -52,6 +53,7 @@ from qvggt_export.calib import (
     SyntheticSequenceConfig,
     build_candidate_pool,
     collect_statistics,
+    readers,
     select_from_statistics,
 )
 from qvggt_export.model import build_vggt
@@ -65,6 +67,7 @@ PRESET = "tiny-outliers"
 STRATEGIES = ("nfds", "random", "filtered", "clustered")
 METRICS = ("agg", "depth", "points", "rot_deg")
 SIZE = 70
+READ_WORKERS = (0, 2, 4)  # reading threads compared in the cost profile
 
 
 def _sources() -> tuple[object, object, str]:
@@ -247,13 +250,21 @@ def _profile(pool, model, device, batch_size: int) -> dict:
     and the top operators of one batch-1 forward of the aggregator (torch profiler, self CPU time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    t0 = time.perf_counter()
-    samples = [sample for _, sample in pool.iter_samples()]
-    read_s = time.perf_counter() - t0
+    out: dict = {"read_workers": list(READ_WORKERS)}
+    for _ in range(2):  # reading the pool alone, serial vs reading threads, interleaved
+        for workers in READ_WORKERS:
+            t0 = time.perf_counter()
+            stream = pool.iter_samples(workers=workers)
+            first = next(stream)
+            first_s = time.perf_counter() - t0
+            samples = [first[1]] + [sample for _, sample in stream]
+            out.setdefault(f"read_pool_s_workers{workers}", []).append(time.perf_counter() - t0)
+            out.setdefault(f"read_first_sample_ms_workers{workers}", []).append(1e3 * first_s)
+    read_s = out[f"read_pool_s_workers{readers.DEFAULT_READ_WORKERS}"][-1]
     aggregator = model.aggregator
     sizes = sorted({1, 4, batch_size, 16, 32})
     subset = samples[: 2 * max(sizes)]
-    out = {"read_pool_s": read_s, "read_per_candidate_ms": 1e3 * read_s / len(samples), "batch_sizes": sizes}
+    out.update(read_pool_s=read_s, read_per_candidate_ms=1e3 * read_s / len(samples), batch_sizes=sizes)
     with torch.inference_mode():
         aggregator(subset[0].unsqueeze(0).to(device))  # warm-up
         for _ in range(2):  # two interleaved rounds: the machine's load drifts
@@ -310,10 +321,22 @@ def _decode_pool_probe(frames: int = 200) -> dict:
             "to_image_preprocess_ms_per_frame_serial": serial, "to_image_preprocess_ms_per_frame_2_threads": threaded}
 
 
-def _nfds_pass(pool, model, batch_size: int, prefetch: int | None, budget: int):
+@contextlib.contextmanager
+def _read_workers(workers: int | None):
+    """Run the pass with ``workers`` reading threads (the statistics pass reads with the pool's default)."""
+    default = readers.DEFAULT_READ_WORKERS
+    readers.DEFAULT_READ_WORKERS = default if workers is None else workers
+    try:
+        yield
+    finally:
+        readers.DEFAULT_READ_WORKERS = default
+
+
+def _nfds_pass(pool, model, batch_size: int, prefetch: int | None, budget: int, workers: int | None = None):
     config = NFDSConfig(budget=budget, batch_size=batch_size)
     t0 = time.perf_counter()
-    stats = collect_statistics(pool, model, config, progress=False, prefetch=prefetch)
+    with _read_workers(workers):
+        stats = collect_statistics(pool, model, config, progress=False, prefetch=prefetch)
     selection = select_from_statistics(stats, config)
     return time.perf_counter() - t0, stats, selection
 
@@ -336,8 +359,8 @@ def cost(args) -> None:
     t0 = time.perf_counter()
     _nfds_pass(pool[:args.cost_budget], model, batch, None, args.cost_budget // 4)  # warm-up: imports, K-Means
     warmup_s = time.perf_counter() - t0
-    # How far ahead must a reader thread read to hide the reading? (iter_samples decodes a clip's whole run
-    # of windows before yielding the first, so a shallow queue overlaps little.) Two interleaved rounds.
+    # How far ahead must a reader thread read to hide the reading? (iter_samples now streams a run of windows,
+    # so a shallow queue can overlap; this process gets about one core here.) Two interleaved rounds.
     depths = (0, batch, 8 * batch)
     for _ in range(2):
         for depth in depths:
@@ -345,13 +368,15 @@ def cost(args) -> None:
             profile.setdefault(f"prefetch{depth}_s", []).append(seconds)
             profile.setdefault(f"prefetch{depth}_wait_s", []).append(stats.timing["load_s"])
     profile["prefetch_depths"] = list(depths)
-    variants = {"batch1": (1, 0), f"batch{batch}": (batch, None), f"batch{batch}_prefetch": (batch, batch)}
+    # (batch size, reader-thread depth, reading threads): None = the defaults.
+    variants = {"batch1": (1, 0, None), f"batch{batch}": (batch, None, None),
+                f"batch{batch}_serial_read": (batch, None, 0), f"batch{batch}_prefetch": (batch, batch, None)}
     rows = []
     for recon in args.recon_list:
         runs = {}
         selections = {}
-        for name, (size, prefetch) in variants.items():
-            seconds, stats, selection = _nfds_pass(pool, model, size, prefetch, args.cost_budget)
+        for name, (size, prefetch, workers) in variants.items():
+            seconds, stats, selection = _nfds_pass(pool, model, size, prefetch, args.cost_budget, workers)
             runs[name] = {"total_s": seconds, "load_s": stats.timing["load_s"],
                           "forward_s": stats.timing["forward_s"], "selection_s": selection.timing["selection_s"]}
             selections[name] = selection
@@ -374,7 +399,8 @@ def cost(args) -> None:
         print(row, flush=True)
     result = {"preset": args.cost_preset, "pool": len(pool), "budget": args.cost_budget, "frames": args.cost_frames,
               "image_size": args.cost_size, "device": str(device), "sources": "../shared/data sequences + videos",
-              "batch_size": batch, "pool_build_s": pool_s, "warmup_s": warmup_s, "profile": profile,
+              "batch_size": batch, "read_workers_default": readers.DEFAULT_READ_WORKERS, "pool_build_s": pool_s,
+              "warmup_s": warmup_s, "profile": profile,
               "threads": torch.get_num_threads(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
               "rows": rows}
     RESULTS.mkdir(exist_ok=True)
@@ -384,14 +410,19 @@ def cost(args) -> None:
     lines = [f"# NFDS cost vs calibration on `{args.cost_preset}` (pool {len(pool)}, budget {args.cost_budget}, "
              f"{args.cost_frames} frames, {args.cost_size}x{args.cost_size}, {device})", "",
              f"Pool from the real clips (../shared/data); {result['threads']} thread(s); load average "
-             f"{result['load_average_1_5_15']} at the end. Each row: three NFDS passes (statistics + selection, "
+             f"{result['load_average_1_5_15']} at the end. Each row: four NFDS passes (statistics + selection, "
              f"reading the {len(pool)} candidates included) -- batch 1, batch {batch} (the default), batch {batch} "
-             f"with a reader thread ({batch} ahead) -- all selecting the same {args.cost_budget}, then one "
+             "with serial reading (`workers=0`; the others read with the default "
+             f"{readers.DEFAULT_READ_WORKERS} preprocessing threads), batch {batch} with a reader thread ({batch} "
+             f"ahead) -- all selecting the same {args.cost_budget}, then one "
              "calibration (`calibrate`: DSFQ W4A4 statistics, transforms, block reconstruction with one sequence "
              "per step, quantization) on them; interleaved.", "",
              "## Profile of the pass", "",
-             f"- reading the pool (decode + preprocess, frames shared by overlapping windows decoded once): "
-             f"{profile['read_pool_s']:.2f} s, {profile['read_per_candidate_ms']:.1f} ms per candidate",
+             "- reading the pool alone (decode + preprocess, streamed, frames shared by overlapping windows decoded "
+             "once), two interleaved rounds, seconds (first sample after): " + "; ".join(
+                 f"{w} preprocessing threads: " + " / ".join(f"{t:.2f} ({f:.0f} ms)" for t, f in zip(
+                     profile[f"read_pool_s_workers{w}"], profile[f"read_first_sample_ms_workers{w}"], strict=True))
+                 for w in profile["read_workers"]),
              "- bare aggregator forward (all layers cached, as a model call does) per candidate, two interleaved "
              f"rounds over {2 * max(profile['batch_sizes'])} candidates: " + ", ".join(
                  f"batch {size} {_ms(profile[f'forward_ms_per_candidate_batch{size}'])} ms"
@@ -408,15 +439,19 @@ def cost(args) -> None:
              "",
              "## NFDS share of calibration", "",
              f"| recon iters | calibrate s | NFDS s, batch 1 (load / forward) | NFDS s, batch {batch} (load / forward) "
-             f"| batch {batch} + reader thread (waiting) | share, batch 1 | share, batch {batch} | "
-             f"share of all calibration work, batch {batch} |", "|---|---|---|---|---|---|---|---|"]
+             f"| batch {batch}, serial reading (load / forward) | batch {batch} + reader thread (waiting) "
+             f"| share, batch 1 | share, batch {batch} | share, batch {batch} serial reading "
+             f"| share of all calibration work, batch {batch} |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        one, many, ahead = (row["nfds"][k] for k in variants)
+        one, many, serial, ahead = (row["nfds"][k] for k in variants)
         b1, bb = "share_batch1_of_nfds_plus_calibrate", f"share_batch{batch}_of_nfds_plus_calibrate"
+        bs = f"share_batch{batch}_serial_read_of_nfds_plus_calibrate"
         lines.append(f"| {row['recon_iters']} | {row['calibrate_s']:.1f} | {one['total_s']:.1f} ({one['load_s']:.1f} / "
                      f"{one['forward_s']:.1f}) | {many['total_s']:.1f} ({many['load_s']:.1f} / {many['forward_s']:.1f})"
+                     f" | {serial['total_s']:.1f} ({serial['load_s']:.1f} / {serial['forward_s']:.1f})"
                      f" | {ahead['total_s']:.1f} ({ahead['load_s']:.1f}) | {100 * row[b1]:.1f} % | "
-                     f"{100 * row[bb]:.1f} % | {100 * row[f'share_batch{batch}_of_all_calibration']:.1f} % |")
+                     f"{100 * row[bb]:.1f} % | {100 * row[bs]:.1f} % "
+                     f"| {100 * row[f'share_batch{batch}_of_all_calibration']:.1f} % |")
     lines += ["", "Share = NFDS / (NFDS + calibrate). \"All calibration work\" also adds building the pool "
               f"({pool_s:.1f} s: headers, video demux) and loading the selected sequences to the denominator. "
               f"Not in any row: a one-off {warmup_s:.1f} s warm-up pass (imports of tqdm/scikit-learn, first "
