@@ -36,11 +36,11 @@ layers, and eq. 12 needs its *last* layer, so the whole aggregator runs) over th
 per sample), streaming the pool: overlapping windows decode each frame once
 (:meth:`CandidatePool.iter_samples`) and, when the model is on an accelerator, a background thread
 reads the next batch while the device runs this one. On ``tiny`` (10 frames, 70 px, one CPU thread)
-a pass is about half reading (decode + resize, ~6 ms per candidate) and half forward (9.2-10.3 ms
-per candidate one at a time, 7.6-8.3 ms in batches of 8: the forward is GEMM and attention work, not
-per-call overhead, so batching saves 12-20 % of it). What remains is inherent: ``pool`` (400)
+a pass is reading (decode + resize, ~4.5 ms per candidate with the readers' 2 preprocessing threads)
+and forward (9.2-10.3 ms per candidate one at a time, 7.6-8.3 ms in batches of 8: the forward is GEMM
+and attention work, not per-call overhead, so batching saves 12-20 % of it). What remains is inherent: ``pool`` (400)
 aggregator forwards against a calibration on ``budget`` (40) sequences, so NFDS is most of the
-calibration time without block reconstruction (~80 %) and 12-14 % at the published recipe's 600
+calibration time without block reconstruction (~80 %) and 10.7-10.9 % at the published recipe's 600
 steps per block (``benchmarks/results/nfds_cost.md``); the issue's < 10 % is not met on ``tiny``.
 
 The sampler only selects: it never quantizes, and the model is returned as it came (hooks removed,
