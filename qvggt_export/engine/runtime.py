@@ -214,13 +214,16 @@ def check_images_shape(
             "(qvggt_export.model.preprocess) or export and build an engine for this resolution"
         )
     count = shape[_FRAME_AXIS]
+    _require_in_profile(count, low, high, "frames", "Use that many, or rebuild the engine with a profile whose "
+                        f"frames range includes {count}")
+    return count
+
+
+def _require_in_profile(count: int, low: int, high: int, noun: str, remedy: str) -> None:
     if not low <= count <= high:
         allowed = f"exactly {low}" if low == high else f"{low} to {high}"
-        raise QVGGTError(
-            f"got {count} frames; the engine's optimization profile accepts {allowed} frames. Use that many, or "
-            f"rebuild the engine with a profile whose frames range includes {count}"
-        )
-    return count
+        unit = noun.split()[-1]
+        raise QVGGTError(f"got {count} {noun}; the engine's optimization profile accepts {allowed} {unit}. {remedy}")
 
 
 def check_points_shape(shape: Sequence[int], points: tuple[int, int] | tuple[int, int, int]) -> int:
@@ -248,12 +251,8 @@ def check_points_shape(shape: Sequence[int], points: tuple[int, int] | tuple[int
         raise QVGGTError(f"query points have shape {list(shape)}: a batch of {shape[_BATCH_AXIS]}; the engine runs "
                          f"one sequence at a time, expected {expected}")
     count = shape[_POINTS_AXIS]
-    if not low <= count <= high:
-        allowed = f"exactly {low}" if low == high else f"{low} to {high}"
-        raise QVGGTError(
-            f"got {count} query points; the engine's optimization profile accepts {allowed} points. Split them into "
-            f"calls of at most {high}, or rebuild the engine with a profile whose points range includes {count}"
-        )
+    _require_in_profile(count, low, high, "query points", f"Split them into calls of at most {high}, or rebuild "
+                        f"the engine with a profile whose points range includes {count}")
     return count
 
 
