@@ -72,7 +72,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qvggt_export.errors import MissingDependencyError, QVGGTError
+from qvggt_export.errors import QVGGTError
 from qvggt_export.export.qdq import LAYER_MAP_KEY
 
 __all__ = [
@@ -275,15 +275,9 @@ def default_lowering(format_name: str, target_sms: Sequence[str] = (), backend: 
 
 
 def _session(model: onnx.ModelProto, folder: str | None = None) -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise MissingDependencyError("onnxruntime", "cpu", "Measuring a lowering's accuracy") from exc
-    options = ort.SessionOptions()
-    # Parity settings (DESIGN.md section 3): ORT's integer QDQ fusions change the numerics on CPU.
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    options.log_severity_level = 3
+    from qvggt_export.parity.compare import parity_session_options
+
+    ort, options = parity_session_options("Measuring a lowering's accuracy")
     try:
         if model.ByteSize() < _PROTO_LIMIT:
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -169,26 +169,13 @@ def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_ima
         # A converted copy: the caller's float32 model stays untouched (it is the parity reference).
         model = copy.deepcopy(model).to(dtype)
     wrapper = _DenseOutputs(model, names, dtype).eval()
-    height, width = example_images.shape[-2:]
     started = time.perf_counter()
     tmp_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=onnx_path.parent))
     try:
-        raw_path = tmp_dir / "raw.onnx"
-        with _fixed_resolution(model, height, width), torch.no_grad(), warnings.catch_warnings():
-            # The tracer warns about Python ints taken from fixed image sizes: intended (fixed resolution).
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            # The TorchScript exporter is deprecated upstream (its warning is not actionable for users);
-            # QuantLinear also emits dynamo-exporter placeholders, so moving over is a contained change.
-            warnings.filterwarnings("ignore", message=".*feature will be removed.*", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-            torch.onnx.export(
-                wrapper, (example_images,), str(raw_path), dynamo=False, opset_version=TRACE_OPSET,
-                input_names=["images"], output_names=list(names),
-                dynamic_axes={"images": {1: "frames"}, **{n: {1: "frames"} for n in names}},
-                custom_opsets={PLACEHOLDER_DOMAIN: 1} if _has_quantized_layers(model) else None,
-                do_constant_folding=True,
-            )
-        proto = onnx.load(str(raw_path))
+        proto = trace_to_onnx(model, wrapper, (example_images,), tmp_dir / "raw.onnx", input_names=["images"],
+                              output_names=list(names),
+                              dynamic_axes={"images": {1: "frames"}, **{n: {1: "frames"} for n in names}},
+                              placeholders=_has_quantized_layers(model))
         num_q = lower_traced_graph(proto, hadamard, opset)
         # A plugin node has no schema or body, so shape inference (the full check) cannot type it.
         external = save_graph(proto, onnx_path, full_check=hadamard != "plugin", tmp_dir=tmp_dir)
@@ -207,6 +194,28 @@ def export_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], example_ima
     logger.info("exported %s (%s, %d nodes, %d quantized linears, %.1f MB) in %.1f s", onnx_path, precision,
                 result.num_nodes, num_q, result.size_bytes / 1e6, result.export_seconds)
     return result
+
+
+def trace_to_onnx(model: nn.Module, wrapper: nn.Module, example_inputs: tuple[torch.Tensor, ...], raw_path: Path, *,
+                  input_names: list[str], output_names: list[str], dynamic_axes: dict[str, dict[int, str]],
+                  placeholders: bool) -> onnx.ModelProto:
+    """Trace ``wrapper`` (a forward over ``model``) with the TorchScript exporter at the resolution of the first
+    example input (images [B, S, 3, H, W]) and return the raw graph, QLinear placeholders still in it
+    (``placeholders``: declare their domain)."""
+    height, width = example_inputs[0].shape[-2:]
+    with _fixed_resolution(model, height, width), torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about Python ints taken from fixed image sizes: intended (fixed resolution).
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # The TorchScript exporter is deprecated upstream (its warning is not actionable for users);
+        # QuantLinear also emits dynamo-exporter placeholders, so moving over is a contained change.
+        warnings.filterwarnings("ignore", message=".*feature will be removed.*", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(
+            wrapper, example_inputs, str(raw_path), dynamo=False, opset_version=TRACE_OPSET,
+            input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+            custom_opsets={PLACEHOLDER_DOMAIN: 1} if placeholders else None, do_constant_folding=True,
+        )
+    return onnx.load(str(raw_path))
 
 
 def lower_traced_graph(proto: onnx.ModelProto, hadamard: str, opset: int) -> int:

@@ -44,7 +44,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,15 +54,14 @@ from torch import nn
 from qvggt_export.errors import QVGGTError
 from qvggt_export.export.onnx_export import (
     OPSET,
-    TRACE_OPSET,
-    _fixed_resolution,
     count_ops,
     graph_size_bytes,
     lower_traced_graph,
     save_graph,
+    trace_to_onnx,
 )
 from qvggt_export.io import ensure_writable_dir
-from qvggt_export.quant.modules import PLACEHOLDER_DOMAIN, FloatQuantLinear, QuantLinear
+from qvggt_export.quant.modules import FloatQuantLinear, QuantLinear
 
 logger = logging.getLogger(__name__)
 
@@ -166,27 +164,16 @@ def export_track_onnx(model: nn.Module, onnx_path: str | os.PathLike[str], examp
     _check_examples(model, example_images, example_query_points)
     onnx_path = Path(onnx_path)
     ensure_writable_dir(onnx_path.parent)
-    quantized = _quantized(model)
     wrapper = _TrackOutputs(model, names).eval()
-    height, width = example_images.shape[-2:]
     dynamic = {"images": {1: "frames"}, "query_points": {1: "points"}, "track": {1: "frames", 2: "points"},
                "vis": {1: "frames", 2: "points"}, "conf": {1: "frames", 2: "points"}}
     started = time.perf_counter()
     tmp_dir = Path(tempfile.mkdtemp(prefix=".export-track-", dir=onnx_path.parent))
     try:
-        raw_path = tmp_dir / "raw.onnx"
-        with _fixed_resolution(model, height, width), torch.no_grad(), warnings.catch_warnings():
-            # Python ints taken from the fixed resolution (documented at each site) make the tracer warn.
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", message=".*feature will be removed.*", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-            torch.onnx.export(
-                wrapper, (example_images, example_query_points), str(raw_path), dynamo=False,
-                opset_version=TRACE_OPSET, input_names=list(TRACK_INPUTS), output_names=list(names),
-                dynamic_axes={k: v for k, v in dynamic.items() if k in (*TRACK_INPUTS, *names)},
-                custom_opsets={PLACEHOLDER_DOMAIN: 1} if quantized else None, do_constant_folding=True,
-            )
-        proto = onnx.load(str(raw_path))
+        proto = trace_to_onnx(model, wrapper, (example_images, example_query_points), tmp_dir / "raw.onnx",
+                              input_names=list(TRACK_INPUTS), output_names=list(names),
+                              dynamic_axes={k: v for k, v in dynamic.items() if k in (*TRACK_INPUTS, *names)},
+                              placeholders=_quantized(model))
         num_q = lower_traced_graph(proto, hadamard, opset)
         _declare_output_shapes(proto, int(example_images.shape[0]))
         _check_grid_samples(proto)

@@ -127,16 +127,24 @@ def ort_fp16_fallback_ops(onnx_path: str | os.PathLike[str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def onnxruntime_session(onnx_path: str | os.PathLike[str], providers: Sequence[str] | None = None) -> Any:
-    """An ONNX Runtime session with parity-safe settings (no integer QDQ fusions)."""
+def parity_session_options(purpose: str = "Checking ONNX parity") -> tuple[Any, Any]:
+    """``(onnxruntime, SessionOptions)`` with the parity settings of DESIGN.md section 3: ORT's integer QDQ
+    fusions change the numerics on the CPU, so they are off. ``purpose`` names the work in the error raised
+    when ONNX Runtime is not installed."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
-        raise MissingDependencyError("onnxruntime", "cpu", "Checking ONNX parity") from exc
+        raise MissingDependencyError("onnxruntime", "cpu", purpose) from exc
     options = ort.SessionOptions()
     options.add_session_config_entry("session.disable_quant_qdq", "1")
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     options.log_severity_level = 3
+    return ort, options
+
+
+def onnxruntime_session(onnx_path: str | os.PathLike[str], providers: Sequence[str] | None = None) -> Any:
+    """An ONNX Runtime session with parity-safe settings (no integer QDQ fusions)."""
+    ort, options = parity_session_options()
     try:
         return ort.InferenceSession(str(onnx_path), options, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types

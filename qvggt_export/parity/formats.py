@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from qvggt_export.errors import QVGGTError
-from qvggt_export.parity.compare import FLOAT_MAX_REL, QUANT_NOISE_RATIO, onnxruntime_session
-from qvggt_export.parity.localize import _with_layer_outputs, matched_layers
+from qvggt_export.parity.compare import FLOAT_MAX_REL, QUANT_NOISE_RATIO
+from qvggt_export.parity.localize import layer_values, matched_layers
 
 # Per-layer FP8 criteria, as the integer checker's (localize.py) but in E4M3 steps: a correct layer differs
 # from PyTorch only where x / s sits on a rounding tie, by one E4M3 step, in few codes.
@@ -79,12 +79,7 @@ def fp8_layer_parity(model: nn.Module, onnx_path: str | os.PathLike[str], images
     layer_map, modules = matched_layers(proto, onnx_path, model,
                                         lambda m: isinstance(m, FloatQuantLinear) and m.format == "fp8",
                                         "fp8 FloatQuantLinear")
-    wanted = sorted({t for entry in layer_map.values() for t in entry.values()})
-    with _with_layer_outputs(onnx_path, wanted) as copy:
-        session = onnxruntime_session(copy)
-        names = [o.name for o in session.get_outputs()]
-        values = dict(zip(names, session.run(names, {session.get_inputs()[0].name: images.float().numpy()}),
-                          strict=True))
+    values = layer_values(onnx_path, layer_map, images)
 
     position = {out: i for i, node in enumerate(proto.graph.node) for out in node.output}
     checks = []

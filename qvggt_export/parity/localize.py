@@ -111,12 +111,7 @@ def localize_divergence(model: nn.Module, onnx_path: str | os.PathLike[str], ima
     onnx_path = Path(onnx_path)
     proto = onnx.load(str(onnx_path), load_external_data=False)
     layer_map, modules = matched_layers(proto, onnx_path, model, lambda m: isinstance(m, QuantLinear), "QuantLinear")
-    wanted = sorted({t for entry in layer_map.values() for t in entry.values()})
-    with _with_layer_outputs(onnx_path, wanted) as copy:
-        session = onnxruntime_session(copy)
-        names = [o.name for o in session.get_outputs()]
-        values = dict(zip(names, session.run(names, {session.get_inputs()[0].name: images.float().numpy()}),
-                          strict=True))
+    values = layer_values(onnx_path, layer_map, images)
     order: list[str] = []
     hooks = [m.register_forward_hook(lambda mod, a, o, name=name: order.append(name)) for name, m in modules.items()]
     try:
@@ -147,6 +142,16 @@ def localize_divergence(model: nn.Module, onnx_path: str | os.PathLike[str], ima
                       and flips <= MAX_FLIP_FRACTION * count and output_rel <= OUTPUT_REL_TOL)
             report.layers.append(LayerCheck(name, transform_rel, flips, count, max_delta, output_rel, passed))
     return report
+
+
+def layer_values(onnx_path: Path, layer_map: dict[str, dict[str, str]], images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Every graph output and every tensor named in ``layer_map``, from one ONNX Runtime run on ``images``."""
+    wanted = sorted({t for entry in layer_map.values() for t in entry.values()})
+    with _with_layer_outputs(onnx_path, wanted) as copy:
+        session = onnxruntime_session(copy)
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, {session.get_inputs()[0].name: images.float().numpy()}),
+                        strict=True))
 
 
 def matched_layers(proto: onnx.ModelProto, onnx_path: Path, model: nn.Module, is_layer: Callable[[nn.Module], bool],
