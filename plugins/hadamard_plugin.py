@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from types import ModuleType
 from typing import Any
 
@@ -171,11 +172,9 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
 
         def enqueue(self, input_desc: list[Any], output_desc: list[Any], inputs: list[int], outputs: list[int],
                     workspace: int, stream: int) -> None:
-            # NOT EXECUTED IN CI (no GPU there): TensorRT calls enqueue only at inference time (never while
-            # building), and this project's test machine has no CUDA device. The math is the tested reference
-            # fwht (qvggt_export.quant.hadamard) run by a CUDA build of PyTorch on TensorRT's buffers and stream;
-            # plugins/csrc/hadamard_kernel.cu is the fused kernel meant to replace it.
-            _enqueue_torch(self, trt, input_desc, output_desc, inputs, outputs, stream)
+            # Runs only at inference time on a GPU (TensorRT never enqueues while building): the fused CUDA kernel
+            # of plugins/csrc on TensorRT's buffers and stream by default, or the PyTorch fwht (see _enqueue).
+            _enqueue(self, trt, input_desc, output_desc, inputs, outputs, stream)
 
     class HadamardPluginCreator(trt.IPluginCreatorV3One):
         """Creator ``qvggt::Hadamard`` version 1, field ``size``."""
@@ -197,7 +196,61 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# GPU execution (not executed in CI: needs a CUDA GPU and a CUDA build of PyTorch).
+# GPU execution (not executed in CI: needs a CUDA GPU).
+
+#: Environment variable choosing the enqueue implementation: "kernel" (default: the fused CUDA kernel through
+#: qvggt_export.plugins.hadamard_cuda) or "torch" (the reference fwht run by a CUDA build of PyTorch).
+ENQUEUE_ENV = "QVGGT_PLUGIN_HADAMARD"
+ENQUEUE_CHOICES = ("kernel", "torch")
+_KERNEL_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}
+_warned: set[str] = set()
+
+
+def enqueue_choice() -> str:
+    """The enqueue implementation selected by ``$QVGGT_PLUGIN_HADAMARD`` (default ``"kernel"``)."""
+    choice = os.environ.get(ENQUEUE_ENV, "kernel").strip().lower() or "kernel"
+    if choice not in ENQUEUE_CHOICES:
+        raise QVGGTError(f"{ENQUEUE_ENV}={choice!r}: choose one of {', '.join(ENQUEUE_CHOICES)}")
+    return choice
+
+
+def _kernel_obstacle(input_desc: list[Any]) -> str | None:
+    """Why the fused kernel cannot take this call (the PyTorch path then does), or ``None``."""
+    from qvggt_export.plugins.hadamard_cuda import kernel_unavailable_reason
+
+    if any(input_desc[i].type.name != "FLOAT" for i in (_PRE, _POST)):
+        return "the fused kernel takes fp32 pre/post scales; this engine stores them in half precision"
+    return kernel_unavailable_reason()
+
+
+def _enqueue(plugin: Any, trt: ModuleType, input_desc: list[Any], output_desc: list[Any], inputs: list[int],
+             outputs: list[int], stream: int) -> None:
+    if enqueue_choice() == "kernel":
+        obstacle = _kernel_obstacle(input_desc)
+        if obstacle is None:
+            _enqueue_kernel(plugin, input_desc, inputs, outputs, stream)
+            return
+        if obstacle not in _warned:  # once per reason: enqueue runs for every layer of every inference
+            _warned.add(obstacle)
+            logger.warning("Hadamard plugin: using the PyTorch fwht instead of the fused kernel: %s", obstacle)
+    _enqueue_torch(plugin, trt, input_desc, output_desc, inputs, outputs, stream)
+
+
+def _enqueue_kernel(plugin: Any, input_desc: list[Any], inputs: list[int], outputs: list[int], stream: int) -> None:
+    """The fused kernel on TensorRT's pointers and stream (no PyTorch involved)."""
+    from qvggt_export.plugins.hadamard_cuda import launch_hadamard
+
+    d = plugin.size
+    shape = tuple(int(v) for v in input_desc[_X].dims)
+    rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    name = input_desc[_X].type.name
+    if name not in _KERNEL_DTYPES:
+        raise QVGGTError(f"Hadamard plugin: unsupported tensor type {name}")
+    try:
+        launch_hadamard(int(inputs[_X]), int(outputs[0]), rows, d, _KERNEL_DTYPES[name], int(inputs[_PRE]),
+                        int(inputs[_POST]), int(stream))
+    except (OSError, RuntimeError) as exc:  # e.g. no CUDA driver library: cuda-python raises these
+        raise QVGGTError(f"Hadamard plugin: the CUDA kernel could not run: {exc}") from exc
 
 _TYPESTR = {"FLOAT": "<f4", "HALF": "<f2", "BF16": "<i2"}  # BF16 has no array-interface code: viewed from int16
 

@@ -262,10 +262,13 @@ def test_kernel_compiles(arch: str, tmp_path: Path) -> None:
     proc = subprocess.run([NVCC, "-c", f"--gpu-architecture={arch}", "-Xptxas", "-v", "-o", str(out), str(KERNEL)],
                           capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # ptxas reports one entry per storage type (fp32, fp16, bf16), each compiled to SASS for this architecture.
+    # ptxas reports one entry per schedule (simple, tiled) and storage type (fp32, fp16, bf16), each compiled to SASS
+    # for this architecture; none spills, and none keeps a stack frame (the tiled schedule's 8 registers must stay
+    # registers: a runtime index would put them in local memory).
     compiled = [line for line in proc.stderr.splitlines() if "Compiling entry function" in line and f"'{arch}'" in line]
-    assert len(compiled) == 3, proc.stderr
-    assert proc.stderr.count(" 0 bytes spill stores") == 3, proc.stderr
+    assert len(compiled) == 6, proc.stderr
+    assert proc.stderr.count(" 0 bytes spill stores") == 6, proc.stderr
+    assert proc.stderr.count("0 bytes stack frame") == 6, proc.stderr
     assert out.stat().st_size > 0
 
 
@@ -279,6 +282,9 @@ def _compile_host(compiler: list[str], tmp_path: Path, name: str) -> ctypes.CDLL
     p = ctypes.c_void_p
     fn.argtypes = [p, p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int, p, p, p, ctypes.c_int]
     fn.restype = ctypes.c_int
+    tiled = lib.qvggt_hadamard_rows_host_tiled
+    tiled.argtypes = [p, p, ctypes.c_longlong, ctypes.c_int, p, p]
+    tiled.restype = ctypes.c_int
     return lib
 
 
@@ -331,3 +337,106 @@ def test_kernel_host_twin_rejects_bad_sizes(host_kernel: ctypes.CDLL) -> None:
     assert fn(x.ctypes.data, x.ctypes.data, 1, 96, 1, None, None, None, 0) == -1  # 96 / 1 is not a power of two
     assert fn(x.ctypes.data, x.ctypes.data, 1, 96, 12, None, None, None, 0) == -2  # m > 1 needs H_m
     assert fn(x.ctypes.data, x.ctypes.data, 1, 16384, 1, None, None, None, 0) == -1  # above the shared-memory limit
+
+
+@pytest.mark.parametrize("d", [256, 512, 1024, 2048, 4096, 8192])  # every round layout: log2(d) = 8 .. 13
+def test_kernel_host_twin_of_the_tiled_schedule_matches_fwht(host_kernel: ctypes.CDLL, d: int) -> None:
+    gen = torch.Generator().manual_seed(d + 1)
+    x = torch.randn(4, d, generator=gen)
+    signs, post = random_signs(d, seed=d), torch.rand(d, generator=gen) + 0.5
+    for pre_v, post_v in ((signs, post), (None, None)):
+        xs = np.ascontiguousarray(x.numpy())
+        ys = np.empty_like(xs)
+        vec = [np.ascontiguousarray(v.numpy(), np.float32) if v is not None else None for v in (pre_v, post_v)]
+        ptr = [a.ctypes.data if a is not None else None for a in vec]
+        assert host_kernel.qvggt_hadamard_rows_host_tiled(xs.ctypes.data, ys.ctypes.data, 4, d, *ptr) == 0
+        ref = fwht(x, signs=pre_v, post_scale=post_v)
+        rel = float((torch.from_numpy(ys) - ref).abs().max() / ref.abs().max())
+        assert rel < 1e-5, f"d={d}: relative error {rel:.2e} (observed ~3e-7)"
+
+
+def test_kernel_host_twin_of_the_tiled_schedule_refuses_what_it_cannot_do(host_kernel: ctypes.CDLL) -> None:
+    x = np.zeros(768, np.float32)
+    tiled = host_kernel.qvggt_hadamard_rows_host_tiled
+    assert tiled(x.ctypes.data, x.ctypes.data, 1, 128, None, None) == -4  # below the tiled minimum (256)
+    assert tiled(x.ctypes.data, x.ctypes.data, 1, 768, None, None) == -1  # 768 = 256 x 3 has a Paley factor
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The kernel through NVRTC (qvggt_export.plugins.hadamard_cuda): compiled here, launched only on a GPU.
+
+def _nvrtc_reason() -> str | None:
+    from qvggt_export.plugins.hadamard_cuda import kernel_unavailable_reason
+
+    return kernel_unavailable_reason()
+
+
+@pytest.mark.skipif(_nvrtc_reason() is not None, reason="cuda-python / NVRTC not installed "
+                    "(pip install 'qvggt-export[cuda]'): cannot compile the kernel at run time here")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_120"])
+def test_nvrtc_compiles_the_kernel_source_and_caches_it(arch: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from qvggt_export.plugins import hadamard_cuda
+
+    monkeypatch.setenv("QVGGT_CACHE_DIR", str(tmp_path))
+    cubin = hadamard_cuda.compile_kernel_source(arch)
+    assert cubin[:4] == b"\x7fELF"  # a cubin is an ELF image with the SASS of the six entry points
+    for schedule in ("simple", "tiled"):
+        for suffix in ("f32", "f16", "bf16"):
+            assert f"qvggt_hadamard_{schedule}_{suffix}".encode() in cubin
+    (cached,) = (tmp_path / "hadamard_cuda").iterdir()
+    assert cached.read_bytes() == cubin
+    assert hadamard_cuda.compile_kernel_source(arch) == cubin  # second call: from the cache
+
+
+def test_schedule_choice_matches_the_header() -> None:
+    from qvggt_export.errors import QVGGTError
+    from qvggt_export.plugins.hadamard_cuda import resolve_schedule
+
+    assert resolve_schedule(4096, 1) == "tiled"
+    assert resolve_schedule(128, 1) == "simple"
+    assert resolve_schedule(768, 3) == "simple"
+    assert resolve_schedule(4096, 1, "simple") == "simple"
+    with pytest.raises(QVGGTError, match="tiled"):
+        resolve_schedule(768, 3, "tiled")
+    with pytest.raises(QVGGTError, match="schedule"):
+        resolve_schedule(1024, 1, "fast")
+
+
+def test_enqueue_choice_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qvggt_export.errors import QVGGTError
+    from qvggt_export.plugins.hadamard_plugin import ENQUEUE_ENV, enqueue_choice
+
+    monkeypatch.delenv(ENQUEUE_ENV, raising=False)
+    assert enqueue_choice() == "kernel"
+    monkeypatch.setenv(ENQUEUE_ENV, "torch")
+    assert enqueue_choice() == "torch"
+    monkeypatch.setenv(ENQUEUE_ENV, "cublas")
+    with pytest.raises(QVGGTError, match=ENQUEUE_ENV):
+        enqueue_choice()
+
+
+_CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU: the kernel launch runs only there")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 768, 1024, 4096])
+@pytest.mark.parametrize("schedule", ["auto", "simple"])
+def test_kernel_on_the_gpu_matches_fwht(dtype: torch.dtype, d: int, schedule: str) -> None:
+    from qvggt_export.plugins.hadamard_cuda import hadamard_cuda
+
+    if _nvrtc_reason() is not None:
+        pytest.skip(f"cuda-python / NVRTC missing: {_nvrtc_reason()}")
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(3, 37, d, generator=gen)
+    signs, post = random_signs(d, seed=d), torch.rand(d, generator=gen) + 0.5
+    ref = fwht(x.double(), signs=signs.double(), post_scale=post.double())
+    got = hadamard_cuda(x.to("cuda", dtype), signs, post, schedule=schedule).double().cpu()
+    rel = float((got - ref).norm() / ref.norm())
+    bound = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]  # storage rounding of y
+    assert rel < bound, f"{dtype} d={d} {schedule}: relative L2 {rel:.2e}"
+    inplace = x.to("cuda", dtype)
+    hadamard_cuda(inplace, signs, post, out=inplace, schedule=schedule)  # y == x is allowed
+    assert torch.equal(inplace, got.to("cuda", dtype))
