@@ -76,6 +76,16 @@ _unit_interval = _number(float, minimum=0.0, maximum=1.0)
 _image_size = _number(int, minimum=14, multiple_of=14)
 
 
+def _device(text: str) -> str:
+    """An argparse type for --device: its form only (whether the GPU exists is checked when the run starts)."""
+    from qvggt_export.device import check_device_spec
+
+    try:
+        return check_device_spec(text)
+    except QVGGTError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qvggt_export.model.config import preset_names
     from qvggt_export.pipeline import FLOAT_FORMATS
@@ -144,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "lowered integer graph or an fp32 export")
     parser.add_argument("--backend", default="auto", choices=["auto", "rtx", "trt"],
                         help="TensorRT-RTX (builds without a GPU) or full TensorRT (default auto)")
+    parser.add_argument("--device", default="auto", type=_device,
+                        help="where calibration runs: auto (CUDA when PyTorch sees a GPU, else CPU), cpu, cuda or "
+                             "cuda:N (default auto); export and parity always run on the CPU")
+    parser.add_argument("--calib-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="precision of the statistics-only passes (NFDS, DSFQ channel maxima) on CUDA: fp32 "
+                             "(default, exact) or bf16/fp16 autocast (less memory and time; see "
+                             "benchmarks/results/gpu_check.md for the effect)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -234,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             image_size=args.image_size, preprocess=args.preprocess, seed=args.seed, engine=not args.no_engine,
             hadamard=args.hadamard, engine_hadamard=args.engine_hadamard, engine_profile=args.engine_profile,
             export_track=args.export_track, engine_lowering=args.engine_lowering, engine_fp16=args.engine_fp16,
-            backend=args.backend,
+            backend=args.backend, device=args.device, calib_dtype=args.calib_dtype,
             progress=not args.no_progress)
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=2))

@@ -98,6 +98,11 @@ class PipelineConfig:
             refused with the ``as-written`` lowering of integer formats (the per-token step floor underflows).
         backend: ``"auto"``, ``"rtx"`` (TensorRT-RTX) or ``"trt"`` (full TensorRT).
         progress: show progress bars.
+        device: where calibration runs (:mod:`qvggt_export.device`): ``"auto"`` (CUDA when PyTorch sees a GPU),
+            ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. Export and parity always run on the CPU.
+        calib_dtype: precision of the statistics-only float passes (NFDS, DSFQ channel maxima): ``"fp32"``
+            (default, exact), or ``"bf16"`` / ``"fp16"`` autocast on CUDA (less memory and time; the selection and
+            the smoothing factors can change: ``benchmarks/results/gpu_check.md`` measures by how much).
     """
 
     out_dir: Path
@@ -128,12 +133,20 @@ class PipelineConfig:
     engine_fp16: bool = False
     backend: str = "auto"
     progress: bool = True
+    device: str = "auto"
+    calib_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
+        from qvggt_export.device import CALIB_DTYPES, check_device_spec
         from qvggt_export.model.preprocess import PREPROCESS_MODES
         from qvggt_export.quant import check_format
 
         object.__setattr__(self, "out_dir", Path(self.out_dir))
+        check_device_spec(self.device)
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise QVGGTError(f"calib_dtype must be one of {', '.join(CALIB_DTYPES)}, got {self.calib_dtype!r}")
+        if self.calib_dtype != "fp32" and self.device == "cpu":
+            raise QVGGTError(f"calib_dtype {self.calib_dtype} applies to CUDA runs; the CPU calibrates in fp32")
         if self.bits not in FLOAT_FORMATS:
             object.__setattr__(self, "bits", check_format(self.bits))
             self.quant_config()  # validates method, alpha, recon_iters (refused for fp8 / nvfp4)
@@ -275,7 +288,7 @@ def _load_model(config: PipelineConfig) -> tuple[torch.nn.Module, dict[str, Any]
     return model.eval(), info
 
 
-def _calibration_data(config: PipelineConfig, model: torch.nn.Module, progress: bool
+def _calibration_data(config: PipelineConfig, model: torch.nn.Module, progress: bool, device: torch.device
                       ) -> tuple[list[torch.Tensor], dict[str, Any], Any]:
     """Draw a lazy candidate pool, select the calibration set (NFDS by default), load the selection."""
     from qvggt_export.calib import SyntheticSequenceConfig, build_candidate_pool, select_calibration_set
@@ -299,7 +312,11 @@ def _calibration_data(config: PipelineConfig, model: torch.nn.Module, progress: 
         raise QVGGTError(f"calibration sequences have different resolutions after preprocessing {resolutions}; an "
                          "export has one fixed resolution: use --preprocess pad (square) or sources of one aspect "
                          "ratio")
-    selection = select_calibration_set(pool, model, config.nfds_config(), progress=progress)
+    from qvggt_export.device import autocast, out_of_memory_guard
+
+    with out_of_memory_guard("NFDS statistics", device, "--frames, --nfds-batch or --calib-dtype bf16"), \
+            autocast(device, config.calib_dtype):
+        selection = select_calibration_set(pool, model, config.nfds_config(), progress=progress)
     batches = [sample.unsqueeze(0) for sample in selection.samples()]
     shapes = sorted({tuple(b.shape[-2:]) for b in batches})
     if len(shapes) > 1:
@@ -314,18 +331,24 @@ def _calibration_data(config: PipelineConfig, model: torch.nn.Module, progress: 
 
 def _output_errors(float_model: torch.nn.Module, model: torch.nn.Module, batches: list[torch.Tensor],
                    progress: Callable[[Any], Any]) -> dict[str, dict[str, float]]:
-    """Quantized-vs-float error per output on the calibration data (relative L2, worst and mean)."""
+    """Quantized-vs-float error per output on the calibration data (relative L2, worst and mean), on the quantized
+    model's device (the float model visits it for the pass and goes back to where it was)."""
     from qvggt_export.export.onnx_export import DENSE_OUTPUTS
 
+    device = next(model.parameters()).device
+    home = next(float_model.parameters()).device
     errors: dict[str, list[float]] = {}
+    float_model.to(device)
     with torch.no_grad():
         for images in progress(batches):
+            images = images.to(device)
             ref, got = float_model(images), model(images)
             for name in DENSE_OUTPUTS:
                 if name in ref:
                     num = (got[name] - ref[name]).norm()
                     den = ref[name].norm().clamp_min(1e-30)
                     errors.setdefault(name, []).append(float(num / den))
+    float_model.to(home)
     return {k: {"rel_l2_mean": sum(v) / len(v), "rel_l2_max": max(v)} for k, v in errors.items()}
 
 
@@ -344,13 +367,21 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     if config.quantized:
         report["format"] = {"name": config.bits, "family": config.family, "lowering": FORMAT_LOWERING[config.family]}
 
+    from qvggt_export.device import out_of_memory_guard, resolve_device
+
+    device = resolve_device(config.device)
+    report["device"] = {"requested": config.device, "used": str(device), "calib_dtype": config.calib_dtype,
+                        "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()}
     # Inputs first: nothing is written until model, weights and data are known to be good.
     with timer.stage("load_model"):
         model, report["model"] = _load_model(config)
+        # The float reference stays on the CPU (export and parity run there); calibration works on `device`.
+        float_model = copy.deepcopy(model) if config.quantized else None
+        model.to(device)
     if config.export_track and getattr(model, "track_head", None) is None:
         raise QVGGTError(f"--export-track: model {config.model!r} has no tracking head")
     with timer.stage("calibration_data"):
-        batches, report["calibration"], selection = _calibration_data(config, model, config.progress)
+        batches, report["calibration"], selection = _calibration_data(config, model, config.progress, device)
 
     out_dir = config.out_dir
     existed = out_dir.exists()
@@ -364,16 +395,18 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         report["calibration"]["selection_report"] = {k: str(v) for k, v in write_selection_report(
             selection, out_dir / "calibration").items()}
 
-        float_model = None
         if config.quantized:
+            from qvggt_export.device import autocast
             from qvggt_export.quant.calibrate import calibrate
 
             quant_config = config.quant_config()
-            with timer.stage("quantize"):
-                float_model = copy.deepcopy(model)
+            knobs = "--calib-size, --frames or --calib-dtype bf16"
+            with timer.stage("quantize"), out_of_memory_guard("quantization", device, knobs):
                 # Reconstruction checkpoints into the output folder: rerunning the same command resumes.
                 checkpoint = out_dir / RECON_CHECKPOINT if config.recon_iters else None
-                result = calibrate(model, quant_config, batches, progress, recon_checkpoint=checkpoint)
+                result = calibrate(model, quant_config, [b.to(device) for b in batches], progress,
+                                   recon_checkpoint=checkpoint,
+                                   statistics_context=lambda: autocast(device, config.calib_dtype))
                 layers = result.layers
                 report["quantization"] = {
                     "config": dataclasses.asdict(quant_config),
@@ -386,12 +419,18 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                 }
                 if result.input_amax:
                     report["quantization"]["input_amax"] = {k: round(v, 6) for k, v in result.input_amax.items()}
+            with timer.stage("quant_error"), out_of_memory_guard("the quantized-vs-float error pass", device, knobs):
+                report["quantization"]["output_error_vs_float"] = _output_errors(float_model, model, batches, progress)
+            model.cpu()  # export and parity run on the CPU (module docstring of qvggt_export.device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                report["device"]["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
             from qvggt_export.quant.state import save_quantized
 
             weights_path, _ = save_quantized(model, out_dir / "quantized_model", report["model"]["spec"], quant_config)
             report["quantization"]["state"] = str(weights_path)
-            with timer.stage("quant_error"):
-                report["quantization"]["output_error_vs_float"] = _output_errors(float_model, model, batches, progress)
+        else:
+            model.cpu()
 
         from qvggt_export.export import export_onnx
         from qvggt_export.export.qdq import opset_for_format

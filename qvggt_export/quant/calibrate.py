@@ -6,10 +6,12 @@ target's max |transformed input|, which fixes the static activation global scale
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +20,7 @@ from qvggt_export.errors import QVGGTError
 from qvggt_export.quant.config import QuantConfig
 from qvggt_export.quant.dsfq import apply_transforms, check_rotatable, collect_channel_stats
 from qvggt_export.quant.modules import TransformedLinear
-from qvggt_export.quant.roles import QuantTarget, find_targets, iter_modules
+from qvggt_export.quant.roles import QuantTarget, calibration_forward, find_targets, iter_modules
 from qvggt_export.quant.rtn import QuantizedLayer, quantize_model
 
 logger = logging.getLogger(__name__)
@@ -56,10 +58,11 @@ def collect_input_amax(model: nn.Module, targets: Sequence[QuantTarget], batches
             amax[name] = max(amax.get(name, 0.0), value)
         return hook
 
+    forward = calibration_forward(model, targets)  # only what reaches the targets runs
     handles = [module.register_forward_pre_hook(make_hook(t.name)) for t, module in iter_modules(model, targets)]
     try:
         for images in progress(batches):
-            model(images)
+            forward(images)
     finally:
         for handle in handles:
             handle.remove()
@@ -68,7 +71,9 @@ def collect_input_amax(model: nn.Module, targets: Sequence[QuantTarget], batches
 
 def calibrate(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor] = (),
               progress: Callable[[Iterable], Iterable] = lambda x: x,
-              recon_checkpoint: str | Path | None = None) -> CalibrationResult:
+              recon_checkpoint: str | Path | None = None,
+              statistics_context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
+              ) -> CalibrationResult:
     """Quantize ``model`` in place with ``config``.
 
     Args:
@@ -80,6 +85,8 @@ def calibrate(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Ten
         progress: wraps long loops (e.g. a tqdm factory).
         recon_checkpoint: where block reconstruction saves its learned parameters after each block; an
             interrupted run given the same file resumes after the last finished block.
+        statistics_context: a factory of the context the statistics-only float pass runs in (e.g. CUDA autocast
+            to bf16, :func:`qvggt_export.device.autocast`); reconstruction and quantization never run in it.
     """
     targets = find_targets(model, config.roles)
     if config.method in ("rotate", "smooth_rotate", "dsfq"):
@@ -89,9 +96,10 @@ def calibrate(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Ten
     if config.needs_calibration:
         if len(batches) == 0:
             raise QVGGTError(f"method {config.method} needs calibration data, but the calibration set is empty")
-        stats = collect_channel_stats(model, targets, batches, config.seed,
-                                      raw=config.method in ("smooth", "smooth_rotate"),
-                                      rotated=config.method == "dsfq", progress=progress)
+        with statistics_context() if statistics_context is not None else contextlib.nullcontext():
+            stats = collect_channel_stats(model, targets, batches, config.seed,
+                                          raw=config.method in ("smooth", "smooth_rotate"),
+                                          rotated=config.method == "dsfq", progress=progress)
         tokens = next(iter(stats.values())).tokens
     transformed = apply_transforms(model, targets, config.method, stats, config.alpha, config.seed)
     weight_steps = None

@@ -20,7 +20,7 @@ from torch import nn
 from qvggt_export.errors import QVGGTError
 from qvggt_export.quant.hadamard import fwht, hadamard_factors, random_signs
 from qvggt_export.quant.modules import TransformedLinear
-from qvggt_export.quant.roles import QuantTarget, iter_modules, replace_module
+from qvggt_export.quant.roles import QuantTarget, calibration_forward, iter_modules, replace_module
 from qvggt_export.quant.transforms import fold_weight, smoothing_scales, weight_column_absmax
 
 logger = logging.getLogger(__name__)
@@ -85,11 +85,12 @@ def collect_channel_stats(model: nn.Module, targets: Sequence[QuantTarget], batc
                                         else torch.maximum(entry.rotated_absmax, value))
         return hook
 
+    forward = calibration_forward(model, targets)  # only what reaches the targets runs
     handles = [module.register_forward_pre_hook(make_hook(t.name, module.in_features))
                for t, module in iter_modules(model, targets)]
     try:
         for batch_index, images in enumerate(progress(batches)):  # noqa: B007 (read by the hook)
-            model(images)
+            forward(images)
     finally:
         for handle in handles:
             handle.remove()

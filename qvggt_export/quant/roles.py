@@ -8,7 +8,7 @@ selected. A role that matches no module is an error that says what the model has
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -93,3 +93,13 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def calibration_forward(model: nn.Module, targets: Sequence[QuantTarget]) -> nn.Module:
+    """The smallest part of ``model`` whose forward reaches every target: the aggregator when all targets are in it
+    (statistics passes then skip the camera, depth, point and track heads: at 518 px the DPT heads hold most of a
+    VGGT-1B forward's activation memory), else the whole model."""
+    aggregator = getattr(model, "aggregator", None)
+    if aggregator is not None and all(t.name.startswith("aggregator.") for t in targets):
+        return aggregator
+    return model
