@@ -56,9 +56,11 @@ After learning, ``s`` is baked into the float module (:func:`bake_smoothing`) an
 
 **Memory.** One block at a time: its inputs and float targets for all calibration batches are cached
 (two token tensors per batch and call, plus the small ``pos`` tensors), plus the int8 ``QuantLinear``
-copies of the finished targets (a quarter of their float weights). Fine for the tiny test models and
-for VGGT-1B on a GPU with the paper's 40 calibration sequences at moderate frame counts; for larger
-sets reduce the number of batches per block.
+copies of the finished targets (a quarter of their float weights). On a CUDA model these captures (and the
+replay's recorded outputs) live in pinned CPU memory and move to the GPU one batch at a time when a step or a
+pass reads them (``offload``; the values are the same bits, so results are unchanged): for VGGT-1B with 40
+sequences of 10 frames at 518 px that is about 56 MB per tensor and batch, ~13 GB in all, which would not
+fit a 24 GB card next to the model; the GPU then holds the model, one block's working set and the images.
 
 **Cost.** Per block, two capture passes over the calibration set (float and quantized chain), then
 ``recon_iters`` forward/backward steps of the block alone. A capture pass would run the model from the
@@ -295,6 +297,35 @@ def _copy(value: Any) -> Any:
     return value
 
 
+def _stash(value: Any, pinned: bool) -> Any:
+    """A detached copy of ``value`` (tensors inside tuples, lists and dicts) for later use; with ``pinned``, GPU
+    tensors are copied into page-locked CPU memory instead (module docstring, *Memory*)."""
+    if not pinned:
+        return _copy(value)
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "cpu":
+            return value.detach().clone()
+        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        return host.copy_(value.detach())
+    if isinstance(value, tuple | list):
+        return type(value)(_stash(v, pinned) for v in value)
+    if isinstance(value, dict):
+        return {k: _stash(v, pinned) for k, v in value.items()}
+    return value
+
+
+def _onto(value: Any, device: torch.device) -> Any:
+    """``value`` with its tensors on ``device`` (no copy for those already there; asynchronous from pinned memory,
+    ordered on the current stream before the kernels that read them)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, tuple | list):
+        return type(value)(_onto(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _onto(v, device) for k, v in value.items()}
+    return value
+
+
 def _as_images(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     if not isinstance(batch, torch.Tensor):
         raise QVGGTError(f"calibration batches must be image tensors, got {type(batch).__name__}")
@@ -307,13 +338,14 @@ def _as_images(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 class _Replay(nn.Module):
     """Stands in for a module during a capture pass: returns the current batch's recorded output."""
 
-    def __init__(self, outputs: Sequence[torch.Tensor]) -> None:
+    def __init__(self, outputs: Sequence[torch.Tensor], device: torch.device) -> None:
         super().__init__()
         self.outputs = outputs
+        self.device = device
         self.index = 0
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.outputs[self.index]
+        return self.outputs[self.index].to(self.device, non_blocking=True)
 
 
 class _Skip(nn.Module):
@@ -334,13 +366,16 @@ class _Runner:
     """
 
     def __init__(self, model: nn.Module, blocks: Sequence[str], batches: Sequence[torch.Tensor],
-                 replay: bool = True) -> None:
+                 replay: bool = True, offload: bool | None = None) -> None:
         self.model = model
         self.blocks = list(blocks)
         aggregator = getattr(model, "aggregator", None)
         in_aggregator = aggregator is not None and all(b.startswith("aggregator.") for b in blocks)
         self.forward: Callable[[torch.Tensor], Any] = aggregator if in_aggregator else model
         device = next(model.parameters()).device
+        self.device = device
+        # Captured tensors go to pinned CPU memory on CUDA by default (module docstring, *Memory*).
+        self.pinned = device.type == "cuda" if offload is None else bool(offload) and device.type == "cuda"
         self.batches = [_as_images(b, device) for b in batches]
         self.sequence = self._call_sequence()
         self.replays = (replay and in_aggregator and hasattr(aggregator, "patch_embed")
@@ -353,7 +388,8 @@ class _Runner:
     def remember(self, block: str, float_outputs: list[torch.Tensor], quant_outputs: list[torch.Tensor]) -> None:
         """Record a finished block's per-batch outputs in the float and the quantized chain (for replay)."""
         if self.replays:
-            self._finished = {True: (block, float_outputs), False: (block, quant_outputs)}
+            self._finished = {True: (block, _stash(float_outputs, self.pinned)),
+                              False: (block, _stash(quant_outputs, self.pinned))}
 
     def _replay_modules(self, block: str, with_output: bool) -> dict[str, nn.Module]:
         """Stand-ins that start a pass for ``block`` at its predecessor's recorded output; {} for a full pass."""
@@ -365,8 +401,8 @@ class _Runner:
         if previous != self.sequence[position - 1]:
             return {}
         stand_ins: dict[str, nn.Module] = {b: _Skip() for b in self.sequence[:position - 1]}
-        stand_ins[previous] = _Replay(outputs)
-        stand_ins[_EMBED] = _Replay(self._embed)
+        stand_ins[previous] = _Replay(outputs, self.device)
+        stand_ins[_EMBED] = _Replay(self._embed, self.device)
         return stand_ins
 
     def _hooks(self, make: Callable[[str], Callable]) -> list:
@@ -420,7 +456,7 @@ class _Runner:
                     raise QVGGTError(f"the model called {path} where {self.sequence[position]} was expected: "
                                      "its block call order differs between calibration batches")
                 if path == block:
-                    calls.append(BlockCall(_copy(args), _copy(kwargs)))
+                    calls.append(BlockCall(_stash(args, self.pinned), _stash(kwargs, self.pinned)))
                     if position == last and not with_output:
                         raise _StopForwardSignal
             return hook
@@ -428,7 +464,7 @@ class _Runner:
         def output_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not isinstance(output, torch.Tensor):
                 raise QVGGTError(f"block {block} returned {type(output).__name__}; reconstruction needs a tensor")
-            calls[-1].output = output.detach().clone()
+            calls[-1].output = _stash(output, self.pinned)
             if position == last:
                 raise _StopForwardSignal
 
@@ -436,7 +472,7 @@ class _Runner:
         embeddings: list[torch.Tensor] = []
 
         def embed_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            embeddings.append(output.detach().clone())
+            embeddings.append(_stash(output, self.pinned))
 
         result = []
         with _swapped(self.model, stand_ins):
@@ -486,15 +522,22 @@ def _block_outputs(model: nn.Module, block: str, swaps: dict[str, nn.Module],
     """A finished block's output on one chain's inputs, exactly as a full pass of that chain computes it."""
     with _swapped(model, swaps):
         module = model.get_submodule(block)
-        return [module(*calls[-1].args, **calls[-1].kwargs).detach() for calls in chain]
+        device = _device_of(module)
+        return [module(*_onto(calls[-1].args, device), **_onto(calls[-1].kwargs, device)).detach() for calls in chain]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Learning one block.
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 def _block_loss(block: nn.Module, calls: Sequence[BlockCall]) -> torch.Tensor:
-    losses = [F.mse_loss(block(*call.args, **call.kwargs).float(), call.output.float()) for call in calls]
+    device = _device_of(block)
+    losses = [F.mse_loss(block(*_onto(call.args, device), **_onto(call.kwargs, device)).float(),
+                         _onto(call.output, device).float()) for call in calls]
     return torch.stack(losses).mean()
 
 
@@ -632,7 +675,7 @@ def _save_checkpoint(path: Path, fingerprint: str, tensors: dict[str, torch.Tens
 
 def reconstruct_blocks(model: nn.Module, targets: Sequence[QuantTarget], config: QuantConfig,
                        batches: Sequence[torch.Tensor], progress: Callable[[Iterable], Iterable] = lambda x: x,
-                       *, checkpoint: str | Path | None = None, replay: bool = True
+                       *, checkpoint: str | Path | None = None, replay: bool = True, offload: bool | None = None
                        ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
     """Learn per-channel smoothing corrections and weight steps block by block (in place; DSFQ step 4).
 
@@ -653,6 +696,8 @@ def reconstruct_blocks(model: nn.Module, targets: Sequence[QuantTarget], config:
             checkpoint from other settings, weights or data is refused.
         replay: start capture passes from recorded outputs where possible (module docstring, *Cost*);
             False runs every pass from the images (slower; for comparison).
+        offload: keep captured tensors in pinned CPU memory (module docstring, *Memory*); ``None`` (default):
+            on when the model is on a CUDA device. No effect on the CPU.
 
     Returns:
         ``(weight_steps, report)``: the learned step ``D`` [out] (float32) per target name, and per block
@@ -687,7 +732,7 @@ def reconstruct_blocks(model: nn.Module, targets: Sequence[QuantTarget], config:
     # runs under torch.inference_mode().
     with torch.inference_mode(False):
         try:
-            return _reconstruct(model, targets, groups, config, batches, progress, path, replay)
+            return _reconstruct(model, targets, groups, config, batches, progress, path, replay, offload)
         finally:
             for parameter in frozen:
                 parameter.requires_grad_(True)
@@ -695,12 +740,13 @@ def reconstruct_blocks(model: nn.Module, targets: Sequence[QuantTarget], config:
 
 def _reconstruct(model: nn.Module, targets: list[QuantTarget], groups: dict[str, list[QuantTarget]],
                  config: QuantConfig, batches: Sequence[torch.Tensor], progress: Callable[[Iterable], Iterable],
-                 path: Path | None, replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+                 path: Path | None, replay: bool, offload: bool | None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
     fingerprint = _fingerprint(model, targets, config, batches) if path is not None else ""
     saved, report = ({}, {})
     if path is not None and path.exists():
         saved, report = _load_checkpoint(path, fingerprint)
-    runner = _Runner(model, list(groups), batches, replay)
+    runner = _Runner(model, list(groups), batches, replay, offload)
     space = smoothing_space(config.method)
     steps: dict[str, torch.Tensor] = {}
     quantized: dict[str, QuantLinear] = {}  # finished targets as quantize_model will build them

@@ -8,8 +8,9 @@ selected. A role that matches no module is an error that says what the model has
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -95,11 +96,16 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def calibration_forward(model: nn.Module, targets: Sequence[QuantTarget]) -> nn.Module:
+def calibration_forward(model: nn.Module, targets: Sequence[QuantTarget]) -> Callable[[Any], Any]:
     """The smallest part of ``model`` whose forward reaches every target: the aggregator when all targets are in it
     (statistics passes then skip the camera, depth, point and track heads: at 518 px the DPT heads hold most of a
-    VGGT-1B forward's activation memory), else the whole model."""
+    VGGT-1B forward's activation memory), else the whole model. Takes images as the model does ([S, 3, H, W] or
+    [B, S, 3, H, W])."""
     aggregator = getattr(model, "aggregator", None)
-    if aggregator is not None and all(t.name.startswith("aggregator.") for t in targets):
-        return aggregator
-    return model
+    if aggregator is None or not all(t.name.startswith("aggregator.") for t in targets):
+        return model
+
+    def forward(images: Any) -> Any:
+        return aggregator(images.unsqueeze(0) if images.dim() == 4 else images)
+
+    return forward

@@ -440,3 +440,22 @@ def test_kernel_on_the_gpu_matches_fwht(dtype: torch.dtype, d: int, schedule: st
     inplace = x.to("cuda", dtype)
     hadamard_cuda(inplace, signs, post, out=inplace, schedule=schedule)  # y == x is allowed
     assert torch.equal(inplace, got.to("cuda", dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU: the kernel launch runs only there")
+def test_kernel_is_ordered_on_a_side_stream_like_tensorrts() -> None:
+    # TensorRT hands enqueue its own stream: the launch must go there, ordered after the work queued before it.
+    from qvggt_export.plugins.hadamard_cuda import hadamard_cuda
+
+    if _nvrtc_reason() is not None:
+        pytest.skip(f"cuda-python / NVRTC missing: {_nvrtc_reason()}")
+    d = 4096
+    x = torch.randn(2048, d, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        staged = x * 2.0  # queued on the side stream just before the kernel
+        got = hadamard_cuda(staged)
+    side.synchronize()
+    assert torch.allclose(got, fwht(x * 2.0), rtol=1e-5, atol=1e-5)

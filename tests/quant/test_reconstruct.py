@@ -215,6 +215,24 @@ def test_replayed_capture_passes_match_full_passes_bit_for_bit(method, calib_bat
     assert embeds_full == 1 + (8 + 7) * len(calib_batches)  # every float and quantized-chain pass from the images
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: captures are offloaded only from one")
+def test_offloaded_captures_on_cuda_learn_bit_for_bit_what_gpu_resident_ones_learn(calib_batches, held_out):
+    config = QuantConfig(bits="w4a4", method="dsfq", seed=0, recon_iters=3)
+    runs = {}
+    for offload in (False, True):
+        model, targets = _prepared(config, calib_batches)
+        model.cuda()
+        steps, report = reconstruct_blocks(model, targets, config, [b.cuda() for b in calib_batches],
+                                           offload=offload)
+        runs[offload] = (model.cpu(), steps, report)
+    (model_a, steps_a, report_a), (model_b, steps_b, report_b) = runs[False], runs[True]
+    assert all(torch.equal(steps_a[k], steps_b[k]) for k in steps_a)
+    assert [r["loss_after"] for r in report_a.values()] == [r["loss_after"] for r in report_b.values()]
+    for a, b in zip(_tokens(model_a, held_out), _tokens(model_b, held_out), strict=True):
+        assert torch.equal(a, b)
+
+
 class _Interrupted(Exception):  # noqa: N818 (a simulated Ctrl-C, not an error)
     pass
 
