@@ -264,13 +264,14 @@ def launch_hadamard(x: int, y: int, rows: int, d: int, dtype: str, pre: int = 0,
         if chosen == "tiled":
             args = ((xs, ys, int(math.log2(d)), pre, post, scale),
                     (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float))
-            threads = d // TILE
+            threads, shared_floats = d // TILE, d + d // 32  # tiled_shared_floats: one pad float per 32
         else:
             args = ((xs, ys, d, m, hm, pre, post, scale),
                     (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                      ctypes.c_void_p, ctypes.c_float))
-            threads = min(max(d // 2, 32), SIMPLE_MAX_THREADS)
-        _check(driver.cuLaunchKernel(function, count, 1, 1, threads, 1, 1, d * 4, driver.CUstream(stream), args, 0),
+            threads, shared_floats = min(max(d // 2, 32), SIMPLE_MAX_THREADS), d
+        _check(driver.cuLaunchKernel(function, count, 1, 1, threads, 1, 1, shared_floats * 4, driver.CUstream(stream),
+                                     args, 0),
                "cuLaunchKernel (Hadamard)")
 
 

@@ -50,7 +50,7 @@ __device__ __forceinline__ void load8(float* v, const T* x) {  // two-byte stora
     }
 }
 
-// Tiled schedule (m == 1, d = 2^log_d >= 256), blockDim.x = d / 8; shared memory: d floats.
+// Tiled schedule (m == 1, d = 2^log_d >= 256), blockDim.x = d / 8; shared memory: tiled_shared_floats(d).
 template <typename T>
 __device__ __forceinline__ void tiled_row(const T* x, T* y, int log_d, const float* __restrict__ pre,
                                           const float* __restrict__ post, float scale) {
@@ -104,7 +104,8 @@ static int launch_typed(void (*simple)(const T*, T*, int, int, const signed char
                         void (*tiled)(const T*, T*, int, const float*, const float*, float), const void* x, void* y,
                         long long rows, int d, int m, const signed char* hm, const float* pre, const float* post,
                         int schedule, cudaStream_t stream) {
-    const size_t shared = static_cast<size_t>(d) * sizeof(float);
+    const int floats = schedule == QVGGT_HADAMARD_TILED ? tiled_shared_floats(d) : d;
+    const size_t shared = static_cast<size_t>(floats) * sizeof(float);
     const float scale = 1.0f / sqrtf(static_cast<float>(d));
     const long long max_grid = 2147483647LL;  // gridDim.x limit
     for (long long start = 0; start < rows; start += max_grid) {
@@ -184,7 +185,7 @@ extern "C" int qvggt_hadamard_rows_host_tiled(const float* x, float* y, long lon
     if (qvggt::hadamard_schedule(d, 1, QVGGT_HADAMARD_TILED) != QVGGT_HADAMARD_TILED) return QVGGT_HADAMARD_BAD_SCHEDULE;
     const int threads = qvggt::hadamard_tiled_threads(d), log_d = qvggt::hadamard_log2(d);
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-    std::vector<float> buf(static_cast<size_t>(d)), regs(static_cast<size_t>(d));  // regs: thread t at t * TILE
+    std::vector<float> buf(static_cast<size_t>(qvggt::tiled_shared_floats(d))), regs(static_cast<size_t>(d));  // regs: t*TILE
     for (long long row = 0; row < rows; ++row) {
         for (int t = 0; t < threads; ++t) {
             float* v = &regs[static_cast<size_t>(t) * QVGGT_HADAMARD_TILE];

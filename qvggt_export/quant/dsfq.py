@@ -117,7 +117,7 @@ def apply_transforms(model: nn.Module, targets: Sequence[QuantTarget], method: s
         if not isinstance(module, nn.Linear):
             raise QVGGTError(f"{target.name} is a {type(module).__name__}; transforms apply to float nn.Linear")
         weight = module.weight.detach()
-        signs = layer_signs(target.name, module.in_features, seed).double() if rotate else None
+        signs = layer_signs(target.name, module.in_features, seed).to(weight.device, torch.float64) if rotate else None
         pre = signs
         post = None
         if method in _NEEDS_RAW_STATS or method in _NEEDS_ROTATED_STATS:
