@@ -224,7 +224,7 @@ def section_vggt1b(rehearse: bool) -> dict[str, Any]:
     from qvggt_export.quant.calibrate import calibrate
 
     preset, size = ("tiny", 70) if rehearse else ("vggt-1b", 518)
-    pool_size, samples, steps = (6, 2, 2) if rehearse else (24, 8, 20)
+    pool_size, samples, steps = (6, 2, 2) if rehearse else (12, 4, 4)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     result: dict[str, Any] = {"preset": preset, "image_size": size, "frames": FRAMES, "pool": pool_size,
                               "samples": samples, "steps_per_block": steps, "stages": {}}
@@ -346,6 +346,8 @@ def _markdown(r: dict[str, Any]) -> str:
             lines += ["", f"{proj['label']}: NFDS {proj['nfds_s']} s, calibration {proj['calibrate_s']} s, "
                           f"total {proj['total_h']} h (the paper: 2.67 GPU-hours on an RTX 4090)."]
         lines.append("")
+    if r.get("notes"):
+        lines += ["## Notes", ""] + [f"- {note}" for note in r["notes"]] + [""]
     for name, err in r.get("errors", {}).items():
         lines += [f"## {name}: FAILED", "", "```", err[-3000:], "```", ""]
     return "\n".join(lines)
