@@ -158,10 +158,10 @@ def section_int8_gemm(rehearse: bool) -> dict[str, Any]:
     return result
 
 
-def _pipeline_run(out: Path, device: str, calib_dtype: str, rehearse: bool) -> tuple[dict[str, Any], float]:
+def _pipeline_run(out: Path, device: str, calib_dtype: str, recon_iters: int) -> tuple[dict[str, Any], float]:
     from qvggt_export.pipeline import PipelineConfig, run_pipeline
 
-    config = PipelineConfig(out_dir=out, bits="w4a4", method="dsfq", recon_iters=2 if rehearse else 20,
+    config = PipelineConfig(out_dir=out, bits="w4a4", method="dsfq", recon_iters=recon_iters,
                             engine=False, progress=False, device=device, calib_dtype=calib_dtype)
     started = time.perf_counter()
     report = run_pipeline(config)
@@ -193,23 +193,28 @@ def _selected(folder: Path) -> list[Any]:
 
 
 def section_pipeline_tiny(rehearse: bool) -> dict[str, Any]:
-    devices = [("cpu", "fp32")] + ([] if rehearse else [("cuda", "fp32"), ("cuda", "bf16")])
-    result: dict[str, Any] = {"config": "tiny, w4a4 dsfq, 20 recon steps/block, 16 candidates -> 4, no engine",
-                              "runs": {}}
+    steps = 2 if rehearse else 20
+    # (device, statistics dtype, reconstruction steps); each compared with the CPU run of the same steps. Without
+    # reconstruction the weights follow from the statistics alone; with it, Adam's trajectory also differs.
+    runs = [("cpu", "fp32", steps), ("cpu", "fp32", 0)]
+    if not rehearse:
+        runs += [("cuda", "fp32", steps), ("cuda", "bf16", steps), ("cuda", "fp32", 0)]
+    result: dict[str, Any] = {"config": f"tiny, w4a4 dsfq, 16 candidates -> 4, no engine; recon{steps} = {steps} "
+                                        "reconstruction steps per block", "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folders = {}
-        for device, dtype in devices:
-            tag = f"{device}-{dtype}"
+        for device, dtype, recon in runs:
+            tag = f"{device}-{dtype}-recon{recon}"
             folders[tag] = Path(tmp) / tag
-            report, seconds = _pipeline_run(folders[tag], device, dtype, rehearse)
+            report, seconds = _pipeline_run(folders[tag], device, dtype, recon)
             result["runs"][tag] = {"seconds": round(seconds, 2), "parity_passed": report["parity"]["passed"],
                                    "device": report["device"], "selected": _selected(folders[tag]),
                                    "output_error_vs_float": report["quantization"]["output_error_vs_float"],
                                    "timings_s": report["timings_s"]}
             print(f"  pipeline {tag}: {seconds:.1f} s, parity {report['parity']['passed']}", flush=True)
-        base = "cpu-fp32"
         for tag in folders:
-            if tag == base:
+            base = f"cpu-fp32-{tag.rsplit('-', 1)[1]}"
+            if tag.startswith("cpu-"):
                 continue
             run = result["runs"][tag]
             run["same_selection_as_cpu"] = run["selected"] == result["runs"][base]["selected"]
