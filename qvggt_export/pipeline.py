@@ -23,30 +23,16 @@ import torch
 
 from qvggt_export import __version__
 from qvggt_export.errors import MissingDependencyError, QVGGTError
+from qvggt_export.formats import DEFAULT_ENGINE_PROFILE, ENGINE_LOWERINGS, format_names, get_format
 from qvggt_export.io import ensure_writable_dir, write_json_atomic
+from qvggt_export.methods import get_method
 
 logger = logging.getLogger(__name__)
 
-# Unquantized reference exports: the float model in that precision (float32 graph input and outputs).
-FLOAT_FORMATS = ("fp32", "fp16")
-ENGINE_LOWERINGS = ("auto", "as-written", "int8-static", "w4a8", "w4a16")
+# Formats, their engine targets, default profiles and lowerings: the format registry (qvggt_export.formats).
+# FLOAT_FORMATS (the unquantized reference exports fp32 / fp16) is derived from it for existing callers.
+FLOAT_FORMATS = format_names(quantized=False)
 RECON_CHECKPOINT = "reconstruction_checkpoint.safetensors"
-DEFAULT_ENGINE_PROFILE = "rtx-default"
-# Engine targets per quantization format (DESIGN.md section 3, measured with TensorRT-RTX 1.7.1): FP8 Q/DQ
-# compiles from SM89 (Ada) on, NVFP4 from SM100 (Blackwell) on; TensorRT-RTX knows SM120/SM121 of those.
-# Integer formats build for every target. "CURRENT" (the build machine's GPU) is checked by the build.
-FORMAT_MIN_SM = {"fp8": 89, "nvfp4": 100}
-FORMAT_DEFAULT_PROFILES = {"fp8": "rtx-sm89-sm120", "nvfp4": "rtx-sm120"}
-# What each format's ONNX and engine carry, for the report.
-FORMAT_LOWERING = {
-    "int": "opset-21 integer QuantizeLinear/DequantizeLinear: per-channel INT4/INT8 weights, per-token dynamic "
-           "activations computed in the graph",
-    "fp8": "opset-21 FLOAT8E4M3FN QuantizeLinear/DequantizeLinear: per-channel FP8 weights, per-token dynamic FP8 "
-           "activations (unit Q/DQ scale, per-token scale applied after the GEMM)",
-    "nvfp4": "opset-23 NVFP4 as TensorRT consumes it: FLOAT4E2M1 weights with FLOAT8E4M3FN block-16 scales "
-             "(double DequantizeLinear), activations through trt::TRT_FP4DynamicQuantize (block 16, E4M3 scales, "
-             "calibrated global scale) and double DequantizeLinear",
-}
 
 
 @dataclass(frozen=True)
@@ -87,9 +73,10 @@ class PipelineConfig:
             plugin; the engine is built from ``model.plugin.onnx``) or ``"function"`` (TensorRT inlines the
             ONNX function into small GEMMs).
         engine_profile: name of a profile in ``engines/`` or a path to a profile JSON. Left at
-            ``"rtx-default"`` (or ``None``), fp8 and nvfp4 use their own default (:data:`FORMAT_DEFAULT_PROFILES`:
-            ``rtx-sm89-sm120``, ``rtx-sm120``), since rtx-default also targets SM86, which has neither; any
-            other profile must target only architectures the format can build for, or the run is refused.
+            ``"rtx-default"`` (or ``None``), fp8 and nvfp4 use their own default (the format registry's
+            ``default_profile``: ``rtx-sm89-sm120``, ``rtx-sm120``), since rtx-default also targets SM86, which
+            has neither; any other profile must target only architectures the format can build for, or the run
+            is refused.
         engine_lowering: how the canonical quantized graph is rewritten for the engine
             (:mod:`qvggt_export.export.lowering`): ``"auto"`` (the per-format default of
             :func:`~qvggt_export.export.lowering.default_lowering`: W4A4 -> ``w4a16``, since TensorRT has no
@@ -159,7 +146,7 @@ class PipelineConfig:
             raise QVGGTError(f"engine_lowering must be one of {', '.join(ENGINE_LOWERINGS)}, "
                              f"got {self.engine_lowering!r}")
         if self.engine_lowering not in ("auto", "as-written"):
-            wanted = {"int8-static": ("w8a8", "w6a6"), "w4a8": ("w4a4",), "w4a16": ("w4a4",)}[self.engine_lowering]
+            wanted = [name for name in format_names() if self.engine_lowering in get_format(name).allowed_lowerings]
             if self.bits not in wanted:
                 raise QVGGTError(f"engine lowering {self.engine_lowering!r} rewrites {' / '.join(wanted)} graphs, not "
                                  f"{self.bits}; use --engine-lowering auto or as-written")
@@ -177,9 +164,7 @@ class PipelineConfig:
     @property
     def family(self) -> str:
         """``"float"`` (unquantized), ``"int"``, ``"fp8"`` or ``"nvfp4"``."""
-        from qvggt_export.quant import format_family
-
-        return "float" if self.bits in FLOAT_FORMATS else format_family(self.bits)
+        return get_format(self.bits).family
 
     def resolved_engine_profile(self) -> str:
         """The engine profile this run builds with: ``engine_profile``, or the format's default when it was
@@ -189,19 +174,20 @@ class PipelineConfig:
             QVGGTError: the profile cannot be loaded, or targets an architecture the format cannot build for.
         """
         requested = self.engine_profile or DEFAULT_ENGINE_PROFILE
-        if self.family not in FORMAT_MIN_SM:
+        spec = get_format(self.bits)
+        if spec.default_profile == DEFAULT_ENGINE_PROFILE:
             return requested
         if requested == DEFAULT_ENGINE_PROFILE:
-            return FORMAT_DEFAULT_PROFILES[self.family]
+            return spec.default_profile
         from qvggt_export.engine.profiles import load_profile
 
         profile = load_profile(requested)
-        minimum = FORMAT_MIN_SM[self.family]
+        minimum = spec.min_sm
         bad = [cc for cc in profile.compute_capabilities if cc != "CURRENT" and int(cc[2:]) < minimum]
         if bad:
             raise QVGGTError(
                 f"engine profile {profile.name!r} targets {', '.join(bad)}, which cannot run {self.bits} (needs "
-                f"SM{minimum} or newer); use --engine-profile {FORMAT_DEFAULT_PROFILES[self.family]}, a profile "
+                f"SM{minimum} or newer); use --engine-profile {spec.default_profile}, a profile "
                 "without those targets, or --no-engine")
         return requested
 
@@ -342,7 +328,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                               if config.quantized else None, "torch": torch.__version__,
                               "python": platform.python_version()}
     if config.quantized:
-        report["format"] = {"name": config.bits, "family": config.family, "lowering": FORMAT_LOWERING[config.family]}
+        report["format"] = {"name": config.bits, "family": config.family,
+                            "lowering": get_format(config.bits).onnx_form}
 
     # Inputs first: nothing is written until model, weights and data are known to be good.
     with timer.stage("load_model"):
@@ -394,11 +381,10 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                 report["quantization"]["output_error_vs_float"] = _output_errors(float_model, model, batches, progress)
 
         from qvggt_export.export import export_onnx
-        from qvggt_export.export.qdq import opset_for_format
 
         onnx_path = out_dir / "model.onnx"
         with timer.stage("export_onnx"):
-            opset = opset_for_format(config.family if config.quantized else "int")
+            opset = get_format(config.bits).opset
             precision = "fp32" if config.quantized else config.bits
             exported = export_onnx(model, onnx_path, batches[0], hadamard=config.hadamard, opset=opset,
                                    precision=precision)
@@ -575,7 +561,7 @@ def _engine_report(config: PipelineConfig, graph: Path, data: dict[str, Any], pl
                    choice: dict[str, Any]) -> dict[str, Any]:
     if "engine_path" not in data:  # not built: {"path": None, "reason": ...}
         return {**data, **choice}
-    rotates = config.quantized and config.method in ("rotate", "smooth_rotate", "dsfq")
+    rotates = config.quantized and get_method(config.method).rotates
     hadamard = "plugin" if plugin_nodes else ("function" if rotates else "none")
     return {"path": data.pop("engine_path"), "onnx": str(graph), "hadamard": hadamard,
             "hadamard_plugin_nodes": plugin_nodes, **choice, **data}

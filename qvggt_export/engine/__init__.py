@@ -54,10 +54,9 @@ from qvggt_export.engine.runtime import (
     check_points_shape,
     polygraphy_runner,
 )
-from qvggt_export.engine.targets import FORMAT_MIN_SM, check_format_targets
+from qvggt_export.engine.targets import check_format_targets
 
 __all__ = [
-    "FORMAT_MIN_SM",
     "FRAME_AXIS",
     "POINTS_AXIS",
     "POINTS_INPUT",

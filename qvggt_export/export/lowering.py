@@ -32,7 +32,8 @@ outputs stay FP32 through Casts), as a strongly typed TensorRT network then runs
 dequantized weights) in FP16. It is refused for ``"as-written"`` quantized graphs: the in-graph per-token
 step floor (1e-8) underflows in FP16.
 
-Default lowering per (format, backend, target architectures), :func:`default_lowering`:
+Default lowering per (format, backend, target architectures), :func:`default_lowering` (the ``lowerings``
+column of the format registry, :mod:`qvggt_export.formats`):
 
 ============  =======================  ====================================================================
 format        backend / targets        lowering (why)
@@ -74,6 +75,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qvggt_export.errors import QVGGTError
 from qvggt_export.export.qdq import LAYER_MAP_KEY
+from qvggt_export.formats import FORMATS, format_names
 
 __all__ = [
     "LOWERING_KEY",
@@ -100,7 +102,6 @@ _REQUIRED = ("weight_dq", "act_abs", "act_step", "act_q", "gemm", "bias_add")
 _GEMM_OUT = "gemm_scaled"  # the tensor bias_add reads, in every canonical layer form
 _MIN_STEP = 1e-8  # same floor as the canonical graph (qvggt_export.quant.functional.MIN_STEP)
 _PROTO_LIMIT = 1_800_000_000  # above this a model goes to ONNX Runtime through a file with external data
-_FORMATS_AS_WRITTEN = ("fp32", "fp16", "fp8", "nvfp4")
 
 
 @dataclass(frozen=True)
@@ -259,14 +260,11 @@ def default_lowering(format_name: str, target_sms: Sequence[str] = (), backend: 
     """
     if backend not in ("auto", "rtx", "trt"):
         raise QVGGTError(f"unknown backend {backend!r}; expected auto, rtx or trt")
-    if format_name in _FORMATS_AS_WRITTEN:
-        return "as-written"
-    if format_name in ("w8a8", "w6a6"):
-        return "int8-static" if backend == "trt" else "as-written"
-    if format_name == "w4a4":
-        return "w4a16"
-    known = ", ".join(("w8a8", "w6a6", "w4a4", *_FORMATS_AS_WRITTEN))
-    raise QVGGTError(f"no default lowering for format {format_name!r}; expected one of {known}")
+    spec = FORMATS.get(format_name)
+    if spec is None or not spec.exported:
+        raise QVGGTError(f"no default lowering for format {format_name!r}; expected one of "
+                         f"{', '.join(format_names())}")
+    return spec.default_lowering(backend)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,27 +8,27 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from qvggt_export.model.checkpoint import find_hf_checkpoint, load_checkpoint, load_state_dict_file
-from qvggt_export.model.config import (
-    AggregatorConfig,
-    CameraHeadConfig,
-    DinoConfig,
-    DPTHeadConfig,
-    TrackerConfig,
-    TrackHeadConfig,
-    VGGTConfig,
-    config_from_dict,
-    preset_names,
-    resolve_config,
-)
-from qvggt_export.model.outliers import PlantedOutliers, plant_outliers
-from qvggt_export.model.preprocess import load_and_preprocess_images, preprocess_image
-from qvggt_export.model.vggt import VGGT
+    from qvggt_export.model.config import VGGTConfig
+    from qvggt_export.model.vggt import VGGT
+
+# Public names, imported from their module on first use (PEP 562): importing qvggt_export.model.config (the
+# presets, read by ``qvggt-export --help``) must not import torch.
+_LAZY = {
+    "find_hf_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "load_state_dict_file": "checkpoint",
+    **{name: "config" for name in ("AggregatorConfig", "CameraHeadConfig", "DinoConfig", "DPTHeadConfig",
+                                   "TrackerConfig", "TrackHeadConfig", "VGGTConfig", "config_from_dict",
+                                   "preset_names", "resolve_config", "PlantedOutliers")},
+    "plant_outliers": "outliers",
+    "load_and_preprocess_images": "preprocess", "preprocess_image": "preprocess",
+    "VGGT": "vggt",
+}
 
 __all__ = [
     "VGGT", "VGGTConfig", "AggregatorConfig", "DinoConfig", "CameraHeadConfig", "DPTHeadConfig", "TrackHeadConfig",
@@ -36,6 +36,18 @@ __all__ = [
     "load_state_dict_file", "find_hf_checkpoint", "load_and_preprocess_images", "preprocess_image",
     "PlantedOutliers", "plant_outliers",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def build_vggt(config: str | Mapping[str, Any] | VGGTConfig = "tiny", *, device: str | torch.device | None = None,
@@ -50,6 +62,12 @@ def build_vggt(config: str | Mapping[str, Any] | VGGTConfig = "tiny", *, device:
         seed: seeds the random initialisation so that a weight-less build is reproducible; ``None``
             leaves the global RNG alone.
     """
+    import torch
+
+    from qvggt_export.model.config import resolve_config
+    from qvggt_export.model.outliers import plant_outliers
+    from qvggt_export.model.vggt import VGGT
+
     resolved = resolve_config(config)
     generator_state = None
     if seed is not None:

@@ -50,6 +50,7 @@ from torch import nn
 
 from qvggt_export.errors import MissingDependencyError, QVGGTError
 from qvggt_export.export.qdq import LAYER_MAP_KEY
+from qvggt_export.formats import format_names, get_format
 from qvggt_export.io import write_json_atomic
 from qvggt_export.parity.compare import tolerance_for
 from qvggt_export.parity.formats import NVFP4_METHOD, NVFP4_REASON, NVFP4_RUNTIME, layer_parity, nvfp4_structure
@@ -58,7 +59,6 @@ from qvggt_export.quant.config import format_family
 
 logger = logging.getLogger(__name__)
 
-FLOAT_BITS = ("fp32", "fp16")
 _OUTPUT_UNITS = "outputs: relative to the output's scale (see each criterion)"
 _UNITS = {
     "int": f"{_OUTPUT_UNITS}; layers: activation codes in quantization steps (max delta 1 step, <= 0.1 % "
@@ -181,7 +181,7 @@ def _resolve(config: CheckConfig) -> _Resolved:
     bits = config.bits or folder_config.get("bits")
     if bits is None:
         raise QVGGTError("--bits is required without an export folder (fp32, fp16 or a quantized format)")
-    quantized_format = bits not in FLOAT_BITS
+    quantized_format = bits not in format_names(quantized=False)
     if quantized_format:
         format_family(bits)  # a clear error for an unknown format
     quantized = config.quantized
@@ -334,7 +334,7 @@ def check_export(config: CheckConfig) -> dict[str, Any]:
         raise MissingDependencyError("polygraphy", "cpu", "qvggt-export check") from exc
     proto = onnx.load(str(resolved.onnx), load_external_data=False)
     kind_of_graph = _graph_kind(proto)
-    quantized = resolved.bits not in FLOAT_BITS
+    quantized = resolved.bits not in format_names(quantized=False)
     expected = "quantized" if quantized else resolved.bits
     if kind_of_graph != expected:
         raise QVGGTError(f"bits {resolved.bits} does not match the graph {resolved.onnx}, which is a "
@@ -358,10 +358,11 @@ def check_export(config: CheckConfig) -> dict[str, Any]:
 
     family = format_family(resolved.bits) if quantized else None
     # nvfp4: ONNX Runtime has no kernels for it, so ONNX's reference evaluator runs the graph instead.
-    graph_runtime = "onnx-reference" if family == "nvfp4" else "onnxruntime"
+    on_onnxruntime = get_format(resolved.bits).onnxruntime
+    graph_runtime = "onnxruntime" if on_onnxruntime else "onnx-reference"
     runners = [torch_runner(model, output_names, name="pytorch"),
-               reference_runner(resolved.onnx, name=graph_runtime) if family == "nvfp4"
-               else onnxrt_runner(resolved.onnx, name=graph_runtime)]
+               onnxrt_runner(resolved.onnx, name=graph_runtime) if on_onnxruntime
+               else reference_runner(resolved.onnx, name=graph_runtime)]
     if config.engine is not None:
         runners.append(engine_runner(config.engine, name="engine"))
     if quantized:

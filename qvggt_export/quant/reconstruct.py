@@ -95,6 +95,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qvggt_export.errors import QVGGTError
+from qvggt_export.methods import METHODS
 from qvggt_export.quant import functional as qf
 from qvggt_export.quant.config import QuantConfig
 from qvggt_export.quant.hadamard import fwht, fwht_inverse
@@ -141,13 +142,9 @@ def smoothing_space(method: str) -> str | None:
     rotated-space ``s`` for Rotation or Scale-then-Rotate would give every rotating variant DSFQ's own
     mechanism and erase the ablation's distinction.
     """
-    if method not in _SMOOTHING_SPACE:
-        raise QVGGTError(f"unknown method {method!r}; available: {', '.join(_SMOOTHING_SPACE)}")
-    return _SMOOTHING_SPACE[method]
-
-
-_SMOOTHING_SPACE: dict[str, str | None] = {"rtn": None, "rotate": None, "smooth": "post", "dsfq": "post",
-                                           "smooth_rotate": "pre"}
+    if method not in METHODS:
+        raise QVGGTError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    return METHODS[method].reconstruction_space
 
 
 def _refold_pre(weight: torch.Tensor, post: torch.Tensor | None, smooth: torch.Tensor) -> torch.Tensor:
