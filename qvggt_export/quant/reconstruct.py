@@ -100,7 +100,8 @@ from qvggt_export.quant import functional as qf
 from qvggt_export.quant.config import QuantConfig
 from qvggt_export.quant.hadamard import fwht, fwht_inverse
 from qvggt_export.quant.modules import QuantLinear, TransformedLinear
-from qvggt_export.quant.roles import QuantTarget, replace_module
+from qvggt_export.quant.roles import AGGREGATOR_PATH, PATCH_EMBED_PATH, QuantTarget, in_patch_embed, replace_module
+from qvggt_export.quant.roles import in_aggregator as is_in_aggregator
 from qvggt_export.quant.transforms import transform_input
 
 logger = logging.getLogger(__name__)
@@ -320,9 +321,6 @@ class _Skip(nn.Module):
         return tokens
 
 
-_EMBED = "aggregator.patch_embed"
-
-
 class _Runner:
     """Runs the smallest part of the model that executes every block of interest, and captures block calls.
 
@@ -334,15 +332,15 @@ class _Runner:
                  replay: bool = True) -> None:
         self.model = model
         self.blocks = list(blocks)
-        aggregator = getattr(model, "aggregator", None)
-        in_aggregator = aggregator is not None and all(b.startswith("aggregator.") for b in blocks)
+        aggregator = getattr(model, AGGREGATOR_PATH, None)
+        in_aggregator = aggregator is not None and all(is_in_aggregator(b) for b in blocks)
         self.forward: Callable[[torch.Tensor], Any] = aggregator if in_aggregator else model
         device = next(model.parameters()).device
         self.batches = [_as_images(b, device) for b in batches]
         self.sequence = self._call_sequence()
         self.replays = (replay and in_aggregator and hasattr(aggregator, "patch_embed")
                         and len(self.sequence) == len(set(self.sequence))
-                        and not any(b == _EMBED or b.startswith(_EMBED + ".") for b in self.blocks))
+                        and not any(in_patch_embed(b) for b in self.blocks))
         self._embed: list[torch.Tensor] | None = None
         self._finished: dict[bool, tuple[str, list[torch.Tensor]]] = {}  # chain (with_output) -> last block's outputs
         self.replayed = False  # whether the last capture pass started from recorded outputs
@@ -363,7 +361,7 @@ class _Runner:
             return {}
         stand_ins: dict[str, nn.Module] = {b: _Skip() for b in self.sequence[:position - 1]}
         stand_ins[previous] = _Replay(outputs)
-        stand_ins[_EMBED] = _Replay(self._embed)
+        stand_ins[PATCH_EMBED_PATH] = _Replay(self._embed)
         return stand_ins
 
     def _hooks(self, make: Callable[[str], Callable]) -> list:
@@ -441,7 +439,7 @@ class _Runner:
             if with_output:
                 handles.append(self.model.get_submodule(block).register_forward_hook(output_hook, with_kwargs=True))
             if self.replays and self._embed is None:
-                handles.append(self.model.get_submodule(_EMBED).register_forward_hook(embed_hook))
+                handles.append(self.model.get_submodule(PATCH_EMBED_PATH).register_forward_hook(embed_hook))
             try:
                 for index, images in enumerate(self.batches):
                     for module in stand_ins.values():
