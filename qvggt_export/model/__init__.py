@@ -34,7 +34,7 @@ __all__ = [
     "VGGT", "VGGTConfig", "AggregatorConfig", "DinoConfig", "CameraHeadConfig", "DPTHeadConfig", "TrackHeadConfig",
     "TrackerConfig", "build_vggt", "config_from_dict", "preset_names", "resolve_config", "load_checkpoint",
     "load_state_dict_file", "find_hf_checkpoint", "load_and_preprocess_images", "preprocess_image",
-    "PlantedOutliers", "plant_outliers",
+    "PlantedOutliers", "plant_outliers", "load_model", "read_model_spec",
 ]
 
 
@@ -83,3 +83,39 @@ def build_vggt(config: str | Mapping[str, Any] | VGGTConfig = "tiny", *, device:
             torch.random.set_rng_state(generator_state)
     return model.eval()
 
+
+
+def read_model_spec(spec: str | Mapping[str, Any]) -> str | Mapping[str, Any]:
+    """A preset name as given, or the contents of a JSON file of official constructor arguments (``*.json``).
+
+    Raises:
+        QVGGTError: the JSON file is missing or not valid JSON.
+    """
+    import json
+    from pathlib import Path
+
+    from qvggt_export.errors import QVGGTError
+
+    if not (isinstance(spec, str) and spec.endswith(".json")):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise QVGGTError(f"model config file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise QVGGTError(f"model config {path} is not valid JSON: {exc}") from exc
+
+
+def load_model(spec: str | Mapping[str, Any] | VGGTConfig = "tiny", checkpoint: str | None = None, *,
+               seed: int | None = 0) -> VGGT:
+    """The float VGGT of a run: :func:`build_vggt` from a preset, a JSON file (:func:`read_model_spec`), an
+    official-layout dict or a config, then the weights of ``checkpoint`` if given (:func:`load_checkpoint`;
+    ``None`` keeps the seeded random initialisation). In eval mode. The pipeline and ``qvggt-export check``
+    both load their models through it."""
+    from qvggt_export.model.checkpoint import load_checkpoint
+
+    model = build_vggt(read_model_spec(spec) if isinstance(spec, str) else spec, seed=seed)
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model.eval()

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from qvggt_export.engine import build_engine, load_profile
+from qvggt_export.engine.hadamard import retarget_hadamard
 from qvggt_export.export import export_onnx
-from qvggt_export.export.hadamard_onnx import retarget_hadamard
 from qvggt_export.export.qdq import opset_for_format
 from qvggt_export.model import build_vggt
 from qvggt_export.quant import QuantConfig, format_family

@@ -1,4 +1,7 @@
-"""Per-target lowering of the canonical quantized ONNX graph (pure ONNX graph rewriting).
+"""Per-target lowering of the canonical quantized ONNX graph (pure ONNX graph rewriting), in the engine stage.
+
+(Moved from ``qvggt_export.export.lowering``: the canonical exporter knows no runtime; rewriting its graph for
+TensorRT is the engine stage's work, see :func:`qvggt_export.engine.build_engine_for_target`.)
 
 The canonical graph of :mod:`qvggt_export.export.qdq` is exact in ONNX Runtime, but TensorRT cannot run all
 of its math natively (DESIGN.md section 3): it quantizes activations only to INT8 / FP8 / FP4 with
@@ -273,7 +276,7 @@ def default_lowering(format_name: str, target_sms: Sequence[str] = (), backend: 
 
 
 def _session(model: onnx.ModelProto, folder: str | None = None) -> Any:
-    from qvggt_export.parity.compare import parity_session_options
+    from qvggt_export.onnxrt import parity_session_options
 
     ort, options = parity_session_options("Measuring a lowering's accuracy")
     try:
