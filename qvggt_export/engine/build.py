@@ -27,7 +27,6 @@ import logging
 import mmap
 import os
 import re
-import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -779,21 +778,11 @@ def _layer_report(records: list[tuple[int, str]]) -> tuple[int | None, dict[str,
 
 
 def _write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write ``path`` so that readers see the old file or the complete new one, never a partial one."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # os.open with O_EXCL and 0o666 (not tempfile.mkstemp, which forces 0o600): the umask decides the
-    # final permissions, as for any file the user creates.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write ``path`` so that readers see the old file or the complete new one, never a partial one
+    (:func:`qvggt_export.io.atomic_write`), then fsync the folder so that the rename survives a crash."""
+    from qvggt_export.io import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     _fsync_directory(path.parent)
 
 

@@ -229,8 +229,9 @@ def _inputs(config: CheckConfig, resolved: _Resolved, height: int, width: int, p
         folder = config.images
         if not folder.is_dir():
             raise QVGGTError(f"image folder not found: {folder}")
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp",
-                                                                               ".webp", ".tif", ".tiff"))
+        from qvggt_export.calib.folders import IMAGE_SUFFIXES
+
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             raise QVGGTError(f"no images (.png/.jpg/...) in {folder}")
         images = load_and_preprocess_images(paths, config.preprocess, target_size=width, patch_size=patch)

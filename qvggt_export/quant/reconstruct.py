@@ -81,8 +81,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -606,19 +604,15 @@ def _load_checkpoint(path: Path, fingerprint: str) -> tuple[dict[str, torch.Tens
 
 def _save_checkpoint(path: Path, fingerprint: str, tensors: dict[str, torch.Tensor],
                      report: dict[str, dict[str, float]]) -> None:
-    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+    """Write atomically (:func:`qvggt_export.io.atomic_write`)."""
     from safetensors.torch import save_file
 
+    from qvggt_export.io import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temporary = Path(name)
     metadata = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "report": json.dumps(report)}
-    try:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(temporary), metadata)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
