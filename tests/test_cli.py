@@ -24,6 +24,7 @@ def test_help_shows_examples():
     assert "examples:" in out.stdout and "qvggt-export --bits w4a4 --out" in out.stdout
 
 
+@pytest.mark.slow
 def test_main_command_writes_complete_report(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--bits", "w4a4", "--out", str(out), "--no-progress"]) == EXIT_OK
@@ -115,6 +116,7 @@ def test_parity_failure_gives_exit_code_1(tmp_path, monkeypatch):
     assert json.loads((out / "report.json").read_text())["parity"]["passed"] is False
 
 
+@pytest.mark.slow
 def test_failed_track_engine_gives_exit_code_3(tmp_path, monkeypatch, capsys):
     """A track engine that fails to build is an engine failure even when the main engine built."""
     import qvggt_export.pipeline as pipeline

@@ -58,6 +58,7 @@ def w4a4_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return folder / "out", report
 
 
+@pytest.mark.slow
 @pytest.mark.rtx
 def test_track_engine_is_built_beside_the_main_engine(w4a4_run: tuple[Path, dict]) -> None:
     out, report = w4a4_run
@@ -85,6 +86,7 @@ def test_track_engine_is_built_beside_the_main_engine(w4a4_run: tuple[Path, dict
     assert set(track["lowering"]["accuracy"]["lowered_vs_canonical"]) == {"track", "vis", "conf"}
 
 
+@pytest.mark.slow
 @pytest.mark.rtx
 def test_static_track_lowering_matches_the_canonical_scales(w4a4_run: tuple[Path, dict], tmp_path: Path) -> None:
     """The track graph is lowered with its query points held fixed; the static scales must be exactly those of

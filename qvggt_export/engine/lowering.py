@@ -114,7 +114,7 @@ class LayerFormat:
     Attributes:
         name: The layer (module) name, e.g. ``aggregator.frame_blocks.0.attn.qkv``.
         weight_bits: 4 for INT4 containers; 8 for INT8 containers (W8 and W6 weights alike).
-        act_bits: Activation bit width (the ``qmax_<bits>`` constant of its step).
+        act_bits: Activation bit width (from the value of its step's divisor ``qmax = 2^(bits-1) - 1``).
         transformed: Name of the layer's input after its online transform (what gets quantized).
         kind: ``"int"``, or the ONNX weight type of a floating-point format (``"FLOAT8E4M3FN"``,
             ``"FLOAT4E2M1"``), which no lowering here rewrites.
@@ -233,11 +233,15 @@ def quantized_layer_formats(model: onnx.ModelProto) -> list[LayerFormat]:
                 "as qvggt_export.export wrote it"
             )
         weight_bits = 4 if weight_q.data_type == TensorProto.INT4 else 8
+        # The activation bits from the step's divisor qmax = 2^(bits-1) - 1 (the graph's own math, not a naming
+        # convention). The layer map does not record bits: adding them would change every canonical export.
         qmax_name = nodes[f"{name}/act_step"].input[1]
-        try:
-            act_bits = int(qmax_name.rsplit("_", 1)[1])
-        except (IndexError, ValueError) as exc:
-            raise QVGGTError(f"layer {name!r}: cannot read its activation bits from {qmax_name!r}") from exc
+        qmax_init = inits.get(qmax_name)
+        qmax = float(numpy_helper.to_array(qmax_init)) if qmax_init is not None else float("nan")
+        act_bits = int(round(np.log2(qmax + 1))) + 1 if qmax > 0 else 0
+        if act_bits < 2 or 2 ** (act_bits - 1) - 1 != qmax:
+            raise QVGGTError(f"layer {name!r}: cannot read its activation bits from the step divisor {qmax_name!r} "
+                             f"(expected a constant 2^(bits-1) - 1, got {qmax})")
         formats.append(LayerFormat(name, weight_bits, act_bits, entry["transformed"]))
     return formats
 

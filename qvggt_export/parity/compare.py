@@ -50,15 +50,26 @@ NOISE_RATIO = 2.0
 QUANT_NOISE_RATIO = NOISE_RATIO  # kept for callers of the original name
 FP16_REL_FLOOR = 2.0**-11  # float16's unit roundoff: the outputs themselves are rounded to float16
 PRECISIONS = ("fp32", "fp16")
+# Float track graphs (qvggt_export.parity.track): the official fixtures' absolute tolerances per output.
+TRACK_ABS_TOL = {"track": 2e-2, "vis": 2e-3, "conf": 2e-3}
 
 
-def tolerance_for(kind: str, noise: float | None = None) -> tuple[str, float, str]:
+def tolerance_for(kind: str, noise: float | None = None, name: str | None = None) -> tuple[str, float, str]:
     """The criterion of one output: ``(metric, tolerance, description)``; passes when ``metric <= tolerance``.
+    Every parity check (main job, ``qvggt-export check``, the tracking graph) takes its tolerances from here.
 
     ``kind`` is ``"fp32"``, ``"fp16"`` (a float16 graph against the float32 model; ``noise`` = relative L2 of the
-    PyTorch float16 model vs float32 on that input) or ``"quantized"`` (a Q/DQ graph against the fake-quant
-    model; ``noise`` = relative L2 of fake-quant vs float on that input).
+    PyTorch float16 model vs float32 on that input), ``"quantized"`` (a Q/DQ graph against the fake-quant
+    model; ``noise`` = relative L2 of fake-quant vs float on that input) or ``"track"`` (output ``name`` of a
+    float track graph; ``noise`` = max|float32 - float64| of the PyTorch tracker on that input, or ``None`` to
+    judge by the fixed tolerance alone).
     """
+    if kind == "track":
+        fixed = TRACK_ABS_TOL.get(name or "", TRACK_ABS_TOL["vis"])
+        if noise is None:
+            return "max_abs", fixed, f"max_abs <= {fixed:g}"
+        return ("max_abs", max(fixed, NOISE_RATIO * noise),
+                f"max_abs <= max({fixed:g}, {NOISE_RATIO:g} x float32_noise_max_abs)")
     if kind == "fp32":
         return "max_rel", FLOAT_MAX_REL, f"max_abs / max|torch| <= {FLOAT_MAX_REL:g}"
     if kind in ("fp16", "quantized") and noise is None:

@@ -19,7 +19,7 @@ from qvggt_export.model import build_vggt
 from qvggt_export.quant import QuantConfig, format_family
 from qvggt_export.quant.calibrate import calibrate
 
-pytestmark = [pytest.mark.rtx, pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
+pytestmark = [pytest.mark.slow, pytest.mark.rtx, pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
                                                   reason="needs TensorRT-RTX (pip install 'qvggt-export[rtx]')")]
 
 # Each format with a profile it can build for (fp8: Ada and newer; nvfp4: Blackwell only).
