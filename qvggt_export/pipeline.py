@@ -149,7 +149,7 @@ class PipelineConfig:
             if self.bits not in wanted:
                 raise QVGGTError(f"engine lowering {self.engine_lowering!r} rewrites {' / '.join(wanted)} graphs, not "
                                  f"{self.bits}; use --engine-lowering auto or as-written")
-        if self.engine_fp16 and self.family in ("fp8", "nvfp4"):
+        if self.engine_fp16 and self.quantized and self.family != "int":
             raise QVGGTError(f"engine_fp16 applies to integer and fp32 exports; {self.bits} graphs are already in "
                              "TensorRT's own form")
         if self.engine_fp16 and self.family == "int" and self.resolved_engine_lowering() == "as-written":

@@ -121,10 +121,12 @@ def test_failed_track_engine_gives_exit_code_3(tmp_path, monkeypatch, capsys):
     """A track engine that fails to build is an engine failure even when the main engine built."""
     import qvggt_export.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "_build_engine_stage",
-                        lambda *args, **kwargs: {"path": str(tmp_path / "model.engine"), "size_bytes": 1})
-    monkeypatch.setattr(pipeline, "_track_engine_stage",
-                        lambda *args, **kwargs: {"path": None, "reason": "build failed: test", "failed": True})
+    def engine_stage(*args, track=False, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if track:
+            return {"path": None, "reason": "build failed: test", "failed": True}
+        return {"path": str(tmp_path / "model.engine"), "size_bytes": 1}
+
+    monkeypatch.setattr(pipeline, "_engine_stage", engine_stage)
     out = tmp_path / "t"
     assert main(["--bits", "w8a8", "--export-track", "--out", str(out), "--no-progress"]) == EXIT_ENGINE_FAILED
     assert "track engine: none (build failed: test)" in capsys.readouterr().out

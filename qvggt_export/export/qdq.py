@@ -61,6 +61,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qvggt_export.errors import QVGGTError
 from qvggt_export.export.hadamard_onnx import VARIANTS, HadamardEmission, add_to_model, emit_hadamard
 from qvggt_export.formats import FORMATS, get_format
+from qvggt_export.quant.config import FLOAT_QUANT_FORMATS
 from qvggt_export.quant.formats import FP4_E2M1_VALUES, FP8_E4M3_MAX, NVFP4_BLOCK_SIZE
 from qvggt_export.quant.functional import MIN_STEP, qrange
 from qvggt_export.quant.modules import FLOAT_PLACEHOLDER_OP, PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
@@ -347,7 +348,7 @@ def _lower_float(node: onnx.NodeProto, fmt: str, layer: str, attrs: dict, graph:
                  emissions: list[HadamardEmission], tensor_map: dict[str, dict[str, str]], scalar, hadamard: str,  # noqa: ANN001
                  opset: int) -> None:
     """Lower one ``FQLinear`` placeholder (fp8 or nvfp4; see the module docstring) into ``new_nodes``."""
-    if fmt not in ("fp8", "nvfp4"):
+    if fmt not in FLOAT_QUANT_FORMATS:
         raise QVGGTError(f"{layer}: unknown floating-point format {fmt!r} in the exported graph")
     x, codes_name, wscale_name, bscale_name, iglobal_name, bias_name, *transform_names = node.input
     codes = _constant_values(graph, codes_name, consumed).astype(np.uint8)  # E4M3 bit patterns [out, in]

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from qvggt_export.errors import MissingDependencyError, QVGGTError
+from qvggt_export.formats import format_names
 from qvggt_export.onnxrt import parity_session_options
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ FLOAT_MAX_REL = 1e-5
 NOISE_RATIO = 2.0
 QUANT_NOISE_RATIO = NOISE_RATIO  # kept for callers of the original name
 FP16_REL_FLOOR = 2.0**-11  # float16's unit roundoff: the outputs themselves are rounded to float16
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = format_names(quantized=False)  # the unquantized exports of the format registry
 # Float track graphs (qvggt_export.parity.track): the official fixtures' absolute tolerances per output.
 TRACK_ABS_TOL = {"track": 2e-2, "vis": 2e-3, "conf": 2e-3}
 
