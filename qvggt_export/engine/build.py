@@ -43,6 +43,7 @@ from qvggt_export.engine.backend import (
 )
 from qvggt_export.engine.profiles import EngineProfile, FrameRange, PointRange, load_profile
 from qvggt_export.engine.targets import check_format_targets
+from qvggt_export.engine.trt_logger import ERROR, INFO, INTERNAL_ERROR, VERBOSE, WARNING, make_capturing_logger
 from qvggt_export.errors import QVGGTError
 
 __all__ = ["FRAME_AXIS", "POINTS_AXIS", "POINTS_INPUT", "EngineBuildResult", "build_engine"]
@@ -77,19 +78,7 @@ _MAX_QUOTED_ERRORS = 5
 
 # Every repeated call of an ONNX local function (our Hadamard_<d>) makes the parser warn that the body's
 # node names exist already; the layers are built correctly (checked in the per-layer report).
-# Every builder or runtime after the first in a process also warns that its logger differs from the first
-# one's; each still reports to its own logger.
-_BENIGN_WARNING_RE = re.compile(
-    "already exists, the output tensors of this new instance will not be queryable|differs from one already registered")
-# ILogger.Severity values, identical in TensorRT and TensorRT-RTX (lower = more severe).
-_INTERNAL_ERROR, _ERROR, _WARNING, _INFO, _VERBOSE = range(5)
-_SEVERITY_TAGS = {_INTERNAL_ERROR: "F", _ERROR: "E", _WARNING: "W", _INFO: "I", _VERBOSE: "V"}
-_SEVERITY_TO_LOGGING = {
-    _INTERNAL_ERROR: logging.ERROR,
-    _ERROR: logging.ERROR,
-    _WARNING: logging.WARNING,
-    _INFO: logging.DEBUG,
-}
+_SEVERITY_TAGS = {INTERNAL_ERROR: "F", ERROR: "E", WARNING: "W", INFO: "I", VERBOSE: "V"}
 
 # The DETAILED per-layer report arrives as one VERBOSE record. TensorRT-RTX lists "Name: ..., LayerType: X,"
 # per layer; full TensorRT lists "Layer(X): ...".
@@ -546,27 +535,8 @@ def _timing_cache_path(profile: EngineProfile, engine_file: Path) -> Path | None
 
 
 def _make_capturing_logger(trt: ModuleType) -> Any:
-    # The base class lives in the lazily imported module, so the subclass is defined here.
-    class _CapturingLogger(trt.ILogger):  # type: ignore[name-defined,misc]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.records: list[tuple[int, str]] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            level = int(severity)
-            # TensorRT sends every severity; VERBOSE floods (thousands of records for VGGT-1B), so only the
-            # per-layer report is kept from it.
-            if level <= _INFO or msg.startswith(_LAYER_RECORD_PREFIXES):
-                self.records.append((level, msg))
-            if level in _SEVERITY_TO_LOGGING:
-                python_level = _SEVERITY_TO_LOGGING[level]
-                # Keep this callback to plain calls: a generator expression here hung the build (observed
-                # repeatedly with TensorRT-RTX 1.7.1 inside pytest).
-                if level == _WARNING and _BENIGN_WARNING_RE.search(msg):
-                    python_level = logging.DEBUG  # kept in the build log, not shown to the user
-                _trt_logger.log(python_level, "%s", msg)
-
-    return _CapturingLogger()
+    """The engine stage's TensorRT logger (:mod:`qvggt_export.engine.trt_logger`), keeping the per-layer report."""
+    return make_capturing_logger(trt, _trt_logger, keep_prefixes=_LAYER_RECORD_PREFIXES)
 
 
 def _build_serialized(
@@ -683,7 +653,7 @@ def _format_parser_error(error: Any) -> str:
 
 
 def _error_lines(capture: Any) -> list[str]:
-    return [msg for level, msg in capture.records if level <= _ERROR]
+    return [msg for level, msg in capture.records if level <= ERROR]
 
 
 def _errors_suffix(capture: Any) -> str:
