@@ -41,6 +41,17 @@ from qvggt_export.engine.backend import (
     ensure_rtx_parser_symlink,
     load_backend,
 )
+from qvggt_export.engine.layout import (
+    BATCH_AXIS,
+    CHANNEL_AXIS,
+    FRAME_AXIS,
+    HEIGHT_AXIS,
+    IMAGE_RANK,
+    POINTS_AXIS,
+    POINTS_INPUT,
+    POINTS_RANK,
+    WIDTH_AXIS,
+)
 from qvggt_export.engine.profiles import EngineProfile, FrameRange, PointRange, load_profile
 from qvggt_export.engine.targets import check_format_targets
 from qvggt_export.engine.trt_logger import ERROR, INFO, INTERNAL_ERROR, VERBOSE, WARNING, make_capturing_logger
@@ -52,16 +63,10 @@ logger = logging.getLogger(__name__)
 # TensorRT's own messages go to a child logger, so users can silence or raise them separately.
 _trt_logger = logging.getLogger(__name__ + ".tensorrt")
 
-#: The dynamic axis of the ``images`` input [B, S, 3, H, W].
-FRAME_AXIS = 1
-_BATCH_AXIS = 0
-_CHANNEL_AXIS = 2
-_HEIGHT_AXIS, _WIDTH_AXIS = 3, 4
-_IMAGE_RANK = 5
-#: The tracking graph's second input, [B, N, 2] pixel (x, y) in frame 0, and its dynamic axis N.
-POINTS_INPUT = "query_points"
-POINTS_AXIS = 1
-_POINTS_RANK = 3
+# The input layout (qvggt_export.engine.layout, shared with the runtime): images [1, S, 3, H, W], and the
+# tracking graph's second input query_points [B, N, 2] pixel (x, y) in frame 0, with its dynamic axis N.
+_BATCH_AXIS, _CHANNEL_AXIS, _HEIGHT_AXIS, _WIDTH_AXIS = BATCH_AXIS, CHANNEL_AXIS, HEIGHT_AXIS, WIDTH_AXIS
+_IMAGE_RANK, _POINTS_RANK = IMAGE_RANK, POINTS_RANK
 # The dynamic axes an optimization profile can be written for, per input role: a dynamic batch axis is pinned
 # to 1 (VGGT engines run one sequence at a time); any other dynamic axis is refused, naming input and axis.
 _PROFILED_AXES = {"images": {_BATCH_AXIS: "batch", FRAME_AXIS: "frames"},

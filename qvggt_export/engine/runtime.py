@@ -49,6 +49,18 @@ from typing import TYPE_CHECKING, Any
 
 from qvggt_export.engine.backend import Backend, cuda_device_count, load_backend
 from qvggt_export.engine.build import read_target_sms
+from qvggt_export.engine.layout import (
+    BATCH_AXIS,
+    CHANNEL_AXIS,
+    CHANNELS,
+    FRAME_AXIS,
+    HEIGHT_AXIS,
+    IMAGE_RANK,
+    POINTS_AXIS,
+    POINTS_INPUT,
+    POINTS_RANK,
+    WIDTH_AXIS,
+)
 from qvggt_export.engine.trt_logger import ERROR, make_capturing_logger
 from qvggt_export.errors import MissingDependencyError, QVGGTError
 
@@ -73,13 +85,12 @@ _BUILD_LOG_SUFFIX = ".build.log"
 _BUILD_LOG_BACKEND = "# backend: "  # header line of <engine>.build.log written by build_engine
 
 # images [B, S, 3, H, W]; B is 1 (build_engine pins a dynamic batch axis to 1).
-_IMAGE_RANK = 5
-_BATCH_AXIS, _FRAME_AXIS, _CHANNEL_AXIS, _HEIGHT_AXIS, _WIDTH_AXIS = range(_IMAGE_RANK)
-_CHANNELS = 3
+# The input layout, shared with the builder's graph check (qvggt_export.engine.layout).
+_IMAGE_RANK, _CHANNELS = IMAGE_RANK, CHANNELS
+_BATCH_AXIS, _FRAME_AXIS, _CHANNEL_AXIS, _HEIGHT_AXIS, _WIDTH_AXIS = (BATCH_AXIS, FRAME_AXIS, CHANNEL_AXIS,
+                                                                      HEIGHT_AXIS, WIDTH_AXIS)
 # query_points [B, N, 2] of a tracking engine (track.onnx); B is 1 as for images.
-_POINTS_INPUT = "query_points"
-_POINTS_RANK = 3
-_POINTS_AXIS = 1
+_POINTS_INPUT, _POINTS_RANK, _POINTS_AXIS = POINTS_INPUT, POINTS_RANK, POINTS_AXIS
 
 _ERROR = ERROR  # ILogger severities: qvggt_export.engine.trt_logger
 _MAX_RECORDS = 256  # the capture is a ring: an engine that runs for days must not grow it
