@@ -42,10 +42,10 @@ import onnx
 import torch
 
 from qvggt_export.engine import EngineProfile, build_engine, load_backend
+from qvggt_export.engine.hadamard import retarget_hadamard
+from qvggt_export.engine.lowering import lower_for_target, to_float16
 from qvggt_export.errors import QVGGTError
 from qvggt_export.export import export_onnx
-from qvggt_export.export.hadamard_onnx import retarget_hadamard
-from qvggt_export.export.lowering import lower_for_target, to_float16
 from qvggt_export.model import build_vggt
 from qvggt_export.model.config import AggregatorConfig, DPTHeadConfig, VGGTConfig
 from qvggt_export.quant import QuantConfig

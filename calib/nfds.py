@@ -321,12 +321,13 @@ def _aggregator(model: nn.Module) -> nn.Module:
 
 def default_nfds_layers(model: nn.Module, last_blocks: int = 4) -> tuple[str, ...]:
     """The module names whose inputs NFDS reads by default: the last ``last_blocks`` frame and global blocks."""
-    aggregator = _aggregator(model)
-    prefix = next(name for name, module in model.named_modules() if module is aggregator)
-    names = []
-    for kind in ("frame_blocks", "global_blocks"):
-        depth = len(getattr(aggregator, kind))
-        names += [f"{prefix}.{kind}.{i}" for i in range(max(depth - last_blocks, 0), depth)]
+    from qvggt_export.quant.roles import block_names
+
+    _aggregator(model)
+    names: list[str] = []
+    for kind in ("frame", "global"):  # block lists of the layer-role registry
+        blocks = block_names(model, kind)
+        names += blocks[max(len(blocks) - last_blocks, 0):]
     return tuple(names)
 
 

@@ -12,7 +12,6 @@ import csv
 import io
 import logging
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -176,14 +175,9 @@ def plot_selection(selection: CalibrationSelection, path: str | os.PathLike[str]
     axes.set_ylabel(f"PC2 ({explained[1]:.0%} of variance)")
     axes.legend(fontsize=8, loc="best")
     figure.tight_layout()
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        figure.savefig(temporary, format="png")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    from qvggt_export.io import atomic_write
+
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png"))
     return path
 
 

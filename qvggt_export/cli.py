@@ -87,17 +87,16 @@ def _device(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qvggt_export.formats import ENGINE_LOWERINGS, format_names
+    from qvggt_export.methods import METHODS
     from qvggt_export.model.config import preset_names
-    from qvggt_export.pipeline import FLOAT_FORMATS
-    from qvggt_export.quant import SUPPORTED_FORMATS
-    from qvggt_export.quant.config import METHODS
 
     parser = argparse.ArgumentParser(
         prog="qvggt-export", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Quantize VGGT, export it to ONNX with Q/DQ, check ONNX Runtime parity against PyTorch, "
                     "and build a TensorRT / TensorRT-RTX engine.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--bits", default="w4a4", choices=[*SUPPORTED_FORMATS, *FLOAT_FORMATS],
+    parser.add_argument("--bits", default="w4a4", choices=list(format_names()),
                         help="format: w8a8/w6a6/w4a4 (integer per-channel weights, per-token dynamic activations), "
                              "fp8 (E4M3), nvfp4 (FP4 block 16), or unquantized (default w4a4)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (report.json, model.onnx, ...)")
@@ -145,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine-profile", default="rtx-default",
                         help="build profile name (engines/*.json) or path (default rtx-default)")
     parser.add_argument("--engine-lowering", default="auto",
-                        choices=["auto", "as-written", "int8-static", "w4a8", "w4a16"],
+                        choices=list(ENGINE_LOWERINGS),
                         help="rewrite of the quantized graph for the engine (README 'Engines per target'): auto = "
                              "per format (w4a4 -> w4a16, TensorRT has no 4-bit activation math; w8a8 as written on "
                              "TensorRT-RTX, int8-static on full TensorRT); report.json records its accuracy")

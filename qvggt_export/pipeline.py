@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import platform
 import time
@@ -22,31 +21,17 @@ from typing import Any
 import torch
 
 from qvggt_export import __version__
-from qvggt_export.errors import MissingDependencyError, QVGGTError
+from qvggt_export.errors import QVGGTError
+from qvggt_export.formats import DEFAULT_ENGINE_PROFILE, ENGINE_LOWERINGS, format_names, get_format
 from qvggt_export.io import ensure_writable_dir, write_json_atomic
+from qvggt_export.methods import get_method
 
 logger = logging.getLogger(__name__)
 
-# Unquantized reference exports: the float model in that precision (float32 graph input and outputs).
-FLOAT_FORMATS = ("fp32", "fp16")
-ENGINE_LOWERINGS = ("auto", "as-written", "int8-static", "w4a8", "w4a16")
+# Formats, their engine targets, default profiles and lowerings: the format registry (qvggt_export.formats).
+# FLOAT_FORMATS (the unquantized reference exports fp32 / fp16) is derived from it for existing callers.
+FLOAT_FORMATS = format_names(quantized=False)
 RECON_CHECKPOINT = "reconstruction_checkpoint.safetensors"
-DEFAULT_ENGINE_PROFILE = "rtx-default"
-# Engine targets per quantization format (DESIGN.md section 3, measured with TensorRT-RTX 1.7.1): FP8 Q/DQ
-# compiles from SM89 (Ada) on, NVFP4 from SM100 (Blackwell) on; TensorRT-RTX knows SM120/SM121 of those.
-# Integer formats build for every target. "CURRENT" (the build machine's GPU) is checked by the build.
-FORMAT_MIN_SM = {"fp8": 89, "nvfp4": 100}
-FORMAT_DEFAULT_PROFILES = {"fp8": "rtx-sm89-sm120", "nvfp4": "rtx-sm120"}
-# What each format's ONNX and engine carry, for the report.
-FORMAT_LOWERING = {
-    "int": "opset-21 integer QuantizeLinear/DequantizeLinear: per-channel INT4/INT8 weights, per-token dynamic "
-           "activations computed in the graph",
-    "fp8": "opset-21 FLOAT8E4M3FN QuantizeLinear/DequantizeLinear: per-channel FP8 weights, per-token dynamic FP8 "
-           "activations (unit Q/DQ scale, per-token scale applied after the GEMM)",
-    "nvfp4": "opset-23 NVFP4 as TensorRT consumes it: FLOAT4E2M1 weights with FLOAT8E4M3FN block-16 scales "
-             "(double DequantizeLinear), activations through trt::TRT_FP4DynamicQuantize (block 16, E4M3 scales, "
-             "calibrated global scale) and double DequantizeLinear",
-}
 
 
 @dataclass(frozen=True)
@@ -87,12 +72,13 @@ class PipelineConfig:
             plugin; the engine is built from ``model.plugin.onnx``) or ``"function"`` (TensorRT inlines the
             ONNX function into small GEMMs).
         engine_profile: name of a profile in ``engines/`` or a path to a profile JSON. Left at
-            ``"rtx-default"`` (or ``None``), fp8 and nvfp4 use their own default (:data:`FORMAT_DEFAULT_PROFILES`:
-            ``rtx-sm89-sm120``, ``rtx-sm120``), since rtx-default also targets SM86, which has neither; any
-            other profile must target only architectures the format can build for, or the run is refused.
+            ``"rtx-default"`` (or ``None``), fp8 and nvfp4 use their own default (the format registry's
+            ``default_profile``: ``rtx-sm89-sm120``, ``rtx-sm120``), since rtx-default also targets SM86, which
+            has neither; any other profile must target only architectures the format can build for, or the run
+            is refused.
         engine_lowering: how the canonical quantized graph is rewritten for the engine
-            (:mod:`qvggt_export.export.lowering`): ``"auto"`` (the per-format default of
-            :func:`~qvggt_export.export.lowering.default_lowering`: W4A4 -> ``w4a16``, since TensorRT has no
+            (:mod:`qvggt_export.engine.lowering`): ``"auto"`` (the per-format default of
+            :func:`~qvggt_export.engine.lowering.default_lowering`: W4A4 -> ``w4a16``, since TensorRT has no
             4-bit activation math), ``"as-written"``, ``"int8-static"``, ``"w4a8"`` or ``"w4a16"``.
         engine_fp16: also run the unquantized parts of the engine graph (heads, norms, attention) in FP16;
             refused with the ``as-written`` lowering of integer formats (the per-token step floor underflows).
@@ -172,11 +158,11 @@ class PipelineConfig:
             raise QVGGTError(f"engine_lowering must be one of {', '.join(ENGINE_LOWERINGS)}, "
                              f"got {self.engine_lowering!r}")
         if self.engine_lowering not in ("auto", "as-written"):
-            wanted = {"int8-static": ("w8a8", "w6a6"), "w4a8": ("w4a4",), "w4a16": ("w4a4",)}[self.engine_lowering]
+            wanted = [name for name in format_names() if self.engine_lowering in get_format(name).allowed_lowerings]
             if self.bits not in wanted:
                 raise QVGGTError(f"engine lowering {self.engine_lowering!r} rewrites {' / '.join(wanted)} graphs, not "
                                  f"{self.bits}; use --engine-lowering auto or as-written")
-        if self.engine_fp16 and self.family in ("fp8", "nvfp4"):
+        if self.engine_fp16 and self.quantized and self.family != "int":
             raise QVGGTError(f"engine_fp16 applies to integer and fp32 exports; {self.bits} graphs are already in "
                              "TensorRT's own form")
         if self.engine_fp16 and self.family == "int" and self.resolved_engine_lowering() == "as-written":
@@ -190,9 +176,7 @@ class PipelineConfig:
     @property
     def family(self) -> str:
         """``"float"`` (unquantized), ``"int"``, ``"fp8"`` or ``"nvfp4"``."""
-        from qvggt_export.quant import format_family
-
-        return "float" if self.bits in FLOAT_FORMATS else format_family(self.bits)
+        return get_format(self.bits).family
 
     def resolved_engine_profile(self) -> str:
         """The engine profile this run builds with: ``engine_profile``, or the format's default when it was
@@ -202,19 +186,20 @@ class PipelineConfig:
             QVGGTError: the profile cannot be loaded, or targets an architecture the format cannot build for.
         """
         requested = self.engine_profile or DEFAULT_ENGINE_PROFILE
-        if self.family not in FORMAT_MIN_SM:
+        spec = get_format(self.bits)
+        if spec.default_profile == DEFAULT_ENGINE_PROFILE:
             return requested
         if requested == DEFAULT_ENGINE_PROFILE:
-            return FORMAT_DEFAULT_PROFILES[self.family]
+            return spec.default_profile
         from qvggt_export.engine.profiles import load_profile
 
         profile = load_profile(requested)
-        minimum = FORMAT_MIN_SM[self.family]
+        minimum = spec.min_sm
         bad = [cc for cc in profile.compute_capabilities if cc != "CURRENT" and int(cc[2:]) < minimum]
         if bad:
             raise QVGGTError(
                 f"engine profile {profile.name!r} targets {', '.join(bad)}, which cannot run {self.bits} (needs "
-                f"SM{minimum} or newer); use --engine-profile {FORMAT_DEFAULT_PROFILES[self.family]}, a profile "
+                f"SM{minimum} or newer); use --engine-profile {spec.default_profile}, a profile "
                 "without those targets, or --no-engine")
         return requested
 
@@ -222,9 +207,7 @@ class PipelineConfig:
         """The lowering the engine graph gets: ``engine_lowering``, or the format's default for ``auto``."""
         if self.engine_lowering != "auto":
             return self.engine_lowering
-        from qvggt_export.export.lowering import default_lowering
-
-        return default_lowering(self.bits, backend=self.backend)
+        return get_format(self.bits).default_lowering(self.backend)
 
     def nfds_config(self) -> Any:
         from qvggt_export.calib import NFDSConfig
@@ -263,29 +246,20 @@ class StageTimer:
 
 
 def _load_model(config: PipelineConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from qvggt_export.model import build_vggt, load_checkpoint
+    from qvggt_export.model import load_model, read_model_spec
 
-    spec: Any = config.model
-    if config.model.endswith(".json"):
-        path = Path(config.model).expanduser()
-        if not path.is_file():
-            raise QVGGTError(f"model config file not found: {path}")
-        try:
-            spec = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise QVGGTError(f"model config {path} is not valid JSON: {exc}") from exc
-    model = build_vggt(spec, seed=config.seed)
+    spec: Any = read_model_spec(config.model)
+    model = load_model(spec, config.checkpoint, seed=config.seed)
     info: dict[str, Any] = {"preset": config.model, "name": model.config.name, "spec": spec,
                             "parameters": sum(p.numel() for p in model.parameters()),
                             "checkpoint": config.checkpoint}
     if config.checkpoint:
-        load_checkpoint(model, config.checkpoint)
         info["weights"] = "checkpoint"
     else:
         info["weights"] = (f"random init (seed {config.seed}): exercises the toolchain; "
                            "accuracy numbers are not meaningful")
         logger.warning("no --checkpoint: seeded random weights (fine for testing the toolchain, not for accuracy)")
-    return model.eval(), info
+    return model, info
 
 
 def _calibration_data(config: PipelineConfig, model: torch.nn.Module, progress: bool, device: torch.device
@@ -365,7 +339,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                               if config.quantized else None, "torch": torch.__version__,
                               "python": platform.python_version()}
     if config.quantized:
-        report["format"] = {"name": config.bits, "family": config.family, "lowering": FORMAT_LOWERING[config.family]}
+        report["format"] = {"name": config.bits, "family": config.family,
+                            "lowering": get_format(config.bits).onnx_form}
 
     from qvggt_export.device import out_of_memory_guard, resolve_device
 
@@ -433,11 +408,10 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             model.cpu()
 
         from qvggt_export.export import export_onnx
-        from qvggt_export.export.qdq import opset_for_format
 
         onnx_path = out_dir / "model.onnx"
         with timer.stage("export_onnx"):
-            opset = opset_for_format(config.family if config.quantized else "int")
+            opset = get_format(config.bits).opset
             precision = "fp32" if config.quantized else config.bits
             exported = export_onnx(model, onnx_path, batches[0], hadamard=config.hadamard, opset=opset,
                                    precision=precision)
@@ -452,9 +426,10 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             with timer.stage("export_track"):
                 report["track"] = _track_stage(config, model, float_model, batches, opset)
 
-        report["engine"] = _build_engine_stage(config, onnx_path, timer, float_model or model, batches)
+        report["engine"] = _engine_stage(config, onnx_path, timer, float_model or model, batches)
         if config.export_track:
-            report["track"]["engine"] = _track_engine_stage(config, Path(report["track"]["path"]), timer, batches)
+            report["track"]["engine"] = _engine_stage(config, Path(report["track"]["path"]), timer, None, batches,
+                                                      track=True)
         report["timings_s"] = dict(timer.seconds, total=round(time.perf_counter() - started, 3))
         if config.quantized:
             # All calibration work: reading the pool, NFDS, loading the selection (calibration_data) + quantize.
@@ -541,180 +516,42 @@ def _remove_partial_outputs(out_dir: Path, existed: bool, before: set[Path]) -> 
         out_dir.rmdir()
 
 
-def _plugin_graph(onnx_path: Path, out_dir: Path, name: str = "model.plugin.onnx") -> tuple[Path, int]:
-    """A copy of the graph whose Hadamard function calls are TensorRT plugin nodes, written to ``out_dir / name``.
+def engine_target(config: PipelineConfig) -> Any:
+    """The :class:`~qvggt_export.engine.EngineTarget` a run's configuration asks for (profile and lowering
+    resolved per format)."""
+    from qvggt_export.engine.stage import EngineTarget
 
-    External weights stay where they are (the copy references the same ``.data`` file). NVFP4's
-    ``trt::TRT_FP4DynamicQuantize`` stays as it is: TensorRT's ONNX parser imports it natively."""
-    import onnx
-
-    from qvggt_export.export.hadamard_onnx import retarget_hadamard
-    from qvggt_export.io import atomic_write
-
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    count = retarget_hadamard(proto, "plugin")
-    if not count:
-        return onnx_path, 0
-    target = out_dir / name
-    atomic_write(target, lambda tmp: onnx.save(proto, tmp))
-    return target, count
+    return EngineTarget(bits=config.bits, profile=config.resolved_engine_profile(),
+                        lowering=config.resolved_engine_lowering(), backend=config.backend,
+                        hadamard=config.engine_hadamard, float16=config.engine_fp16,
+                        rotates=config.quantized and get_method(config.method).rotates, seed=config.seed)
 
 
-def _lowered_graph(config: PipelineConfig, onnx_path: Path, lowering: str, reference_model: torch.nn.Module,
-                   batches: list[torch.Tensor]) -> tuple[Path, dict[str, Any]]:
-    """The graph the engine is built from: the canonical export rewritten for the target (static activation
-    scales from the calibration batches, or weight-only INT4), with its accuracy measured in ONNX Runtime
-    against the float model on the same batches (in-sample for static scales: the report says so)."""
-    import onnx
-
-    from qvggt_export.export.lowering import lower_for_target
-
-    if lowering == "as-written" and not config.engine_fp16:
-        return onnx_path, {"target": "as-written", "note": "the canonical graph, unchanged"}
-    float_outputs = []
-    with torch.no_grad():
-        for images in batches:
-            outputs = reference_model(images)
-            float_outputs.append({k: v.float().numpy() for k, v in outputs.items() if isinstance(v, torch.Tensor)})
-    lowered, info = lower_for_target(onnx.load(str(onnx_path)), lowering, calibration_inputs=batches,
-                                     float_outputs=float_outputs, float16=config.engine_fp16)
-    from qvggt_export.export.onnx_export import save_graph
-
-    path = config.out_dir / "model.lowered.onnx"
-    save_graph(lowered, path, check=False)  # the lowering's own ONNX Runtime run has already loaded it
-    return path, info.to_dict()
-
-
-def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTimer,
-                        reference_model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, Any]:
-    """Lower the canonical graph for the target, swap Hadamard functions for plugin nodes, build the engine.
-
-    Args:
-        reference_model: the float model (the lowering's accuracy is measured against it).
-        batches: calibration batches (static activation scales of the ``int8-static`` / ``w4a8`` lowerings).
-    """
+def _engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTimer,
+                  reference_model: torch.nn.Module | None, batches: list[torch.Tensor],
+                  track: bool = False) -> dict[str, Any]:
+    """``model.engine`` (or ``track.engine``) from the canonical graph, through
+    :func:`qvggt_export.engine.build_engine_for_target` (lowering, Hadamard form, build)."""
     if not config.engine:
         return {"path": None, "reason": "engine build disabled (--no-engine)"}
-    engine_path = config.out_dir / "model.engine"
-    profile = config.resolved_engine_profile()
-    choice: dict[str, Any] = {"profile_name": profile}
-    if profile != config.engine_profile:
-        choice["profile_reason"] = (f"{config.engine_profile} targets architectures without {config.bits} support; "
-                                    f"{profile} is the default for {config.bits}")
-    with timer.stage("lower_for_engine"):
-        graph, choice["lowering"] = _lowered_graph(config, onnx_path, config.resolved_engine_lowering(),
-                                                   reference_model, batches)
-    with timer.stage("build_engine"):
-        data, graph, plugin_nodes = _engine_from_graph(config, graph, engine_path, profile,
-                                                       config.out_dir / "model.plugin.onnx")
-    return _engine_report(config, graph, data, plugin_nodes, choice)
+    from qvggt_export.engine.stage import build_engine_for_target
+
+    target = engine_target(config)
+    result = build_engine_for_target(onnx_path, config.out_dir / ("track.engine" if track else "model.engine"),
+                                     target, calibration_inputs=batches, reference_model=reference_model,
+                                     stage=timer.stage)
+    if not track and target.profile != config.engine_profile and "profile_name" in result:
+        result = _with_profile_reason(result, config, target.profile)
+    return result
 
 
-def _engine_report(config: PipelineConfig, graph: Path, data: dict[str, Any], plugin_nodes: int,
-                   choice: dict[str, Any]) -> dict[str, Any]:
-    if "engine_path" not in data:  # not built: {"path": None, "reason": ...}
-        return {**data, **choice}
-    rotates = config.quantized and config.method in ("rotate", "smooth_rotate", "dsfq")
-    hadamard = "plugin" if plugin_nodes else ("function" if rotates else "none")
-    return {"path": data.pop("engine_path"), "onnx": str(graph), "hadamard": hadamard,
-            "hadamard_plugin_nodes": plugin_nodes, **choice, **data}
-
-
-def _engine_from_graph(config: PipelineConfig, graph: Path, engine_path: Path, profile: str,
-                       plugin_path: Path) -> tuple[dict[str, Any], Path, int]:
-    """Build one engine from ``graph`` (Hadamard calls swapped for plugin nodes into ``plugin_path`` first, when
-    the run uses the plugin). Returns the build result as a dict, or ``{"path": None, "reason": ...}``, the graph
-    the engine was built from, and the number of plugin nodes."""
-    from qvggt_export.engine import build_engine
-
-    backend = None if config.backend == "auto" else config.backend
-    plugin_nodes = 0
-    try:
-        if config.engine_hadamard == "plugin":
-            graph, plugin_nodes = _plugin_graph(graph, plugin_path.parent, plugin_path.name)
-        if plugin_nodes:
-            from qvggt_export.plugins import register
-
-            register(config.backend)  # the parser instantiates the plugin through its creator
-        result = build_engine(graph, engine_path, profile, backend=backend, format_name=config.bits)
-    except MissingDependencyError as exc:
-        logger.warning("no engine built: %s", exc)
-        return {"path": None, "reason": str(exc)}, graph, plugin_nodes
-    except QVGGTError as exc:
-        logger.error("engine build failed: %s", exc)
-        return {"path": None, "reason": f"build failed: {exc}", "failed": True}, graph, plugin_nodes
-    return result.to_dict(), graph, plugin_nodes
-
-
-def _track_engine_stage(config: PipelineConfig, track_path: Path, timer: StageTimer,
-                        batches: list[torch.Tensor]) -> dict[str, Any]:
-    """``track.engine`` beside ``model.engine``, from ``track.onnx``: the same profile (targets, frame range; its
-    point range for ``query_points``), backend, lowering target and Hadamard form as the main engine.
-
-    Not applied: ``engine_fp16`` (the tracker stays float32, as in the track export and upstream). A static
-    lowering (``int8-static``, ``w4a8``) measures its activation ranges with the query points fixed: the
-    quantized layers are the aggregator's, whose inputs do not depend on the points (:func:`_lowered_track_graph`).
-    """
-    if not config.engine:
-        return {"path": None, "reason": "engine build disabled (--no-engine)"}
-    profile = config.resolved_engine_profile()
-    lowering = config.resolved_engine_lowering()
-    choice: dict[str, Any] = {"profile_name": profile}
-    with timer.stage("lower_track_for_engine"):
-        try:
-            graph, choice["lowering"] = _lowered_track_graph(config, track_path, lowering, batches)
-        except MissingDependencyError as exc:
-            return {"path": None, "reason": str(exc), **choice}
-    if config.engine_fp16:
-        choice["lowering"]["float16_not_applied"] = ("--engine-fp16 is not applied to the track engine: the "
-                                                     "tracker stays float32, as in the track export")
-    with timer.stage("build_track_engine"):
-        data, graph, plugin_nodes = _engine_from_graph(config, graph, config.out_dir / "track.engine", profile,
-                                                       config.out_dir / "track.plugin.onnx")
-    return _engine_report(config, graph, data, plugin_nodes, choice)
-
-
-def _lowered_track_graph(config: PipelineConfig, track_path: Path, lowering: str,
-                         batches: list[torch.Tensor]) -> tuple[Path, dict[str, Any]]:
-    """The track graph rewritten for the engine's target (``track.lowered.onnx``), as the canonical graph is.
-
-    :func:`~qvggt_export.export.lowering.lower_for_target` runs graphs with one ``images`` input; the track
-    graph also takes ``query_points``. It is lowered with ``query_points`` held as a constant (seeded points),
-    then given its input back: the rewrite only touches the aggregator's quantized layers, whose inputs do not
-    depend on the points, so the static scales are those of the canonical graph on the same images, and the
-    accuracy it reports (lowered vs exported track graph, ONNX Runtime) is for those fixed points.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    from qvggt_export.export.lowering import lower_for_target
-    from qvggt_export.export.onnx_export import save_graph
-
-    if lowering == "as-written":
-        return track_path, {"target": "as-written", "note": "the track graph as exported, unchanged"}
-    proto = onnx.load(str(track_path))
-    (points_input,) = [i for i in proto.graph.input if i.name == "query_points"]
-    height, width = batches[0].shape[-2:]
-    generator = torch.Generator().manual_seed(config.seed)
-    points = torch.rand(batches[0].shape[0], 16, 2, generator=generator) * torch.tensor([width - 1, height - 1])
-    frozen = onnx.ModelProto()
-    frozen.CopyFrom(proto)
-    kept_inputs = [i for i in frozen.graph.input if i.name != "query_points"]
-    del frozen.graph.input[:]
-    frozen.graph.input.extend(kept_inputs)
-    frozen.graph.initializer.append(numpy_helper.from_array(points.numpy(), "query_points"))
-    lowered, info = lower_for_target(frozen, lowering, calibration_inputs=batches)
-    # Back to a graph input, in its original place and with its dynamic points axis.
-    kept = [init for init in lowered.graph.initializer if init.name != "query_points"]
-    del lowered.graph.initializer[:]
-    lowered.graph.initializer.extend(kept)
-    inputs = {i.name: i for i in lowered.graph.input}
-    inputs["query_points"] = points_input
-    ordered = [inputs[i.name] for i in proto.graph.input]
-    del lowered.graph.input[:]
-    lowered.graph.input.extend(ordered)
-    path = config.out_dir / "track.lowered.onnx"
-    save_graph(lowered, path, full_check=False)
-    result = info.to_dict()
-    result["accuracy_points"] = int(points.shape[1])
-    return path, result
+def _with_profile_reason(result: dict[str, Any], config: PipelineConfig, profile: str) -> dict[str, Any]:
+    """The report with ``profile_reason`` right after ``profile_name`` (key order as before the move)."""
+    reason = (f"{config.engine_profile} targets architectures without {config.bits} support; "
+              f"{profile} is the default for {config.bits}")
+    ordered: dict[str, Any] = {}
+    for key, value in result.items():
+        ordered[key] = value
+        if key == "profile_name":
+            ordered["profile_reason"] = reason
+    return ordered

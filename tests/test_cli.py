@@ -24,6 +24,7 @@ def test_help_shows_examples():
     assert "examples:" in out.stdout and "qvggt-export --bits w4a4 --out" in out.stdout
 
 
+@pytest.mark.slow
 def test_main_command_writes_complete_report(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--bits", "w4a4", "--out", str(out), "--no-progress"]) == EXIT_OK
@@ -115,14 +116,17 @@ def test_parity_failure_gives_exit_code_1(tmp_path, monkeypatch):
     assert json.loads((out / "report.json").read_text())["parity"]["passed"] is False
 
 
+@pytest.mark.slow
 def test_failed_track_engine_gives_exit_code_3(tmp_path, monkeypatch, capsys):
     """A track engine that fails to build is an engine failure even when the main engine built."""
     import qvggt_export.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "_build_engine_stage",
-                        lambda *args, **kwargs: {"path": str(tmp_path / "model.engine"), "size_bytes": 1})
-    monkeypatch.setattr(pipeline, "_track_engine_stage",
-                        lambda *args, **kwargs: {"path": None, "reason": "build failed: test", "failed": True})
+    def engine_stage(*args, track=False, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if track:
+            return {"path": None, "reason": "build failed: test", "failed": True}
+        return {"path": str(tmp_path / "model.engine"), "size_bytes": 1}
+
+    monkeypatch.setattr(pipeline, "_engine_stage", engine_stage)
     out = tmp_path / "t"
     assert main(["--bits", "w8a8", "--export-track", "--out", str(out), "--no-progress"]) == EXIT_ENGINE_FAILED
     assert "track engine: none (build failed: test)" in capsys.readouterr().out

@@ -53,6 +53,7 @@ def test_cli_refuses_an_incompatible_profile(tmp_path: Path, capsys: pytest.Capt
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_nvfp4_end_to_end(tmp_path: Path) -> None:
     try:
         import tensorrt_rtx  # noqa: F401

@@ -41,6 +41,7 @@ def test_incompatible_lowerings_are_refused_before_writing(tmp_path: Path) -> No
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_RTX, reason="needs TensorRT-RTX (pip install 'qvggt-export[rtx]')")
 def test_int8_static_engine(tmp_path: Path) -> None:
     out = tmp_path / "w8a8"

@@ -15,8 +15,9 @@ import torch
 from onnx import numpy_helper
 
 from qvggt_export.engine import load_profile
+from qvggt_export.engine.stage import _lowered_track_graph
 from qvggt_export.errors import QVGGTError
-from qvggt_export.pipeline import PipelineConfig, _lowered_track_graph, run_pipeline
+from qvggt_export.pipeline import PipelineConfig, engine_target, run_pipeline
 
 SMALL = {"frames": 2, "calib_pool": 3, "calib_size": 2, "nfds_k": 2, "progress": False, "engine": False}
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
@@ -57,6 +58,7 @@ def w4a4_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return folder / "out", report
 
 
+@pytest.mark.slow
 @pytest.mark.rtx
 def test_track_engine_is_built_beside_the_main_engine(w4a4_run: tuple[Path, dict]) -> None:
     out, report = w4a4_run
@@ -84,17 +86,19 @@ def test_track_engine_is_built_beside_the_main_engine(w4a4_run: tuple[Path, dict
     assert set(track["lowering"]["accuracy"]["lowered_vs_canonical"]) == {"track", "vis", "conf"}
 
 
+@pytest.mark.slow
 @pytest.mark.rtx
 def test_static_track_lowering_matches_the_canonical_scales(w4a4_run: tuple[Path, dict], tmp_path: Path) -> None:
     """The track graph is lowered with its query points held fixed; the static scales must be exactly those of
     the canonical graph on the same images (the quantized layers never see the points), and the lowered graph
     must take any point count again."""
-    from qvggt_export.export.lowering import lower_for_target
+    from qvggt_export.engine.lowering import lower_for_target
 
     out, _ = w4a4_run
     config = PipelineConfig(out_dir=tmp_path, bits="w4a4", engine_lowering="w4a8", **SMALL)
     batches = [torch.rand(1, 2, 3, 70, 70, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    path, info = _lowered_track_graph(config, out / "track.onnx", "w4a8", batches)
+    path, info = _lowered_track_graph(engine_target(config), out / "track.onnx", "w4a8", batches,
+                                      tmp_path / "track.lowered.onnx")
     canonical, _ = lower_for_target(onnx.load(str(out / "model.onnx")), "w4a8", calibration_inputs=batches,
                                     measure=False)
     lowered = onnx.load(str(path))

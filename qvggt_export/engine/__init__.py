@@ -10,13 +10,17 @@ Example::
     result = build_engine("vggt_w8a8.onnx", "engines/vggt_w8a8.engine", "rtx-default", format_name="w8a8")
     print(result.target_sms, result.num_layers, result.size_bytes, result.gemm_precisions, result.attention)
 
+:func:`build_engine` builds a graph as given; :func:`build_engine_for_target` takes the *canonical* export and an
+:class:`EngineTarget` and does the runtime-specific work first: the per-target lowering
+(:mod:`qvggt_export.engine.lowering`) and the Hadamard plugin form (:mod:`qvggt_export.engine.hadamard`).
+
 What TensorRT-RTX 1.7.1 makes of the exported graph (measured here without a GPU, from the builder's DETAILED
 per-layer report; ``benchmarks/results/engine_sizes.md`` has the numbers):
 
 * **Attention.** The exporter writes VGGT's attention as MatMul -> Mul -> Softmax -> MatMul (opset 21; no ONNX
   ``Attention`` op). In FP32 (the float parts of every quantized graph as exported) TensorRT-RTX keeps it
   unfused: two gemm layers around a generated ``kgen`` softmax kernel. In FP16 (a float graph through
-  :func:`qvggt_export.export.lowering.to_float16`, or a lowering with ``float16=True``) each attention becomes one
+  :func:`qvggt_export.engine.lowering.to_float16`, or a lowering with ``float16=True``) each attention becomes one
   fused ``_gemm_mha_v2`` kernel. The ONNX ``Attention`` op (opset 23) parses; it builds in FP16 (the same
   ``_gemm_mha_v2`` kernel) and fails in FP32 ("Attention operation was not supported by a dedicated kernel").
   :attr:`EngineBuildResult.attention` reports the counts for every build.
@@ -54,10 +58,10 @@ from qvggt_export.engine.runtime import (
     check_points_shape,
     polygraphy_runner,
 )
-from qvggt_export.engine.targets import FORMAT_MIN_SM, check_format_targets
+from qvggt_export.engine.stage import EngineTarget, build_engine_for_target
+from qvggt_export.engine.targets import check_format_targets
 
 __all__ = [
-    "FORMAT_MIN_SM",
     "FRAME_AXIS",
     "POINTS_AXIS",
     "POINTS_INPUT",
@@ -65,6 +69,7 @@ __all__ = [
     "EngineBuildResult",
     "EngineProfile",
     "EngineSpec",
+    "EngineTarget",
     "QVGGTEngine",
     "check_images_shape",
     "check_points_shape",
@@ -73,6 +78,7 @@ __all__ = [
     "PointRange",
     "attention_report",
     "build_engine",
+    "build_engine_for_target",
     "check_format_targets",
     "gemm_precision_report",
     "cuda_compute_capabilities",

@@ -27,7 +27,6 @@ import logging
 import mmap
 import os
 import re
-import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -42,8 +41,20 @@ from qvggt_export.engine.backend import (
     ensure_rtx_parser_symlink,
     load_backend,
 )
+from qvggt_export.engine.layout import (
+    BATCH_AXIS,
+    CHANNEL_AXIS,
+    FRAME_AXIS,
+    HEIGHT_AXIS,
+    IMAGE_RANK,
+    POINTS_AXIS,
+    POINTS_INPUT,
+    POINTS_RANK,
+    WIDTH_AXIS,
+)
 from qvggt_export.engine.profiles import EngineProfile, FrameRange, PointRange, load_profile
 from qvggt_export.engine.targets import check_format_targets
+from qvggt_export.engine.trt_logger import ERROR, INFO, INTERNAL_ERROR, VERBOSE, WARNING, make_capturing_logger
 from qvggt_export.errors import QVGGTError
 
 __all__ = ["FRAME_AXIS", "POINTS_AXIS", "POINTS_INPUT", "EngineBuildResult", "build_engine"]
@@ -52,16 +63,10 @@ logger = logging.getLogger(__name__)
 # TensorRT's own messages go to a child logger, so users can silence or raise them separately.
 _trt_logger = logging.getLogger(__name__ + ".tensorrt")
 
-#: The dynamic axis of the ``images`` input [B, S, 3, H, W].
-FRAME_AXIS = 1
-_BATCH_AXIS = 0
-_CHANNEL_AXIS = 2
-_HEIGHT_AXIS, _WIDTH_AXIS = 3, 4
-_IMAGE_RANK = 5
-#: The tracking graph's second input, [B, N, 2] pixel (x, y) in frame 0, and its dynamic axis N.
-POINTS_INPUT = "query_points"
-POINTS_AXIS = 1
-_POINTS_RANK = 3
+# The input layout (qvggt_export.engine.layout, shared with the runtime): images [1, S, 3, H, W], and the
+# tracking graph's second input query_points [B, N, 2] pixel (x, y) in frame 0, with its dynamic axis N.
+_BATCH_AXIS, _CHANNEL_AXIS, _HEIGHT_AXIS, _WIDTH_AXIS = BATCH_AXIS, CHANNEL_AXIS, HEIGHT_AXIS, WIDTH_AXIS
+_IMAGE_RANK, _POINTS_RANK = IMAGE_RANK, POINTS_RANK
 # The dynamic axes an optimization profile can be written for, per input role: a dynamic batch axis is pinned
 # to 1 (VGGT engines run one sequence at a time); any other dynamic axis is refused, naming input and axis.
 _PROFILED_AXES = {"images": {_BATCH_AXIS: "batch", FRAME_AXIS: "frames"},
@@ -78,19 +83,7 @@ _MAX_QUOTED_ERRORS = 5
 
 # Every repeated call of an ONNX local function (our Hadamard_<d>) makes the parser warn that the body's
 # node names exist already; the layers are built correctly (checked in the per-layer report).
-# Every builder or runtime after the first in a process also warns that its logger differs from the first
-# one's; each still reports to its own logger.
-_BENIGN_WARNING_RE = re.compile(
-    "already exists, the output tensors of this new instance will not be queryable|differs from one already registered")
-# ILogger.Severity values, identical in TensorRT and TensorRT-RTX (lower = more severe).
-_INTERNAL_ERROR, _ERROR, _WARNING, _INFO, _VERBOSE = range(5)
-_SEVERITY_TAGS = {_INTERNAL_ERROR: "F", _ERROR: "E", _WARNING: "W", _INFO: "I", _VERBOSE: "V"}
-_SEVERITY_TO_LOGGING = {
-    _INTERNAL_ERROR: logging.ERROR,
-    _ERROR: logging.ERROR,
-    _WARNING: logging.WARNING,
-    _INFO: logging.DEBUG,
-}
+_SEVERITY_TAGS = {INTERNAL_ERROR: "F", ERROR: "E", WARNING: "W", INFO: "I", VERBOSE: "V"}
 
 # The DETAILED per-layer report arrives as one VERBOSE record. TensorRT-RTX lists "Name: ..., LayerType: X,"
 # per layer; full TensorRT lists "Layer(X): ...".
@@ -547,27 +540,8 @@ def _timing_cache_path(profile: EngineProfile, engine_file: Path) -> Path | None
 
 
 def _make_capturing_logger(trt: ModuleType) -> Any:
-    # The base class lives in the lazily imported module, so the subclass is defined here.
-    class _CapturingLogger(trt.ILogger):  # type: ignore[name-defined,misc]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.records: list[tuple[int, str]] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            level = int(severity)
-            # TensorRT sends every severity; VERBOSE floods (thousands of records for VGGT-1B), so only the
-            # per-layer report is kept from it.
-            if level <= _INFO or msg.startswith(_LAYER_RECORD_PREFIXES):
-                self.records.append((level, msg))
-            if level in _SEVERITY_TO_LOGGING:
-                python_level = _SEVERITY_TO_LOGGING[level]
-                # Keep this callback to plain calls: a generator expression here hung the build (observed
-                # repeatedly with TensorRT-RTX 1.7.1 inside pytest).
-                if level == _WARNING and _BENIGN_WARNING_RE.search(msg):
-                    python_level = logging.DEBUG  # kept in the build log, not shown to the user
-                _trt_logger.log(python_level, "%s", msg)
-
-    return _CapturingLogger()
+    """The engine stage's TensorRT logger (:mod:`qvggt_export.engine.trt_logger`), keeping the per-layer report."""
+    return make_capturing_logger(trt, _trt_logger, keep_prefixes=_LAYER_RECORD_PREFIXES)
 
 
 def _build_serialized(
@@ -684,7 +658,7 @@ def _format_parser_error(error: Any) -> str:
 
 
 def _error_lines(capture: Any) -> list[str]:
-    return [msg for level, msg in capture.records if level <= _ERROR]
+    return [msg for level, msg in capture.records if level <= ERROR]
 
 
 def _errors_suffix(capture: Any) -> str:
@@ -779,21 +753,11 @@ def _layer_report(records: list[tuple[int, str]]) -> tuple[int | None, dict[str,
 
 
 def _write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write ``path`` so that readers see the old file or the complete new one, never a partial one."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # os.open with O_EXCL and 0o666 (not tempfile.mkstemp, which forces 0o600): the umask decides the
-    # final permissions, as for any file the user creates.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write ``path`` so that readers see the old file or the complete new one, never a partial one
+    (:func:`qvggt_export.io.atomic_write`), then fsync the folder so that the rename survives a crash."""
+    from qvggt_export.io import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     _fsync_directory(path.parent)
 
 

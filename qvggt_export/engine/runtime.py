@@ -32,7 +32,6 @@ Neither TensorRT nor torch is imported when this module is imported: the engine 
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import importlib.util
 import itertools
@@ -50,6 +49,19 @@ from typing import TYPE_CHECKING, Any
 
 from qvggt_export.engine.backend import Backend, cuda_device_count, load_backend
 from qvggt_export.engine.build import read_target_sms
+from qvggt_export.engine.layout import (
+    BATCH_AXIS,
+    CHANNEL_AXIS,
+    CHANNELS,
+    FRAME_AXIS,
+    HEIGHT_AXIS,
+    IMAGE_RANK,
+    POINTS_AXIS,
+    POINTS_INPUT,
+    POINTS_RANK,
+    WIDTH_AXIS,
+)
+from qvggt_export.engine.trt_logger import ERROR, make_capturing_logger
 from qvggt_export.errors import MissingDependencyError, QVGGTError
 
 if TYPE_CHECKING:
@@ -73,21 +85,14 @@ _BUILD_LOG_SUFFIX = ".build.log"
 _BUILD_LOG_BACKEND = "# backend: "  # header line of <engine>.build.log written by build_engine
 
 # images [B, S, 3, H, W]; B is 1 (build_engine pins a dynamic batch axis to 1).
-_IMAGE_RANK = 5
-_BATCH_AXIS, _FRAME_AXIS, _CHANNEL_AXIS, _HEIGHT_AXIS, _WIDTH_AXIS = range(_IMAGE_RANK)
-_CHANNELS = 3
+# The input layout, shared with the builder's graph check (qvggt_export.engine.layout).
+_IMAGE_RANK, _CHANNELS = IMAGE_RANK, CHANNELS
+_BATCH_AXIS, _FRAME_AXIS, _CHANNEL_AXIS, _HEIGHT_AXIS, _WIDTH_AXIS = (BATCH_AXIS, FRAME_AXIS, CHANNEL_AXIS,
+                                                                      HEIGHT_AXIS, WIDTH_AXIS)
 # query_points [B, N, 2] of a tracking engine (track.onnx); B is 1 as for images.
-_POINTS_INPUT = "query_points"
-_POINTS_RANK = 3
-_POINTS_AXIS = 1
+_POINTS_INPUT, _POINTS_RANK, _POINTS_AXIS = POINTS_INPUT, POINTS_RANK, POINTS_AXIS
 
-# ILogger.Severity values, identical in TensorRT and TensorRT-RTX (lower = more severe).
-_INTERNAL_ERROR, _ERROR, _WARNING, _INFO = range(4)
-_SEVERITY_TO_LOGGING = {_INTERNAL_ERROR: logging.ERROR, _ERROR: logging.ERROR, _WARNING: logging.WARNING,
-                        _INFO: logging.DEBUG}
-# Every runtime or builder after the first in a process logs this; the runtime still reports its own messages
-# to the logger it was given (checked with TensorRT-RTX 1.7.1), so it is noise.
-_BENIGN_LOGGER_WARNING = "differs from one already registered"
+_ERROR = ERROR  # ILogger severities: qvggt_export.engine.trt_logger
 _MAX_RECORDS = 256  # the capture is a ring: an engine that runs for days must not grow it
 _MAX_QUOTED = 4
 
@@ -454,28 +459,8 @@ def _check_target(engine_file: Path, targets: Sequence[str], gpu_sm: str, gpu_na
 
 
 def _make_capturing_logger(trt: ModuleType) -> Any:
-    # The base class lives in the lazily imported module, so the subclass is defined here.
-    class _CapturingLogger(trt.ILogger):  # type: ignore[name-defined,misc]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.records: collections.deque[tuple[int, str]] = collections.deque(maxlen=_MAX_RECORDS)
-            self.count = 0  # messages ever received: marks where an operation's messages start
-
-        def log(self, severity: Any, msg: str) -> None:
-            level = int(severity)
-            if level <= _INFO:
-                self.records.append((level, msg))
-                self.count += 1
-                python_level = _SEVERITY_TO_LOGGING[level]
-                if level == _WARNING and _BENIGN_LOGGER_WARNING in msg:
-                    python_level = logging.DEBUG
-                _trt_logger.log(python_level, "%s", msg)
-
-        def since(self, mark: int, max_level: int = _INFO) -> list[str]:
-            new = list(self.records)[-(self.count - mark):] if self.count > mark else []
-            return [msg for level, msg in new if level <= max_level]
-
-    return _CapturingLogger()
+    """The engine stage's TensorRT logger (:mod:`qvggt_export.engine.trt_logger`), as a bounded ring."""
+    return make_capturing_logger(trt, _trt_logger, max_records=_MAX_RECORDS)
 
 
 def _quote(lines: Sequence[str]) -> str:

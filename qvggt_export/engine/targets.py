@@ -1,5 +1,8 @@
 """Which GPU architectures each quantization format can be compiled for (no TensorRT needed).
 
+The minimum compute capability of each format is the ``min_sm`` column of the format registry
+(:mod:`qvggt_export.formats`); the table below explains it.
+
 :func:`check_format_targets` is called before a build so that a format/architecture mismatch is a clear
 error up front instead of a builder failure deep in TensorRT's log (or, worse, an engine that builds and
 then has no kernel on the user's GPU). The table follows what the tensor cores support and what
@@ -29,22 +32,10 @@ from collections.abc import Iterable
 
 from qvggt_export.engine.backend import cuda_compute_capabilities
 from qvggt_export.errors import QVGGTError
+from qvggt_export.formats import FORMATS
 
-__all__ = ["FORMAT_MIN_SM", "check_format_targets", "sm_number"]
+__all__ = ["check_format_targets", "sm_number"]
 
-#: Lowest compute capability (major * 10 + minor) each format can target.
-FORMAT_MIN_SM: dict[str, int] = {
-    "fp32": 75,
-    "fp16": 75,
-    "w8a8": 75,
-    "w6a6": 75,
-    "w4a4": 75,
-    "fp8": 89,
-    "mxfp8": 89,
-    "nvfp4": 100,
-}
-# Architectures below the minimum that still qualify: none today; the table is "min SM" only because every
-# format here is supported by all later architectures.
 _SM_RE = re.compile(r"^SM(\d)(\d{1,2})$")
 
 
@@ -76,8 +67,9 @@ def check_format_targets(format_name: str, sms: Iterable[str]) -> tuple[str, ...
         QVGGTError: Unknown format, malformed or empty target list, or a target the format cannot run on; the
             message names the format, the refused targets and the architectures that can run it.
     """
-    if format_name not in FORMAT_MIN_SM:
-        raise QVGGTError(f"unknown format {format_name!r}; expected one of {', '.join(FORMAT_MIN_SM)}")
+    if format_name not in FORMATS:
+        raise QVGGTError(f"unknown format {format_name!r}; expected one of {', '.join(FORMATS)}")
+    spec = FORMATS[format_name]
     if isinstance(sms, str):
         raise QVGGTError(f"target compute capabilities must be a list such as ['SM89'], got the string {sms!r}")
     given = list(sms)
@@ -93,15 +85,11 @@ def check_format_targets(format_name: str, sms: Iterable[str]) -> tuple[str, ...
         else:
             sm_number(value)  # raises naming the value as given
             resolved.append(name)
-    minimum = FORMAT_MIN_SM[format_name]
+    minimum = spec.min_sm
     refused = [name for name in resolved if sm_number(name) < minimum]
     if refused:
         via_current = " (the GPU of this machine, from 'CURRENT')" if "CURRENT" in names else ""
-        hint = {
-            "fp8": "use w8a8 there, or target SM89 (Ada), SM90 (Hopper) or SM120 (Blackwell)",
-            "mxfp8": "use w8a8 there, or target SM89 or newer",
-            "nvfp4": "use w4a4 (INT4 weights) or fp8 there, or target SM120/SM121 (Blackwell RTX) or SM100",
-        }.get(format_name, f"target SM{minimum} or newer")
+        hint = spec.target_hint or f"target SM{minimum} or newer"
         raise QVGGTError(
             f"format {format_name!r} cannot target {', '.join(refused)}{via_current}: it needs compute capability "
             f"SM{minimum} or newer; {hint}"

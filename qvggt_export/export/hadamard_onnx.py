@@ -52,7 +52,7 @@ dimension ``d`` is static:
       ``H_m`` with the construction of :mod:`qvggt_export.quant.hadamard`.
 
     The node has exactly the inputs and attributes of the ``"function"`` node (plus the two plugin
-    attributes), so :func:`retarget_hadamard` turns one form into the other.
+    attributes), so :func:`qvggt_export.engine.hadamard.retarget_hadamard` turns one form into the other.
 
 Every call returns a :class:`HadamardEmission`; initializers named ``qvggt/...`` are shared between calls
 (same name, same value), functions dedupe by ``(domain, name)``. :func:`add_to_model` does that
@@ -86,7 +86,6 @@ __all__ = [
     "function_name",
     "hadamard_cost",
     "hadamard_function",
-    "retarget_hadamard",
 ]
 
 #: Custom domain of the Hadamard nodes and functions, and its version in ``opset_import``.
@@ -295,79 +294,6 @@ def add_to_model(model: onnx.ModelProto, emissions: HadamardEmission | Iterable[
             elif imports[domain] != version:
                 raise QVGGTError(f"the model imports domain {domain!r} version {imports[domain]}; the Hadamard op "
                                  f"needs version {version}")
-
-
-def _hadamard_size(node: onnx.NodeProto) -> int | None:
-    """``d`` of a function-form or plugin-form Hadamard node, ``None`` for any other node."""
-    if node.domain != HADAMARD_DOMAIN:
-        return None
-    match = _FUNCTION_RE.match(node.op_type)
-    if node.op_type != HADAMARD_OP and match is None:
-        return None
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    size = attrs.get("size", int(match.group(1)) if match else None)
-    if size is None or (match is not None and int(match.group(1)) != size) or len(node.input) != 3:
-        raise QVGGTError(f"node {node.name!r} ({node.domain}::{node.op_type}) is not a well-formed Hadamard op: "
-                         f"expected inputs (x, pre, post) and attribute size, got inputs {list(node.input)}, "
-                         f"attributes {attrs}")
-    return int(size)
-
-
-def retarget_hadamard(model: onnx.ModelProto, variant: str, *, opset: int | None = None) -> int:
-    """Rewrite the function-form and plugin-form Hadamard nodes of ``model``'s main graph as ``variant``, in
-    place (e.g. a canonical ``"function"`` export into ``"plugin"`` nodes for a TensorRT build with the
-    plugin registered). Functions and shared initializers left unused are removed.
-
-    Args:
-        model: The model.
-        variant: ``"function"``, ``"dense"`` or ``"plugin"``.
-        opset: Standard opset of new function bodies; defaults to the model's.
-
-    Returns:
-        The number of Hadamard ops rewritten.
-
-    Raises:
-        QVGGTError: Unknown variant, or a malformed ``qvggt`` Hadamard node.
-    """
-    if variant not in VARIANTS:
-        raise QVGGTError(f"unknown Hadamard variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-    if opset is None:
-        opset = next((e.version for e in model.opset_import if e.domain in ("", "ai.onnx")), DEFAULT_OPSET)
-    graph = model.graph
-    new_nodes: list[onnx.NodeProto] = []
-    emissions: list[HadamardEmission] = []
-    for node in graph.node:
-        size = _hadamard_size(node)
-        if size is None:
-            new_nodes.append(node)
-            continue
-        x, pre, post = node.input
-        ones = f"qvggt/ones_{size}"
-        prefix = node.name[: -len("hadamard")] if node.name.endswith("hadamard") else f"{node.name or node.output[0]}/"
-        emission = emit_hadamard(x, node.output[0], size, None if pre == ones else pre, None if post == ones else post,
-                                 prefix=prefix, variant=variant, opset=opset)
-        new_nodes.extend(emission.nodes)
-        emissions.append(emission)
-    if not emissions:
-        return 0
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    add_to_model(model, emissions, nodes=False)
-
-    used_inputs = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-    stale = [i for i in graph.initializer if i.name.startswith(("qvggt/ones_", "qvggt/hadamard_"))
-             and i.name not in used_inputs]
-    for init in stale:
-        graph.initializer.remove(init)
-    called = {(n.domain, n.op_type) for n in graph.node}
-    for function in [f for f in model.functions if f.domain == HADAMARD_DOMAIN and _FUNCTION_RE.match(f.name)
-                     and (f.domain, f.name) not in called]:
-        model.functions.remove(function)
-    if not any(domain == HADAMARD_DOMAIN for domain, _ in called) and not any(
-            f.domain == HADAMARD_DOMAIN for f in model.functions):
-        for entry in [e for e in model.opset_import if e.domain == HADAMARD_DOMAIN]:
-            model.opset_import.remove(entry)
-    return len(emissions)
 
 
 def _square_order(tensor: onnx.TensorProto) -> int | None:

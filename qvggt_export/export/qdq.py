@@ -60,6 +60,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qvggt_export.errors import QVGGTError
 from qvggt_export.export.hadamard_onnx import VARIANTS, HadamardEmission, add_to_model, emit_hadamard
+from qvggt_export.formats import FORMATS, get_format
+from qvggt_export.quant.config import FLOAT_QUANT_FORMATS
 from qvggt_export.quant.formats import FP4_E2M1_VALUES, FP8_E4M3_MAX, NVFP4_BLOCK_SIZE
 from qvggt_export.quant.functional import MIN_STEP, qrange
 from qvggt_export.quant.modules import FLOAT_PLACEHOLDER_OP, PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
@@ -67,7 +69,7 @@ from qvggt_export.quant.modules import FLOAT_PLACEHOLDER_OP, PLACEHOLDER_DOMAIN,
 LAYER_MAP_KEY = "qvggt.quantized_layers"
 # Model metadata: the quantization format of the lowered layers ("int", "fp8", "nvfp4", or a mix).
 FORMAT_KEY = "qvggt.quant_format"
-NVFP4_OPSET = 23
+NVFP4_OPSET = get_format("nvfp4").opset
 NVFP4_IR_VERSION = 11  # FLOAT4E2M1 and opset 23 need IR version 11
 TRT_DOMAIN = "trt"
 TRT_FP4_DYNAMIC_QUANTIZE = "TRT_FP4DynamicQuantize"
@@ -160,9 +162,10 @@ def count_placeholders(model: onnx.ModelProto) -> int:
 
 def opset_for_format(family: str) -> int:
     """The lowest default-domain opset a format's lowered graph needs (``"int"``, ``"fp8"``: 21, ``"nvfp4"``: 23)."""
-    if family not in ("int", "fp8", "nvfp4"):
-        raise QVGGTError(f"unknown quantization format family {family!r}; expected int, fp8 or nvfp4")
-    return NVFP4_OPSET if family == "nvfp4" else 21
+    opsets = {spec.family: spec.opset for spec in FORMATS.values() if spec.quantized and spec.exported}
+    if family not in opsets:
+        raise QVGGTError(f"unknown quantization format family {family!r}; expected {', '.join(opsets)}")
+    return opsets[family]
 
 
 def _e4m3_tensor(name: str, bits: np.ndarray) -> onnx.TensorProto:
@@ -345,7 +348,7 @@ def _lower_float(node: onnx.NodeProto, fmt: str, layer: str, attrs: dict, graph:
                  emissions: list[HadamardEmission], tensor_map: dict[str, dict[str, str]], scalar, hadamard: str,  # noqa: ANN001
                  opset: int) -> None:
     """Lower one ``FQLinear`` placeholder (fp8 or nvfp4; see the module docstring) into ``new_nodes``."""
-    if fmt not in ("fp8", "nvfp4"):
+    if fmt not in FLOAT_QUANT_FORMATS:
         raise QVGGTError(f"{layer}: unknown floating-point format {fmt!r} in the exported graph")
     x, codes_name, wscale_name, bscale_name, iglobal_name, bias_name, *transform_names = node.input
     codes = _constant_values(graph, codes_name, consumed).astype(np.uint8)  # E4M3 bit patterns [out, in]

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qvggt_export.errors import QVGGTError
-from qvggt_export.model.outliers import PlantedOutliers
 
 # DINOv2 backbones the official aggregator can build by name (patch_embed=...). The register variants
 # are the ones VGGT uses; "giant" needs a SwiGLU MLP that VGGT never ships, so it is not offered.
@@ -36,6 +35,30 @@ def _require(condition: bool, message: str) -> None:
 def _positive(owner: str, **values: int | float) -> None:
     for name, value in values.items():
         _require(value > 0, f"{owner}.{name} must be > 0, got {value!r}")
+
+
+# The planting recipe of qvggt_export.model.outliers (kept here, torch-free, so that presets need no torch).
+@dataclass(frozen=True)
+class PlantedOutliers:
+    seed: int = 0
+    special_token_channels: int = 3
+    special_token_scale: float = 40.0
+    norm_channels: int = 2
+    norm_scale: float = 10.0
+    hidden_units: int = 4
+    hidden_scale: float = 6.0
+    value_channels: int = 2
+    value_scale: float = 6.0
+    special_norm_scale: float = 4.0
+    shared_special_values: bool = False
+    gaussian_weights: bool = False
+    massive_hidden_units: int = 0
+    massive_hidden_scale: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.massive_hidden_units and not (self.shared_special_values and self.special_token_channels):
+            raise ValueError("massive_hidden_units needs shared_special_values and special_token_channels > 0: "
+                             "the units fire on the one direction every special token shares")
 
 
 @dataclass(frozen=True)

@@ -43,35 +43,14 @@ Every choice comes from ``torch.Generator().manual_seed(seed)``, visiting parame
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from qvggt_export.model.config import PlantedOutliers
+
+__all__ = ["PlantedOutliers", "plant_outliers"]
+
 _SPECIAL_TOKENS = ("aggregator.camera_token", "aggregator.register_token", "camera_head.empty_pose_tokens")
-
-
-@dataclass(frozen=True)
-class PlantedOutliers:
-    seed: int = 0
-    special_token_channels: int = 3
-    special_token_scale: float = 40.0
-    norm_channels: int = 2
-    norm_scale: float = 10.0
-    hidden_units: int = 4
-    hidden_scale: float = 6.0
-    value_channels: int = 2
-    value_scale: float = 6.0
-    special_norm_scale: float = 4.0
-    shared_special_values: bool = False
-    gaussian_weights: bool = False
-    massive_hidden_units: int = 0
-    massive_hidden_scale: float = 100.0
-
-    def __post_init__(self) -> None:
-        if self.massive_hidden_units and not (self.shared_special_values and self.special_token_channels):
-            raise ValueError("massive_hidden_units needs shared_special_values and special_token_channels > 0: "
-                             "the units fire on the one direction every special token shares")
 
 
 @torch.no_grad()

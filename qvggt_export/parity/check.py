@@ -43,22 +43,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
 
 from qvggt_export.errors import MissingDependencyError, QVGGTError
 from qvggt_export.export.qdq import LAYER_MAP_KEY
+from qvggt_export.formats import format_names, get_format
 from qvggt_export.io import write_json_atomic
-from qvggt_export.parity.compare import tolerance_for
+from qvggt_export.parity.driver import compare_runs
 from qvggt_export.parity.formats import NVFP4_METHOD, NVFP4_REASON, NVFP4_RUNTIME, layer_parity, nvfp4_structure
-from qvggt_export.parity.metrics import output_metrics, pose_metrics
 from qvggt_export.quant.config import format_family
 
 logger = logging.getLogger(__name__)
 
-FLOAT_BITS = ("fp32", "fp16")
 _OUTPUT_UNITS = "outputs: relative to the output's scale (see each criterion)"
 _UNITS = {
     "int": f"{_OUTPUT_UNITS}; layers: activation codes in quantization steps (max delta 1 step, <= 0.1 % "
@@ -181,7 +179,7 @@ def _resolve(config: CheckConfig) -> _Resolved:
     bits = config.bits or folder_config.get("bits")
     if bits is None:
         raise QVGGTError("--bits is required without an export folder (fp32, fp16 or a quantized format)")
-    quantized_format = bits not in FLOAT_BITS
+    quantized_format = bits not in format_names(quantized=False)
     if quantized_format:
         format_family(bits)  # a clear error for an unknown format
     quantized = config.quantized
@@ -208,17 +206,9 @@ def _resolve(config: CheckConfig) -> _Resolved:
 
 
 def _float_model(spec: Any, checkpoint: str | None, seed: int) -> nn.Module:
-    from qvggt_export.model import build_vggt, load_checkpoint
+    from qvggt_export.model import load_model
 
-    if isinstance(spec, str) and spec.endswith(".json"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise QVGGTError(f"model config file not found: {path}")
-        spec = _read_json(path, "model config")
-    model = build_vggt(spec, seed=seed)
-    if checkpoint:
-        load_checkpoint(model, checkpoint)
-    return model.eval()
+    return load_model(spec, checkpoint, seed=seed)
 
 
 def _input_geometry(proto: onnx.ModelProto) -> tuple[str, int, int]:
@@ -239,8 +229,9 @@ def _inputs(config: CheckConfig, resolved: _Resolved, height: int, width: int, p
         folder = config.images
         if not folder.is_dir():
             raise QVGGTError(f"image folder not found: {folder}")
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp",
-                                                                               ".webp", ".tif", ".tiff"))
+        from qvggt_export.calib.folders import IMAGE_SUFFIXES
+
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             raise QVGGTError(f"no images (.png/.jpg/...) in {folder}")
         images = load_and_preprocess_images(paths, config.preprocess, target_size=width, patch_size=patch)
@@ -262,60 +253,6 @@ def _inputs(config: CheckConfig, resolved: _Resolved, height: int, width: int, p
     return batches, labels
 
 
-def _metric_compare(kind: str, noise: dict[int, dict[str, float]], ref_index: dict[int, int]) -> Any:
-    """A Polygraphy compare function implementing :func:`tolerance_for` for one pair of runners."""
-    import polygraphy.comparator as comparator
-
-    # SimpleCompareFunc in newer Polygraphy; CompareFunc.simple (deprecated there) in older releases.
-    simple = getattr(comparator, "SimpleCompareFunc", None) or comparator.CompareFunc.simple
-
-    def compare(reference: Any, candidate: Any) -> dict[str, bool]:
-        if kind == "fp32":
-            # Polygraphy's own comparator, with per-output absolute tolerances scaled to each output's range.
-            atol = {name: tolerance_for("fp32")[1] * float(np.abs(reference[name]).max()) for name in reference}
-            verdicts = simple(atol=atol, rtol=0.0, check_error_stat="max")(reference, candidate)
-            return {name: bool(v) for name, v in verdicts.items()}
-        index = ref_index[id(reference)]
-        verdicts = {}
-        for name in reference:
-            if name not in candidate:
-                verdicts[name] = False
-                continue
-            metric, tolerance, _ = tolerance_for(kind, noise.get(index, {}).get(name))
-            verdicts[name] = output_metrics(candidate[name], reference[name])[metric] <= tolerance
-        return verdicts
-
-    return compare
-
-
-def _runtime_metrics(kind: str, reference: list[Any], candidate: list[Any], verdicts: list[dict[str, bool]],
-                     noise: dict[int, dict[str, float]], labels: list[str]) -> dict[str, Any]:
-    """Per output: the metrics of the input closest to failing (largest metric / tolerance), and whether every
-    input passed (Polygraphy's verdicts)."""
-    per_output: dict[str, list[dict[str, Any]]] = {}
-    for index, (ref, got) in enumerate(zip(reference, candidate, strict=True)):
-        for name in ref:
-            if name not in got:
-                raise QVGGTError(f"the runtime did not produce output {name!r}")
-            if got[name].shape != ref[name].shape:
-                raise QVGGTError(f"output {name}: runtime shape {got[name].shape} vs PyTorch {ref[name].shape}")
-            scale = noise.get(index, {}).get(name)
-            metric, tolerance, criterion = tolerance_for(kind, scale)
-            values = output_metrics(got[name], ref[name])
-            entry = {**values, "tolerance": tolerance, "judged_metric": metric, "criterion": criterion,
-                     "noise_rel_l2": scale, "input": labels[index],
-                     "passed": bool(verdicts[index].get(name, False)),
-                     "ratio": values[metric] / tolerance if np.isfinite(values[metric]) else float("inf")}
-            if name == "pose_enc":
-                entry["pose"] = pose_metrics(got[name], ref[name])
-            per_output.setdefault(name, []).append(entry)
-    outputs = {}
-    for name, entries in per_output.items():
-        worst = max(entries, key=lambda e: (not e["passed"], e["ratio"]))
-        outputs[name] = {**worst, "passed": all(e["passed"] for e in entries)}
-    return outputs
-
-
 def check_export(config: CheckConfig) -> dict[str, Any]:
     """Check an export against its PyTorch model; returns the report (also written to ``config.report``).
 
@@ -327,14 +264,13 @@ def check_export(config: CheckConfig) -> dict[str, Any]:
 
     started = time.perf_counter()
     resolved = _resolve(config)
-    try:
-        from polygraphy.comparator import Comparator
-        from polygraphy.logger import G_LOGGER
-    except ModuleNotFoundError as exc:
-        raise MissingDependencyError("polygraphy", "cpu", "qvggt-export check") from exc
+    import importlib.util
+
+    if importlib.util.find_spec("polygraphy") is None:  # before any model is built
+        raise MissingDependencyError("polygraphy", "cpu", "qvggt-export check")
     proto = onnx.load(str(resolved.onnx), load_external_data=False)
     kind_of_graph = _graph_kind(proto)
-    quantized = resolved.bits not in FLOAT_BITS
+    quantized = resolved.bits not in format_names(quantized=False)
     expected = "quantized" if quantized else resolved.bits
     if kind_of_graph != expected:
         raise QVGGTError(f"bits {resolved.bits} does not match the graph {resolved.onnx}, which is a "
@@ -358,10 +294,11 @@ def check_export(config: CheckConfig) -> dict[str, Any]:
 
     family = format_family(resolved.bits) if quantized else None
     # nvfp4: ONNX Runtime has no kernels for it, so ONNX's reference evaluator runs the graph instead.
-    graph_runtime = "onnx-reference" if family == "nvfp4" else "onnxruntime"
+    on_onnxruntime = get_format(resolved.bits).onnxruntime
+    graph_runtime = "onnxruntime" if on_onnxruntime else "onnx-reference"
     runners = [torch_runner(model, output_names, name="pytorch"),
-               reference_runner(resolved.onnx, name=graph_runtime) if family == "nvfp4"
-               else onnxrt_runner(resolved.onnx, name=graph_runtime)]
+               onnxrt_runner(resolved.onnx, name=graph_runtime) if on_onnxruntime
+               else reference_runner(resolved.onnx, name=graph_runtime)]
     if config.engine is not None:
         runners.append(engine_runner(config.engine, name="engine"))
     if quantized:
@@ -370,30 +307,8 @@ def check_export(config: CheckConfig) -> dict[str, Any]:
         from qvggt_export.parity.compare import half_precision_model
 
         runners.append(torch_runner(half_precision_model(float_model), output_names, name="pytorch-noise"))
-    feeds = [{input_name: x.numpy().astype(np.float32)} for x in inputs]
-    with G_LOGGER.verbosity(G_LOGGER.ERROR):  # Polygraphy logs each run and comparison; the report says it all
-        results = Comparator.run(runners, data_loader=feeds)
-    by_name = dict(results.items())
-    reference = by_name["pytorch"]
-    # The noise scale of relative criteria, always measured against the float32 model: fake-quant vs float, or
-    # PyTorch float16 vs float32.
-    noise: dict[int, dict[str, float]] = {}
-    for index, (ref, other) in enumerate(zip(reference, by_name.get("pytorch-noise", []), strict=False)):
-        noise[index] = {name: output_metrics(ref[name], other[name])["rel_l2"] if quantized
-                        else output_metrics(other[name], ref[name])["rel_l2"] for name in ref}
-    ref_index = {id(it): i for i, it in enumerate(reference)}
     kind = "quantized" if quantized else resolved.bits
-    position = {runner.name: i for i, runner in enumerate(runners)}
-    runtimes: dict[str, Any] = {}
-    for runtime in (graph_runtime, "engine"):
-        if runtime not in by_name:
-            continue
-        with G_LOGGER.verbosity(G_LOGGER.ERROR):
-            accuracy = Comparator.compare_accuracy(results, comparisons=[(0, position[runtime])],
-                                                   compare_func=_metric_compare(kind, noise, ref_index))
-        verdicts = [dict(v) for v in next(iter(accuracy[0].values()))]
-        outputs = _runtime_metrics(kind, reference, by_name[runtime], verdicts, noise, labels)
-        runtimes[runtime] = {"outputs": outputs, "passed": all(o["passed"] for o in outputs.values())}
+    runtimes = compare_runs(runners, inputs, kind, labels, input_name=input_name)
     if family == "nvfp4":
         runtimes[graph_runtime]["runtime"] = NVFP4_RUNTIME
     else:

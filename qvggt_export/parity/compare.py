@@ -37,13 +37,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from qvggt_export.errors import MissingDependencyError, QVGGTError
-from qvggt_export.parity.metrics import cosine as _cosine
-from qvggt_export.parity.metrics import rel_l2 as _rel_l2
+from qvggt_export.formats import format_names
+from qvggt_export.onnxrt import parity_session_options
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +50,27 @@ FLOAT_MAX_REL = 1e-5
 NOISE_RATIO = 2.0
 QUANT_NOISE_RATIO = NOISE_RATIO  # kept for callers of the original name
 FP16_REL_FLOOR = 2.0**-11  # float16's unit roundoff: the outputs themselves are rounded to float16
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = format_names(quantized=False)  # the unquantized exports of the format registry
+# Float track graphs (qvggt_export.parity.track): the official fixtures' absolute tolerances per output.
+TRACK_ABS_TOL = {"track": 2e-2, "vis": 2e-3, "conf": 2e-3}
 
 
-def tolerance_for(kind: str, noise: float | None = None) -> tuple[str, float, str]:
+def tolerance_for(kind: str, noise: float | None = None, name: str | None = None) -> tuple[str, float, str]:
     """The criterion of one output: ``(metric, tolerance, description)``; passes when ``metric <= tolerance``.
+    Every parity check (main job, ``qvggt-export check``, the tracking graph) takes its tolerances from here.
 
     ``kind`` is ``"fp32"``, ``"fp16"`` (a float16 graph against the float32 model; ``noise`` = relative L2 of the
-    PyTorch float16 model vs float32 on that input) or ``"quantized"`` (a Q/DQ graph against the fake-quant
-    model; ``noise`` = relative L2 of fake-quant vs float on that input).
+    PyTorch float16 model vs float32 on that input), ``"quantized"`` (a Q/DQ graph against the fake-quant
+    model; ``noise`` = relative L2 of fake-quant vs float on that input) or ``"track"`` (output ``name`` of a
+    float track graph; ``noise`` = max|float32 - float64| of the PyTorch tracker on that input, or ``None`` to
+    judge by the fixed tolerance alone).
     """
+    if kind == "track":
+        fixed = TRACK_ABS_TOL.get(name or "", TRACK_ABS_TOL["vis"])
+        if noise is None:
+            return "max_abs", fixed, f"max_abs <= {fixed:g}"
+        return ("max_abs", max(fixed, NOISE_RATIO * noise),
+                f"max_abs <= max({fixed:g}, {NOISE_RATIO:g} x float32_noise_max_abs)")
     if kind == "fp32":
         return "max_rel", FLOAT_MAX_REL, f"max_abs / max|torch| <= {FLOAT_MAX_REL:g}"
     if kind in ("fp16", "quantized") and noise is None:
@@ -127,21 +137,6 @@ def ort_fp16_fallback_ops(onnx_path: str | os.PathLike[str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def parity_session_options(purpose: str = "Checking ONNX parity") -> tuple[Any, Any]:
-    """``(onnxruntime, SessionOptions)`` with the parity settings of DESIGN.md section 3: ORT's integer QDQ
-    fusions change the numerics on the CPU, so they are off. ``purpose`` names the work in the error raised
-    when ONNX Runtime is not installed."""
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise MissingDependencyError("onnxruntime", "cpu", purpose) from exc
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    options.log_severity_level = 3
-    return ort, options
-
-
 def onnxruntime_session(onnx_path: str | os.PathLike[str], providers: Sequence[str] | None = None) -> Any:
     """An ONNX Runtime session with parity-safe settings (no integer QDQ fusions)."""
     ort, options = parity_session_options()
@@ -192,7 +187,9 @@ class ParityReport(OutputsReport):
 def check_parity(model: nn.Module, onnx_path: str | os.PathLike[str], inputs: Sequence[torch.Tensor], *,
                  float_model: nn.Module | None = None, providers: Sequence[str] | None = None,
                  precision: str = "fp32") -> ParityReport:
-    """Run ``model`` (PyTorch) and ``onnx_path`` (ONNX Runtime) on each input and compare every output.
+    """Run ``model`` (PyTorch) and ``onnx_path`` (ONNX Runtime) on each input and compare every output, through
+    the parity driver shared with ``qvggt-export check`` (:func:`qvggt_export.parity.driver.compare_runs`:
+    Polygraphy's comparator, tolerances of :func:`tolerance_for`).
 
     Args:
         model: the model the graph was exported from (float or fake-quantized), in eval mode.
@@ -204,65 +201,39 @@ def check_parity(model: nn.Module, onnx_path: str | os.PathLike[str], inputs: Se
             sets its criterion; ignored for quantized graphs. ``model`` stays the float32 model.
 
     Returns:
-        A :class:`ParityReport`; worst case over inputs, per output.
+        A :class:`ParityReport`: per output, the metrics of the input closest to failing (largest metric /
+        tolerance); ``passed`` when every input passed.
     """
     if not inputs:
         raise QVGGTError("parity needs at least one input batch")
     if precision not in PRECISIONS:
         raise QVGGTError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    session = onnxruntime_session(onnx_path, providers)
-    names = [o.name for o in session.get_outputs()]
-    input_name = session.get_inputs()[0].name
+    import onnx
+
+    from qvggt_export.parity.driver import compare_runs
+    from qvggt_export.parity.runners import onnxrt_runner, torch_runner
+
+    providers = list(providers or ["CPUExecutionProvider"])
+    graph_runner = onnxrt_runner(onnx_path, providers, name="onnxruntime")  # loads the graph: fails early
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    names = [o.name for o in proto.graph.output]
+    input_name = proto.graph.input[0].name
+    del proto
     quantized = float_model is not None
     # Graphs judged against a noise scale: quantized (fake-quant vs float) and float16 (PyTorch float16 vs float32).
     noise_model = float_model if quantized else (half_precision_model(model) if precision == "fp16" else None)
-    relative = noise_model is not None
     kind = "quantized" if quantized else precision
     started = time.perf_counter()
-    worst: dict[str, dict[str, float]] = {n: {"max_abs": 0.0, "max_rel": 0.0, "rel_l2": 0.0, "noise": 0.0,
-                                               "ratio": -1.0, "cosine": 1.0} for n in names}
-    for images in inputs:
-        feed = {input_name: images.detach().cpu().float().numpy()}
-        ort_out = dict(zip(names, session.run(names, feed), strict=True))
-        with torch.no_grad():
-            torch_out = model(images)
-            noise_out = noise_model(images) if relative else None
-        for name in names:
-            if name not in torch_out:
-                raise QVGGTError(f"ONNX output {name!r} has no counterpart in the PyTorch outputs")
-            ref = torch_out[name].detach().float().cpu().numpy()
-            got = ort_out[name]
-            if got.shape != ref.shape:
-                raise QVGGTError(f"output {name}: ONNX shape {got.shape} vs PyTorch {ref.shape}")
-            stats = worst[name]
-            diff = np.abs(got - ref)
-            max_abs = float(np.nanmax(diff)) if np.isfinite(diff).all() else float("inf")
-            stats["max_abs"] = max(stats["max_abs"], max_abs)
-            stats["max_rel"] = max(stats["max_rel"], max_abs / max(float(np.abs(ref).max()), 1e-30))
-            rel = _rel_l2(got, ref) if np.isfinite(got).all() else float("inf")
-            stats["rel_l2"] = max(stats["rel_l2"], rel)
-            stats["cosine"] = min(stats["cosine"], _cosine(got, ref))
-            if relative:
-                # Judge each input against its own noise; keep the input closest to failing.
-                noise = _rel_l2(noise_out[name].detach().float().cpu().numpy(), ref)
-                tolerance = tolerance_for(kind, noise)[1]
-                if rel / tolerance >= stats["ratio"]:
-                    stats.update(ratio=rel / tolerance, noise=noise, judged_rel_l2=rel)
-
-    report = ParityReport(runtime="onnxruntime " + ",".join(session.get_providers()),
-                          inputs=[list(x.shape) for x in inputs])
+    runners = [torch_runner(model, names), graph_runner]
+    if noise_model is not None:
+        runners.append(torch_runner(noise_model, names, name="pytorch-noise"))
+    labels = [f"input {index}: {list(images.shape)}" for index, images in enumerate(inputs)]
+    outputs = compare_runs(runners, inputs, kind, labels, input_name=input_name)["onnxruntime"]["outputs"]
+    report = ParityReport(runtime="onnxruntime " + ",".join(providers), inputs=[list(x.shape) for x in inputs])
     for name in names:
-        s = worst[name]
-        if relative:
-            _, tolerance, criterion = tolerance_for(kind, s["noise"])
-            passed = s["ratio"] <= 1.0
-            noise: float | None = s["noise"]
-        else:
-            metric, tolerance, criterion = tolerance_for(kind)
-            passed, noise = s[metric] <= tolerance, None
-        rel_l2 = s["judged_rel_l2"] if relative else s["rel_l2"]
-        report.outputs.append(OutputParity(name, s["max_abs"], s["max_rel"], rel_l2, noise, tolerance,
-                                           criterion, bool(passed), s["cosine"]))
+        o = outputs[name]
+        report.outputs.append(OutputParity(name, o["max_abs"], o["max_rel"], o["rel_l2"], o["noise_rel_l2"],
+                                           o["tolerance"], o["criterion"], bool(o["passed"]), o["cosine"]))
     report.seconds = time.perf_counter() - started
     logger.info("parity %s: %s", Path(onnx_path).name, "passed" if report.passed else "FAILED")
     return report

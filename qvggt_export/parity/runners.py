@@ -69,6 +69,9 @@ def torch_runner(model: Any, output_names: list[str], name: str = "pytorch") -> 
             with torch.no_grad():
                 predictions = model(images)
             self.inference_time = time.perf_counter() - started
+            missing = [n for n in output_names if n not in predictions]
+            if missing:
+                raise QVGGTError(f"ONNX output(s) {missing} have no counterpart in the PyTorch outputs")
             # contiguous: Polygraphy's comparator views outputs in place (permuted heads' outputs are not)
             return OrderedDict((n, np.ascontiguousarray(predictions[n].detach().float().cpu().numpy()))
                                for n in output_names)

@@ -31,14 +31,14 @@ import torch
 from torch import nn
 
 from qvggt_export.errors import QVGGTError
-from qvggt_export.parity.compare import NOISE_RATIO, OutputsReport, onnxruntime_session, tolerance_for
+from qvggt_export.parity.compare import TRACK_ABS_TOL, OutputsReport, onnxruntime_session, tolerance_for
 from qvggt_export.parity.metrics import cosine
 from qvggt_export.parity.metrics import rel_l2 as _rel_l2
 from qvggt_export.quant.modules import FloatQuantLinear, QuantLinear
 
 logger = logging.getLogger(__name__)
 
-ABS_TOL = {"track": 2e-2, "vis": 2e-3, "conf": 2e-3}
+ABS_TOL = TRACK_ABS_TOL  # the tolerances live with every other one, in parity.compare.tolerance_for
 
 TrackCase = tuple[torch.Tensor, torch.Tensor]
 
@@ -145,7 +145,8 @@ def check_track_parity(model: nn.Module, onnx_path: str | os.PathLike[str], case
             else:
                 # The fp64 model's own outputs vs the float32 model: the noise is on the float32 side.
                 noise = float(np.abs(noise_all[name] - want).max()) if noise_all is not None else 0.0
-                tolerance, judged = max(ABS_TOL.get(name, ABS_TOL["vis"]), NOISE_RATIO * noise), max_abs
+                tolerance = tolerance_for("track", noise if noise_all is not None else None, name)[1]
+                judged = max_abs
             if judged / tolerance >= s["ratio"]:
                 s.update(ratio=judged / tolerance, noise=noise, judged=judged)
 
@@ -157,10 +158,7 @@ def check_track_parity(model: nn.Module, onnx_path: str | os.PathLike[str], case
             _, tolerance, criterion = tolerance_for("quantized", s["noise"])
             rel_l2 = s["judged"]
         else:
-            fixed = ABS_TOL.get(name, ABS_TOL["vis"])
-            tolerance = max(fixed, NOISE_RATIO * s["noise"])
-            criterion = (f"max_abs <= max({fixed:g}, {NOISE_RATIO:g} x float32_noise_max_abs)" if float64_noise
-                         else f"max_abs <= {fixed:g}")
+            _, tolerance, criterion = tolerance_for("track", s["noise"] if float64_noise else None, name)
             rel_l2 = s["rel_l2"]
         noise = s["noise"] if quantized or float64_noise else None
         metric = "quant_rel_l2" if quantized else "float32_max_abs"

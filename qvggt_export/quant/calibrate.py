@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from qvggt_export.errors import QVGGTError
+from qvggt_export.methods import get_method
 from qvggt_export.quant.config import QuantConfig
 from qvggt_export.quant.dsfq import apply_transforms, check_rotatable, collect_channel_stats
 from qvggt_export.quant.modules import TransformedLinear
@@ -89,7 +90,8 @@ def calibrate(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Ten
             to bf16, :func:`qvggt_export.device.autocast`); reconstruction and quantization never run in it.
     """
     targets = find_targets(model, config.roles)
-    if config.method in ("rotate", "smooth_rotate", "dsfq"):
+    method = get_method(config.method)
+    if method.rotates:
         check_rotatable(targets, model)
     stats = None
     tokens = 0
@@ -98,8 +100,8 @@ def calibrate(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Ten
             raise QVGGTError(f"method {config.method} needs calibration data, but the calibration set is empty")
         with statistics_context() if statistics_context is not None else contextlib.nullcontext():
             stats = collect_channel_stats(model, targets, batches, config.seed,
-                                          raw=config.method in ("smooth", "smooth_rotate"),
-                                          rotated=config.method == "dsfq", progress=progress)
+                                          raw=method.statistics == "raw",
+                                          rotated=method.statistics == "rotated", progress=progress)
         tokens = next(iter(stats.values())).tokens
     transformed = apply_transforms(model, targets, config.method, stats, config.alpha, config.seed)
     weight_steps = None

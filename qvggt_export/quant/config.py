@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from qvggt_export.errors import QVGGTError
+from qvggt_export.formats import format_names, get_format
+from qvggt_export.methods import METHODS, get_method  # noqa: F401 (METHODS re-exported)
 from qvggt_export.quant.roles import ALL_ROLES, DEFAULT_ROLES
 
-# Formats implemented end to end (fake-quant, ONNX Q/DQ, engine build). Integer formats (W6A6 uses INT8
-# containers clipped to the 6-bit range) and the floating-point formats TensorRT quantizes activations to
-# (DESIGN.md section 3): FP8 E4M3 and NVFP4 (FP4 E2M1, block 16). W4A16 / W4A8 are not implemented.
-INT_FORMATS = ("w8a8", "w6a6", "w4a4")
-FLOAT_QUANT_FORMATS = ("fp8", "nvfp4")
-SUPPORTED_FORMATS = INT_FORMATS + FLOAT_QUANT_FORMATS
-METHODS = ("rtn", "smooth", "rotate", "smooth_rotate", "dsfq")
-CALIBRATED_METHODS = ("smooth", "smooth_rotate", "dsfq")
-# Nominal storage bits of the floating-point formats (codes are E4M3 / E2M1 values, not integers).
-_FLOAT_BITS = {"fp8": (8, 8), "nvfp4": (4, 4)}
+# Derived from the format and method registries (qvggt_export.formats, qvggt_export.methods), the one place
+# that defines them; kept as names here for the callers that import them from qvggt_export.quant.
+INT_FORMATS = format_names(family="int")
+FLOAT_QUANT_FORMATS = tuple(name for name in format_names(quantized=True) if name not in INT_FORMATS)
+SUPPORTED_FORMATS = format_names(quantized=True)
 
 
 def check_format(spec: str) -> str:
@@ -34,20 +30,19 @@ def check_format(spec: str) -> str:
 
 def format_family(spec: str) -> str:
     """``"int"`` for the integer formats, else the float format's own name (``"fp8"``, ``"nvfp4"``)."""
-    name = check_format(spec)
-    return "int" if name in INT_FORMATS else name
+    return get_format(check_format(spec)).family
 
 
 def parse_bits(spec: str) -> tuple[int, int]:
     """``"w4a4"`` -> ``(4, 4)``; integer formats only (the floating-point formats have no bit-width pair
     that integer code paths could use); raises :class:`QVGGTError` for anything else."""
     spec = spec.strip().lower()
-    match = re.fullmatch(r"w(\d+)a(\d+)", spec)
-    if spec not in INT_FORMATS or match is None:
+    if spec not in INT_FORMATS:
         hint = (f" ({spec} is a floating-point format: see format_family)" if spec in FLOAT_QUANT_FORMATS else "")
         raise QVGGTError(f"unsupported format {spec!r} for an integer bit-width pair{hint}; integer formats: "
                          f"{', '.join(INT_FORMATS)}")
-    return int(match.group(1)), int(match.group(2))
+    row = get_format(spec)
+    return row.weight_bits, row.act_bits
 
 
 @dataclass(frozen=True)
@@ -82,8 +77,7 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", check_format(self.bits))
-        if self.method not in METHODS:
-            raise QVGGTError(f"unknown quantization method {self.method!r}; available: {', '.join(METHODS)}")
+        get_method(self.method)  # raises naming the known methods
         if not 0.0 <= self.alpha <= 1.0:
             raise QVGGTError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.recon_iters < 0:
@@ -106,14 +100,14 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         # NVFP4's activation global scale is static (TensorRT takes it as a build-time constant): calibrated.
-        return self.method in CALIBRATED_METHODS or self.recon_iters > 0 or self.family == "nvfp4"
+        return get_method(self.method).needs_calibration or self.recon_iters > 0 or self.family == "nvfp4"
 
     @property
     def weight_bits(self) -> int:
         """Weight bits (nominal storage bits for the floating-point formats: 8 for fp8, 4 for nvfp4)."""
-        return _FLOAT_BITS[self.bits][0] if self.bits in _FLOAT_BITS else parse_bits(self.bits)[0]
+        return get_format(self.bits).weight_bits
 
     @property
     def act_bits(self) -> int:
         """Activation bits (nominal for the floating-point formats)."""
-        return _FLOAT_BITS[self.bits][1] if self.bits in _FLOAT_BITS else parse_bits(self.bits)[1]
+        return get_format(self.bits).act_bits

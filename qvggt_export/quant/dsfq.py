@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qvggt_export.errors import QVGGTError
+from qvggt_export.methods import METHODS
 from qvggt_export.quant.hadamard import fwht, hadamard_factors, random_signs
 from qvggt_export.quant.modules import TransformedLinear
 from qvggt_export.quant.roles import QuantTarget, calibration_forward, iter_modules, replace_module
@@ -25,10 +26,7 @@ from qvggt_export.quant.transforms import fold_weight, smoothing_scales, weight_
 
 logger = logging.getLogger(__name__)
 
-TRANSFORM_METHODS = ("rtn", "smooth", "rotate", "smooth_rotate", "dsfq")
-_NEEDS_RAW_STATS = {"smooth", "smooth_rotate"}
-_NEEDS_ROTATED_STATS = {"dsfq"}
-_ROTATES = {"rotate", "smooth_rotate", "dsfq"}
+TRANSFORM_METHODS = tuple(METHODS)  # the method registry's names (qvggt_export.methods)
 
 
 @dataclass
@@ -105,11 +103,12 @@ def apply_transforms(model: nn.Module, targets: Sequence[QuantTarget], method: s
 
     Returns the number of transformed layers (0 for ``rtn``).
     """
-    if method not in TRANSFORM_METHODS:
-        raise QVGGTError(f"unknown method {method!r}; available: {', '.join(TRANSFORM_METHODS)}")
-    if method == "rtn":
+    if method not in METHODS:
+        raise QVGGTError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    spec = METHODS[method]
+    if not spec.rotates and not spec.smooths:
         return 0
-    rotate = method in _ROTATES
+    rotate = spec.rotates
     if rotate:
         check_rotatable(targets, model)
     count = 0
@@ -120,14 +119,14 @@ def apply_transforms(model: nn.Module, targets: Sequence[QuantTarget], method: s
         signs = layer_signs(target.name, module.in_features, seed).to(weight.device, torch.float64) if rotate else None
         pre = signs
         post = None
-        if method in _NEEDS_RAW_STATS or method in _NEEDS_ROTATED_STATS:
+        if spec.needs_calibration:
             entry = (stats or {}).get(target.name)
             if entry is None:
                 raise QVGGTError(f"method {method} needs calibration statistics for {target.name}")
-        if method in _NEEDS_RAW_STATS:
+        if spec.statistics == "raw":
             c = smoothing_scales(entry.raw_absmax, weight.abs().amax(dim=0), alpha)
             pre = 1.0 / c if signs is None else signs / c
-        elif method in _NEEDS_ROTATED_STATS:
+        elif spec.statistics == "rotated":
             # DSFQ: smoothing in the rotated space, from the rotated weight's column maxima (not the raw
             # weight's, which the published code uses by mistake).
             c = smoothing_scales(entry.rotated_absmax, weight_column_absmax(weight, signs, rotate=True), alpha)

@@ -23,12 +23,12 @@ from torch import nn
 from qvggt_export.errors import QVGGTError
 from qvggt_export.quant import formats as ff
 from qvggt_export.quant import functional as qf
+from qvggt_export.quant.config import FLOAT_QUANT_FORMATS
 from qvggt_export.quant.transforms import transform_input
 
 PLACEHOLDER_DOMAIN = "qvggt.export"
 PLACEHOLDER_OP = "QLinear"
 FLOAT_PLACEHOLDER_OP = "FQLinear"
-FLOAT_FORMATS = ("fp8", "nvfp4")
 
 
 class _QLinearPlaceholder(torch.autograd.Function):
@@ -247,8 +247,8 @@ class FloatQuantLinear(_InputTransform):
 
     def __init__(self, in_features: int, out_features: int, fmt: str, name: str = "") -> None:
         super().__init__()
-        if fmt not in FLOAT_FORMATS:
-            raise QVGGTError(f"FloatQuantLinear format must be one of {FLOAT_FORMATS}, got {fmt!r}")
+        if fmt not in FLOAT_QUANT_FORMATS:
+            raise QVGGTError(f"FloatQuantLinear format must be one of {FLOAT_QUANT_FORMATS}, got {fmt!r}")
         if fmt == "nvfp4" and in_features % ff.NVFP4_BLOCK_SIZE:
             # TensorRT's FP4 layers need whole blocks along the reduction axis.
             raise QVGGTError(f"{name or 'layer'}: nvfp4 needs in_features divisible by {ff.NVFP4_BLOCK_SIZE}, "

@@ -83,8 +83,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -97,11 +95,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from qvggt_export.errors import QVGGTError
+from qvggt_export.methods import METHODS
 from qvggt_export.quant import functional as qf
 from qvggt_export.quant.config import QuantConfig
 from qvggt_export.quant.hadamard import fwht, fwht_inverse
 from qvggt_export.quant.modules import QuantLinear, TransformedLinear
-from qvggt_export.quant.roles import QuantTarget, replace_module
+from qvggt_export.quant.roles import AGGREGATOR_PATH, PATCH_EMBED_PATH, QuantTarget, in_patch_embed, replace_module
+from qvggt_export.quant.roles import in_aggregator as is_in_aggregator
 from qvggt_export.quant.transforms import transform_input
 
 logger = logging.getLogger(__name__)
@@ -143,13 +143,9 @@ def smoothing_space(method: str) -> str | None:
     rotated-space ``s`` for Rotation or Scale-then-Rotate would give every rotating variant DSFQ's own
     mechanism and erase the ablation's distinction.
     """
-    if method not in _SMOOTHING_SPACE:
-        raise QVGGTError(f"unknown method {method!r}; available: {', '.join(_SMOOTHING_SPACE)}")
-    return _SMOOTHING_SPACE[method]
-
-
-_SMOOTHING_SPACE: dict[str, str | None] = {"rtn": None, "rotate": None, "smooth": "post", "dsfq": "post",
-                                           "smooth_rotate": "pre"}
+    if method not in METHODS:
+        raise QVGGTError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    return METHODS[method].reconstruction_space
 
 
 def _refold_pre(weight: torch.Tensor, post: torch.Tensor | None, smooth: torch.Tensor) -> torch.Tensor:
@@ -355,9 +351,6 @@ class _Skip(nn.Module):
         return tokens
 
 
-_EMBED = "aggregator.patch_embed"
-
-
 class _Runner:
     """Runs the smallest part of the model that executes every block of interest, and captures block calls.
 
@@ -369,8 +362,8 @@ class _Runner:
                  replay: bool = True, offload: bool | None = None) -> None:
         self.model = model
         self.blocks = list(blocks)
-        aggregator = getattr(model, "aggregator", None)
-        in_aggregator = aggregator is not None and all(b.startswith("aggregator.") for b in blocks)
+        aggregator = getattr(model, AGGREGATOR_PATH, None)
+        in_aggregator = aggregator is not None and all(is_in_aggregator(b) for b in blocks)
         self.forward: Callable[[torch.Tensor], Any] = aggregator if in_aggregator else model
         device = next(model.parameters()).device
         self.device = device
@@ -380,7 +373,7 @@ class _Runner:
         self.sequence = self._call_sequence()
         self.replays = (replay and in_aggregator and hasattr(aggregator, "patch_embed")
                         and len(self.sequence) == len(set(self.sequence))
-                        and not any(b == _EMBED or b.startswith(_EMBED + ".") for b in self.blocks))
+                        and not any(in_patch_embed(b) for b in self.blocks))
         self._embed: list[torch.Tensor] | None = None
         self._finished: dict[bool, tuple[str, list[torch.Tensor]]] = {}  # chain (with_output) -> last block's outputs
         self.replayed = False  # whether the last capture pass started from recorded outputs
@@ -402,7 +395,7 @@ class _Runner:
             return {}
         stand_ins: dict[str, nn.Module] = {b: _Skip() for b in self.sequence[:position - 1]}
         stand_ins[previous] = _Replay(outputs, self.device)
-        stand_ins[_EMBED] = _Replay(self._embed, self.device)
+        stand_ins[PATCH_EMBED_PATH] = _Replay(self._embed, self.device)
         return stand_ins
 
     def _hooks(self, make: Callable[[str], Callable]) -> list:
@@ -480,7 +473,7 @@ class _Runner:
             if with_output:
                 handles.append(self.model.get_submodule(block).register_forward_hook(output_hook, with_kwargs=True))
             if self.replays and self._embed is None:
-                handles.append(self.model.get_submodule(_EMBED).register_forward_hook(embed_hook))
+                handles.append(self.model.get_submodule(PATCH_EMBED_PATH).register_forward_hook(embed_hook))
             try:
                 for index, images in enumerate(self.batches):
                     for module in stand_ins.values():
@@ -654,19 +647,15 @@ def _load_checkpoint(path: Path, fingerprint: str) -> tuple[dict[str, torch.Tens
 
 def _save_checkpoint(path: Path, fingerprint: str, tensors: dict[str, torch.Tensor],
                      report: dict[str, dict[str, float]]) -> None:
-    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+    """Write atomically (:func:`qvggt_export.io.atomic_write`)."""
     from safetensors.torch import save_file
 
+    from qvggt_export.io import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temporary = Path(name)
     metadata = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "report": json.dumps(report)}
-    try:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(temporary), metadata)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

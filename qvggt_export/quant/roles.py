@@ -4,6 +4,11 @@ A role names a kind of linear in the architecture (``frame.qkv`` = the qkv proje
 block). The paper quantizes the 192 aggregator linears of VGGT-1B: qkv, proj, fc1, fc2 of the 24 frame
 and 24 global blocks; patch-embed blocks and heads stay in floating point by default but can be
 selected. A role that matches no module is an error that says what the model has.
+
+This module is the only place that knows VGGT's module paths (:data:`BLOCK_LISTS`, :data:`AGGREGATOR_PATH`,
+:data:`PATCH_EMBED_PATH`): NFDS (which blocks it reads), DSFQ and reconstruction (which linears and blocks
+they rewrite) ask it by role or block kind. Each block list carries a *scope* (``aggregator``,
+``backbone``, ``heads``) so that a quantization scope can select roles by it.
 """
 
 from __future__ import annotations
@@ -16,11 +21,48 @@ from torch import nn
 
 from qvggt_export.errors import QVGGTError
 
+#: Module path of VGGT's aggregator (frame / global attention and the patch embedding).
+AGGREGATOR_PATH = "aggregator"
+#: Module path of the patch embedding (DINOv2 or conv), inside the aggregator.
+PATCH_EMBED_PATH = f"{AGGREGATOR_PATH}.patch_embed"
+
+
+@dataclass(frozen=True)
+class BlockList:
+    """One list of transformer blocks whose linears roles name.
+
+    Attributes:
+        kind: The role prefix (``"frame"`` in ``"frame.qkv"``).
+        path: Dotted module path of the ``nn.ModuleList`` (``"aggregator.frame_blocks"``).
+        scope: ``"aggregator"`` (the paper's quantized part), ``"backbone"`` (patch embedding) or ``"heads"``.
+        required: Every VGGT has it (an error when missing); optional lists are absent in some configs.
+    """
+
+    kind: str
+    path: str
+    scope: str
+    required: bool = False
+
+
+BLOCK_LISTS: tuple[BlockList, ...] = (
+    BlockList("frame", f"{AGGREGATOR_PATH}.frame_blocks", "aggregator", required=True),
+    BlockList("global", f"{AGGREGATOR_PATH}.global_blocks", "aggregator", required=True),
+    BlockList("patch_embed", f"{PATCH_EMBED_PATH}.blocks", "backbone"),
+    BlockList("camera_trunk", "camera_head.trunk", "heads"),
+)
+_LISTS = {block_list.kind: block_list for block_list in BLOCK_LISTS}
 _BLOCK_LINEARS = {"qkv": ("attn", "qkv"), "proj": ("attn", "proj"), "fc1": ("mlp", "fc1"), "fc2": ("mlp", "fc2")}
-AGGREGATOR_ROLES = tuple(f"{kind}.{linear}" for kind in ("frame", "global") for linear in _BLOCK_LINEARS)
-PATCH_EMBED_ROLES = tuple(f"patch_embed.{linear}" for linear in _BLOCK_LINEARS)
-CAMERA_TRUNK_ROLES = tuple(f"camera_trunk.{linear}" for linear in _BLOCK_LINEARS)
-ALL_ROLES = AGGREGATOR_ROLES + PATCH_EMBED_ROLES + CAMERA_TRUNK_ROLES
+
+
+def roles_of(*kinds: str) -> tuple[str, ...]:
+    """Every role of the block lists ``kinds`` (``roles_of("frame")`` -> ``("frame.qkv", ...)``)."""
+    return tuple(f"{kind}.{linear}" for kind in kinds for linear in _BLOCK_LINEARS)
+
+
+AGGREGATOR_ROLES = roles_of("frame", "global")
+PATCH_EMBED_ROLES = roles_of("patch_embed")
+CAMERA_TRUNK_ROLES = roles_of("camera_trunk")
+ALL_ROLES = roles_of(*_LISTS)
 DEFAULT_ROLES = AGGREGATOR_ROLES
 
 
@@ -33,21 +75,50 @@ class QuantTarget:
     block: int
 
 
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def _block_lists(model: nn.Module) -> dict[str, tuple[str, Iterable[nn.Module]]]:
-    aggregator = getattr(model, "aggregator", None)
-    if aggregator is None:
-        raise QVGGTError(f"expected a VGGT with an 'aggregator', got {type(model).__name__}")
-    lists: dict[str, tuple[str, Iterable[nn.Module]]] = {
-        "frame": ("aggregator.frame_blocks", aggregator.frame_blocks),
-        "global": ("aggregator.global_blocks", aggregator.global_blocks),
-    }
-    dino_blocks = getattr(aggregator.patch_embed, "blocks", None)
-    if dino_blocks is not None:
-        lists["patch_embed"] = ("aggregator.patch_embed.blocks", dino_blocks)
-    camera = getattr(model, "camera_head", None)
-    if camera is not None:
-        lists["camera_trunk"] = ("camera_head.trunk", camera.trunk)
+    if _submodule(model, AGGREGATOR_PATH) is None:
+        raise QVGGTError(f"expected a VGGT with an {AGGREGATOR_PATH!r}, got {type(model).__name__}")
+    lists: dict[str, tuple[str, Iterable[nn.Module]]] = {}
+    for block_list in BLOCK_LISTS:
+        blocks = _submodule(model, block_list.path)
+        if blocks is None and block_list.required:
+            raise QVGGTError(f"expected a VGGT with {block_list.path}, got {type(model).__name__} without it")
+        if blocks is not None:
+            lists[block_list.kind] = (block_list.path, blocks)
     return lists
+
+
+def block_names(model: nn.Module, kind: str) -> list[str]:
+    """Dotted module names of every block of the list ``kind`` (``"frame"`` -> ``aggregator.frame_blocks.0``,
+    ...), in execution order.
+
+    Raises:
+        QVGGTError: unknown kind, or a model without that block list.
+    """
+    if kind not in _LISTS:
+        raise QVGGTError(f"unknown block list {kind!r}; known: {', '.join(_LISTS)}")
+    lists = _block_lists(model)
+    if kind not in lists:
+        raise QVGGTError(f"this model has no {kind} blocks ({_LISTS[kind].path}); it has: {', '.join(sorted(lists))}")
+    prefix, blocks = lists[kind]
+    return [f"{prefix}.{index}" for index in range(len(blocks))]
+
+
+def in_aggregator(name: str) -> bool:
+    """Whether module ``name`` lies inside the aggregator."""
+    return name.startswith(AGGREGATOR_PATH + ".")
+
+
+def in_patch_embed(name: str) -> bool:
+    """Whether module ``name`` is the patch embedding or lies inside it."""
+    return name == PATCH_EMBED_PATH or name.startswith(PATCH_EMBED_PATH + ".")
 
 
 def find_targets(model: nn.Module, roles: Iterable[str] = DEFAULT_ROLES) -> list[QuantTarget]:
@@ -101,8 +172,8 @@ def calibration_forward(model: nn.Module, targets: Sequence[QuantTarget]) -> Cal
     (statistics passes then skip the camera, depth, point and track heads: at 518 px the DPT heads hold most of a
     VGGT-1B forward's activation memory), else the whole model. Takes images as the model does ([S, 3, H, W] or
     [B, S, 3, H, W])."""
-    aggregator = getattr(model, "aggregator", None)
-    if aggregator is None or not all(t.name.startswith("aggregator.") for t in targets):
+    aggregator = getattr(model, AGGREGATOR_PATH, None)
+    if aggregator is None or not all(in_aggregator(t.name) for t in targets):
         return model
 
     def forward(images: Any) -> Any:

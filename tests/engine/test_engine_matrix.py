@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from qvggt_export.engine import build_engine, load_profile
+from qvggt_export.engine.hadamard import retarget_hadamard
 from qvggt_export.export import export_onnx
-from qvggt_export.export.hadamard_onnx import retarget_hadamard
 from qvggt_export.export.qdq import opset_for_format
 from qvggt_export.model import build_vggt
 from qvggt_export.quant import QuantConfig, format_family
 from qvggt_export.quant.calibrate import calibrate
 
-pytestmark = [pytest.mark.rtx, pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
+pytestmark = [pytest.mark.slow, pytest.mark.rtx, pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
                                                   reason="needs TensorRT-RTX (pip install 'qvggt-export[rtx]')")]
 
 # Each format with a profile it can build for (fp8: Ada and newer; nvfp4: Blackwell only).

@@ -13,6 +13,7 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
+from qvggt_export.engine.hadamard import plugin_graph
 from qvggt_export.errors import QVGGTError
 from qvggt_export.export import export_onnx
 from qvggt_export.export.qdq import (
@@ -25,7 +26,6 @@ from qvggt_export.export.qdq import (
 from qvggt_export.model import build_vggt
 from qvggt_export.parity import check_parity, onnxruntime_session
 from qvggt_export.parity.formats import fp8_layer_parity, nvfp4_expected
-from qvggt_export.pipeline import _plugin_graph
 from qvggt_export.quant import FloatQuantLinear, QuantConfig
 from qvggt_export.quant import formats as ff
 from qvggt_export.quant.calibrate import calibrate
@@ -198,7 +198,7 @@ def test_engine_builds_with_the_hadamard_plugin(fmt: str, profile: str, sms: tup
     from qvggt_export.plugins import register
 
     _, _, path, _ = request.getfixturevalue(f"{fmt}_export")
-    graph, plugin_nodes = _plugin_graph(path, tmp_path)
+    graph, plugin_nodes = plugin_graph(path, tmp_path)
     assert plugin_nodes == 32
     register("rtx")
     result = build_engine(graph, tmp_path / "model.engine", profile, backend="rtx")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from qvggt_export.engine.hadamard import retarget_hadamard
 from qvggt_export.errors import QVGGTError
 from qvggt_export.export.hadamard_onnx import (
     HADAMARD_DOMAIN,
@@ -25,7 +26,6 @@ from qvggt_export.export.hadamard_onnx import (
     function_name,
     hadamard_cost,
     hadamard_function,
-    retarget_hadamard,
 )
 from qvggt_export.quant.hadamard import fwht, fwht_stages, hadamard_matrix
 

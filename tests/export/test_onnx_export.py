@@ -87,6 +87,7 @@ def test_quantized_export_structure_and_parity(tmp_path, bits):
     assert report.passed, report.to_dict()
 
 
+@pytest.mark.slow
 def test_w4_export_is_smaller(tmp_path):
     sizes = {}
     for bits in ("fp32", "w8a8", "w4a4"):
@@ -98,6 +99,7 @@ def test_w4_export_is_smaller(tmp_path):
     assert sizes["w4a4"] < sizes["w8a8"] < sizes["fp32"]
 
 
+@pytest.mark.slow
 def test_corrupted_scale_fails_parity(tmp_path):
     """A wrong weight scale in one layer must not pass the quantized parity criterion."""
     float_model = build_vggt("tiny")
@@ -150,6 +152,7 @@ def test_failed_export_leaves_no_partial_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_export_bytes_are_deterministic(tmp_path):
     """Same seed and inputs -> byte-identical ONNX (DSFQ signs, steps and initializer order included)."""
     from qvggt_export.quant.calibrate import calibrate
@@ -163,6 +166,7 @@ def test_export_bytes_are_deterministic(tmp_path):
     assert digests[0] == digests[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["function", "dense", "plugin"])
 def test_dsfq_rotation_forms(tmp_path, form):
     """DSFQ's online rotation exports as the O(d log d) function (default), a dense MatMul, or a plugin node."""

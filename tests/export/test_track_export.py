@@ -85,6 +85,7 @@ def test_float_track_parity_at_other_frame_and_point_counts(float_export):
     assert report.cases[1] == {"images": [1, 5, 3, SIZE, SIZE], "query_points": [1, 3, 2]}
 
 
+@pytest.mark.slow
 def test_non_square_resolution_and_batch_two(tmp_path):
     """x/y order of the grid normalisation and of the position table: a swap would shift tracks by pixels."""
     height, width = 56, 84

@@ -89,6 +89,7 @@ def test_fp8_corrupted_scale_is_localised(fp8_export, tmp_path, capsys) -> None:
     assert all(entry["passed"] for entry in layers[:first])
 
 
+@pytest.mark.slow
 def test_nvfp4_check_structure_and_reference_evaluator(nvfp4_export, capsys) -> None:  # noqa: ANN001
     folder = nvfp4_export[0]
     assert main([*_argv(folder, "nvfp4"), "--frames", "1"]) == EXIT_OK  # the evaluator is NumPy: one frame
@@ -110,6 +111,7 @@ def test_nvfp4_check_structure_and_reference_evaluator(nvfp4_export, capsys) -> 
     assert "onnx-reference" in out and "ONNX Runtime not run" in out
 
 
+@pytest.mark.slow
 def test_nvfp4_corrupted_code_is_named(nvfp4_export, tmp_path, capsys) -> None:  # noqa: ANN001
     folder = nvfp4_export[0]
     target = "aggregator.frame_blocks.2.attn.proj"
@@ -127,6 +129,7 @@ def test_nvfp4_corrupted_code_is_named(nvfp4_export, tmp_path, capsys) -> None: 
     assert report["structure"]["failures"] == [f"{target}: decoded FP4 weight codes differ from the PyTorch codes"]
 
 
+@pytest.mark.slow
 def test_nvfp4_corrupted_transform_is_localised(nvfp4_export, tmp_path, capsys) -> None:  # noqa: ANN001
     """A wrong smoothing factor is outside what the structural check reads: the layer check names the layer."""
     folder = nvfp4_export[0]

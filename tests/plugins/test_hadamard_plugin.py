@@ -89,6 +89,7 @@ def test_register_is_visible_and_idempotent(tmp_path: Path) -> None:
                    "is_registered": True}
 
 
+@pytest.mark.slow
 @requires_rtx
 @pytest.mark.rtx
 def test_rtx_engine_with_the_plugin_builds_on_cpu(tmp_path: Path) -> None:
@@ -255,6 +256,7 @@ GXX = shutil.which("g++") or shutil.which("c++")
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) not on PATH: the kernel compile check needs it")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kernel_compiles(arch: str, tmp_path: Path) -> None:

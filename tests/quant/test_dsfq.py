@@ -29,6 +29,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [m for m in TRANSFORM_METHODS if m != "rtn"])
 def test_transforms_leave_float_outputs_unchanged(method):
     """Rotation and smoothing are exact equivalences: outputs within 1e-5 relative (observed ~2e-7)."""
@@ -87,6 +88,7 @@ def test_rotated_statistics_use_the_layer_signs():
                           rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_w8a8_dsfq_within_one_percent_of_float():
     calib, held_out = _batches(4, 0), _batches(2, 100)
     reference = build_vggt("tiny-outliers")
@@ -118,6 +120,7 @@ def test_error_paths():
         calibrate(odd, QuantConfig(bits="w4a4", method="rotate"), [])
 
 
+@pytest.mark.slow
 def test_variant_factors_follow_the_paper():
     """Checked against DESIGN.md section 1 / paper Tab. 4: Scale divides raw channels by c(X, W) (raw statistics,
     raw weight column maxima); Scale-then-Rotate does that, then rotates with R = diag(v) H (signs on the input

@@ -1,4 +1,7 @@
-"""Per-target lowering of the canonical quantized ONNX graph (pure ONNX graph rewriting).
+"""Per-target lowering of the canonical quantized ONNX graph (pure ONNX graph rewriting), in the engine stage.
+
+(Moved from ``qvggt_export.export.lowering``: the canonical exporter knows no runtime; rewriting its graph for
+TensorRT is the engine stage's work, see :func:`qvggt_export.engine.build_engine_for_target`.)
 
 The canonical graph of :mod:`qvggt_export.export.qdq` is exact in ONNX Runtime, but TensorRT cannot run all
 of its math natively (DESIGN.md section 3): it quantizes activations only to INT8 / FP8 / FP4 with
@@ -32,7 +35,8 @@ outputs stay FP32 through Casts), as a strongly typed TensorRT network then runs
 dequantized weights) in FP16. It is refused for ``"as-written"`` quantized graphs: the in-graph per-token
 step floor (1e-8) underflows in FP16.
 
-Default lowering per (format, backend, target architectures), :func:`default_lowering`:
+Default lowering per (format, backend, target architectures), :func:`default_lowering` (the ``lowerings``
+column of the format registry, :mod:`qvggt_export.formats`):
 
 ============  =======================  ====================================================================
 format        backend / targets        lowering (why)
@@ -74,6 +78,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qvggt_export.errors import QVGGTError
 from qvggt_export.export.qdq import LAYER_MAP_KEY
+from qvggt_export.formats import FORMATS, format_names
 
 __all__ = [
     "LOWERING_KEY",
@@ -100,7 +105,6 @@ _REQUIRED = ("weight_dq", "act_abs", "act_step", "act_q", "gemm", "bias_add")
 _GEMM_OUT = "gemm_scaled"  # the tensor bias_add reads, in every canonical layer form
 _MIN_STEP = 1e-8  # same floor as the canonical graph (qvggt_export.quant.functional.MIN_STEP)
 _PROTO_LIMIT = 1_800_000_000  # above this a model goes to ONNX Runtime through a file with external data
-_FORMATS_AS_WRITTEN = ("fp32", "fp16", "fp8", "nvfp4")
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ class LayerFormat:
     Attributes:
         name: The layer (module) name, e.g. ``aggregator.frame_blocks.0.attn.qkv``.
         weight_bits: 4 for INT4 containers; 8 for INT8 containers (W8 and W6 weights alike).
-        act_bits: Activation bit width (the ``qmax_<bits>`` constant of its step).
+        act_bits: Activation bit width (from the value of its step's divisor ``qmax = 2^(bits-1) - 1``).
         transformed: Name of the layer's input after its online transform (what gets quantized).
         kind: ``"int"``, or the ONNX weight type of a floating-point format (``"FLOAT8E4M3FN"``,
             ``"FLOAT4E2M1"``), which no lowering here rewrites.
@@ -229,11 +233,15 @@ def quantized_layer_formats(model: onnx.ModelProto) -> list[LayerFormat]:
                 "as qvggt_export.export wrote it"
             )
         weight_bits = 4 if weight_q.data_type == TensorProto.INT4 else 8
+        # The activation bits from the step's divisor qmax = 2^(bits-1) - 1 (the graph's own math, not a naming
+        # convention). The layer map does not record bits: adding them would change every canonical export.
         qmax_name = nodes[f"{name}/act_step"].input[1]
-        try:
-            act_bits = int(qmax_name.rsplit("_", 1)[1])
-        except (IndexError, ValueError) as exc:
-            raise QVGGTError(f"layer {name!r}: cannot read its activation bits from {qmax_name!r}") from exc
+        qmax_init = inits.get(qmax_name)
+        qmax = float(numpy_helper.to_array(qmax_init)) if qmax_init is not None else float("nan")
+        act_bits = int(round(np.log2(qmax + 1))) + 1 if qmax > 0 else 0
+        if act_bits < 2 or 2 ** (act_bits - 1) - 1 != qmax:
+            raise QVGGTError(f"layer {name!r}: cannot read its activation bits from the step divisor {qmax_name!r} "
+                             f"(expected a constant 2^(bits-1) - 1, got {qmax})")
         formats.append(LayerFormat(name, weight_bits, act_bits, entry["transformed"]))
     return formats
 
@@ -259,14 +267,11 @@ def default_lowering(format_name: str, target_sms: Sequence[str] = (), backend: 
     """
     if backend not in ("auto", "rtx", "trt"):
         raise QVGGTError(f"unknown backend {backend!r}; expected auto, rtx or trt")
-    if format_name in _FORMATS_AS_WRITTEN:
-        return "as-written"
-    if format_name in ("w8a8", "w6a6"):
-        return "int8-static" if backend == "trt" else "as-written"
-    if format_name == "w4a4":
-        return "w4a16"
-    known = ", ".join(("w8a8", "w6a6", "w4a4", *_FORMATS_AS_WRITTEN))
-    raise QVGGTError(f"no default lowering for format {format_name!r}; expected one of {known}")
+    spec = FORMATS.get(format_name)
+    if spec is None or not spec.exported:
+        raise QVGGTError(f"no default lowering for format {format_name!r}; expected one of "
+                         f"{', '.join(format_names())}")
+    return spec.default_lowering(backend)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,7 +280,7 @@ def default_lowering(format_name: str, target_sms: Sequence[str] = (), backend: 
 
 
 def _session(model: onnx.ModelProto, folder: str | None = None) -> Any:
-    from qvggt_export.parity.compare import parity_session_options
+    from qvggt_export.onnxrt import parity_session_options
 
     ort, options = parity_session_options("Measuring a lowering's accuracy")
     try:

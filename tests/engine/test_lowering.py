@@ -17,8 +17,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from qvggt_export.errors import QVGGTError
-from qvggt_export.export.lowering import (
+from qvggt_export.engine.lowering import (
     LOWERING_KEY,
     TARGETS,
     default_lowering,
@@ -26,6 +25,7 @@ from qvggt_export.export.lowering import (
     quantized_layer_formats,
     to_float16,
 )
+from qvggt_export.errors import QVGGTError
 from qvggt_export.export.qdq import LAYER_MAP_KEY, lower_qlinear_placeholders
 from qvggt_export.quant import QuantLinear
 from qvggt_export.quant.modules import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
