@@ -275,7 +275,7 @@ def eval_main(argv: list[str]) -> int:
         from qvggt_export.report import write_report
 
         if (args.out_dir / "report.json").is_file():
-            report["html"] = str(write_report(args.out_dir).get("html") or "")
+            report["html"] = str(write_report(args.out_dir)["html"])
     except QVGGTError as exc:
         print(f"qvggt-export eval: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
