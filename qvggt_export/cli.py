@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from qvggt_export import __version__
 from qvggt_export.errors import QVGGTError
@@ -92,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bits", default="w4a4", choices=[*SUPPORTED_FORMATS, *FLOAT_FORMATS],
                         help="format: w8a8/w6a6/w4a4 (integer per-channel weights, per-token dynamic activations), "
                              "fp8 (E4M3), nvfp4 (FP4 block 16), or unquantized (default w4a4)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (report.json, model.onnx, ...)")
+    parser.add_argument("--out", type=Path, help="output folder (report.json, model.onnx, ...); required unless "
+                                                 "--config gives out_dir")
+    parser.add_argument("--config", type=Path,
+                        help="TOML or JSON file of settings (PipelineConfig field names, e.g. a run's config.json); "
+                             "flags given on the command line override it")
     parser.add_argument("--model", default="tiny",
                         help=f"preset ({', '.join(preset_names())}) or a JSON file of official constructor "
                              "arguments (default tiny)")
@@ -310,6 +315,24 @@ def report_main(argv: list[str]) -> int:
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"eval": eval_main, "report": report_main}
 
+
+def _with_config_file(args: argparse.Namespace, argv: list[str], settings: dict[str, Any]) -> Any:
+    """``PipelineConfig`` from the flags, on top of ``--config FILE`` when given (flags on the command line win)."""
+    from qvggt_export.config_file import merge_settings
+    from qvggt_export.pipeline import PipelineConfig
+
+    # Which flags were typed: parse again with every default suppressed.
+    typed = build_parser()
+    for action in typed._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(typed.parse_args(argv)))
+    renamed = {"out": "out_dir", "no_engine": "engine", "no_progress": "progress"}
+    explicit = {renamed.get(name, name) for name in given}
+    merged = merge_settings(args.config, settings, explicit, PipelineConfig)
+    if merged.get("out_dir") is None:
+        raise QVGGTError("--out is required (or out_dir in the --config file)")
+    return PipelineConfig(**merged)
+
 # --- end of eval / report subcommands -----------------------------------------------------------------------
 
 
@@ -325,10 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from qvggt_export.pipeline import PipelineConfig, run_pipeline
+    from qvggt_export.pipeline import run_pipeline
 
     try:
-        config = PipelineConfig(
+        settings = dict(
             out_dir=args.out, bits=args.bits, model=args.model, checkpoint=args.checkpoint, method=args.method,
             alpha=args.alpha, recon_iters=args.recon_iters,
             calib_data=args.calib_data, calib_size=args.calib_size, calib_pool=args.calib_pool,
@@ -339,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             export_track=args.export_track, engine_lowering=args.engine_lowering, engine_fp16=args.engine_fp16,
             backend=args.backend,
             progress=not args.no_progress)
+        config = _with_config_file(args, argv, settings)
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=2))
             return EXIT_OK
