@@ -240,7 +240,8 @@ def write_report(out_dir: str | Path) -> dict[str, Path]:
         doc.para("Inputs of the layers with the strongest channel outliers, captured on the float model over one "
                  "calibration batch: the raw input, after the Hadamard rotation, and after rotation + smoothing "
                  "(QuantVGGT Fig. 3). Top: value histogram (log counts); bottom: channel saliency (max |x| per "
-                 "input channel).")
+                 "input channel). Smoothing divides activations by factors it multiplies into the weights, so "
+                 "compare shapes and max / median ratios across stages, not absolute values.")
         rows = []
         for layer in data["layers"]:
             path = plot_activation_layer(layer, data["arrays"], data["stages"],
