@@ -54,7 +54,8 @@ def main() -> int:
             report["wall_s"] = round(time.perf_counter() - started, 1)
             results[method] = report
             (_, values), = table_rows(report)
-            rows.append(f"| {method} | " + " | ".join(values) + " |")
+            extent = report["results"]["quantized_vs_float"]["points"]["extent"]
+            rows.append(f"| {method} | " + " | ".join(values) + f" | {extent:.4f} |")
     sequences = results[args.methods[0]]["sequences"]
     data = args.data.resolve()
     meta = {"model": "tiny-outliers (random weights, planted outliers)", "bits": "w4a4",
@@ -69,10 +70,11 @@ def main() -> int:
         f"`python benchmarks/eval_fidelity.py` ({meta['model']}, {sequences} windows of {args.frames} frames from "
         f"`{meta['data']}`, PyTorch fake quant; reference: the float model's outputs). AUC in percent over all frame "
         "pairs (VGGT's integer-degree definition), RRA / RTA mean degrees, depth after per-frame median scaling, "
-        "points after Umeyama alignment (Acc / Comp in the float model's units).",
+        "points after Umeyama alignment (Acc / Comp in the float model's units; extent: the float point cloud's "
+        "median distance to its centroid, in the same units).",
         "",
-        "| method | AUC@30 | AUC@15 | AUC@5 | AUC@3 | RRA | RTA | AbsRel | d<1.25 | Acc | Comp | NC |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | AUC@30 | AUC@15 | AUC@5 | AUC@3 | RRA | RTA | AbsRel | d<1.25 | Acc | Comp | NC | extent |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]

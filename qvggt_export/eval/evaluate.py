@@ -282,7 +282,7 @@ class _Scores:
             out["depth"]["frames"] = len(self.depth)
         if self.points:
             out["points"] = {key: float(np.nanmean([p[key] for p in self.points]))
-                             for key in ("accuracy", "completion", "normal_consistency")}
+                             for key in ("accuracy", "completion", "normal_consistency", "extent")}
             out["points"]["sequences"] = len(self.points)
         return out
 

@@ -29,7 +29,8 @@ from each predicted point to the reference cloud, Completion = mean distance fro
 the predicted cloud, Normal Consistency = mean ``|n_pred . n_ref|`` between each point's normal and its
 nearest neighbour's normal (normals from the image grid of each point map: the cross product of the
 horizontal and vertical differences; DUSt3R estimates them with Open3D instead, which needs no grid).
-Accuracy and Completion are also given as medians.
+Accuracy and Completion are also given as medians, with the reference cloud's ``extent`` (median distance to
+its centroid) to read them against (fidelity references are in the float model's arbitrary units).
 """
 
 from __future__ import annotations
@@ -232,4 +233,6 @@ def point_metrics(pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None = 
     return {"accuracy": float(to_ref.mean()), "accuracy_median": float(np.median(to_ref)),
             "completion": float(to_pred.mean()), "completion_median": float(np.median(to_pred)),
             "normal_consistency": float((consistency_acc.mean() + consistency_comp.mean()) / 2.0),
-            "alignment_scale": float(scale), "points": int(len(ref_points))}
+            "alignment_scale": float(scale), "points": int(len(ref_points)),
+            # The reference cloud's size (median distance to its centroid): Acc / Comp have its units.
+            "extent": float(np.median(np.linalg.norm(ref_points - ref_points.mean(0), axis=-1)))}

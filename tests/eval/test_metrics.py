@@ -133,6 +133,7 @@ def test_shifted_point_cloud_gives_known_accuracy_and_completion():
     shifted = grid + np.array([0.0, 0.0, 0.1])
     metrics = point_metrics(shifted, grid, align=False)
     assert metrics["accuracy"] == pytest.approx(0.1) and metrics["completion"] == pytest.approx(0.1)
+    assert metrics["extent"] == pytest.approx(np.median(np.linalg.norm(grid.reshape(-1, 3) - [0.5, 0.5, 0.0], axis=-1)))
     assert metrics["normal_consistency"] == pytest.approx(1.0)
     assert point_metrics(shifted, grid)["accuracy"] < 1e-9  # alignment removes a pure shift
 
