@@ -213,6 +213,11 @@ def write_report(out_dir: str | Path) -> dict[str, Path]:
              f"({calibration.get('strategy')}), {calibration.get('frames')} frames at {calibration.get('resolution')}.")
 
     evaluation = _read_json(out_dir / "eval.json")
+    if evaluation is not None and (out_dir / "eval.json").stat().st_mtime < (out_dir / "report.json").stat().st_mtime:
+        doc.heading("Evaluation")
+        doc.para("eval.json predates this run's report.json (it scored an earlier model in this folder): run "
+                 "qvggt-export eval again.")
+        evaluation = None
     if evaluation is not None:
         from qvggt_export.eval.evaluate import table_rows
 

@@ -93,3 +93,21 @@ def test_activation_stages(method, source):
         assert raw["outlier_ratio"] > rotated["outlier_ratio"]  # the planted outliers are spread by the rotation
         total = {int(data["arrays"][f"l{layer['index']}_s{s}_hist"].sum()) for s in range(3)}
         assert total == {layer["tokens"] * layer["channels"]}
+
+
+def test_minimal_folder_and_stale_eval(tmp_path):
+    """A float export's report (no quantization, no activation data) still renders; an eval.json older than
+    report.json is named as stale instead of shown as this run's."""
+    import json
+    import os
+
+    from qvggt_export.report import write_report
+
+    (tmp_path / "eval.json").write_text(json.dumps({"results": {}}))
+    (tmp_path / "report.json").write_text(json.dumps({"bits": "fp32", "timings_s": {"export_onnx": 1.0,
+                                                                                    "total": 1.5}}))
+    os.utime(tmp_path / "eval.json", (1, 1))
+    paths = write_report(tmp_path)
+    markdown = paths["markdown"].read_text()
+    assert "predates this run" in markdown and "Sizes and timings" in markdown
+    assert len(_images(paths["html"].read_text())) == 1  # the timings plot
