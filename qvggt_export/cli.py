@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from qvggt_export import __version__
 from qvggt_export.errors import QVGGTError
@@ -28,6 +29,8 @@ examples:
   qvggt-export --bits fp32 --no-engine --out out/fp32          float reference export only
   qvggt-export --bits w4a4 --out out/x --print-config          show the resolved configuration, run nothing
   qvggt-export check out/w4a4                 re-check an export against its PyTorch model (qvggt-export check -h)
+  qvggt-export eval --fidelity --data my_scenes/ out/w4a4     camera AUC, depth, points vs float (eval -h)
+  qvggt-export report out/w4a4                regenerate report.html / report.md from the saved artifacts
 
 exit codes: 0 ok, 1 parity failed, 2 bad input, 3 engine build failed
 """
@@ -99,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bits", default="w4a4", choices=list(format_names()),
                         help="format: w8a8/w6a6/w4a4 (integer per-channel weights, per-token dynamic activations), "
                              "fp8 (E4M3), nvfp4 (FP4 block 16), or unquantized (default w4a4)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (report.json, model.onnx, ...)")
+    parser.add_argument("--out", type=Path, help="output folder (report.json, model.onnx, ...); required unless "
+                                                 "--config gives out_dir")
+    parser.add_argument("--config", type=Path,
+                        help="TOML or JSON file of settings (PipelineConfig field names, e.g. a run's config.json); "
+                             "flags given on the command line override it")
     parser.add_argument("--model", default="tiny",
                         help=f"preset ({', '.join(preset_names())}) or a JSON file of official constructor "
                              "arguments (default tiny)")
@@ -228,20 +235,139 @@ def check_main(argv: list[str]) -> int:
     return EXIT_OK
 
 
+# --- eval / report subcommands (issue 14) -------------------------------------------------------------------
+
+EVAL_EXAMPLES = """\
+examples:
+  qvggt-export eval --fidelity --data ../shared/data/sequences out/w4a4
+      quantized vs float model on any sequences: camera AUC, depth and point-map errors; writes out/w4a4/eval.json
+  qvggt-export eval --data /datasets/co3d out/w4a4
+      float and quantized model against CO3Dv2 ground truth (VGGT's .jgz annotations; also 7-Scenes, DTU)
+  qvggt-export eval --fidelity --runtime onnxruntime --data clip.mp4 out/w8a8      model.onnx in ONNX Runtime
+
+exit codes: 0 ok, 2 bad input
+"""
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    from qvggt_export.eval.evaluate import RUNTIMES
+    from qvggt_export.eval.metrics import CONVENTIONS
+
+    parser = argparse.ArgumentParser(
+        prog="qvggt-export eval", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EVAL_EXAMPLES,
+        description="Score an export's quantized model in the field's metrics (camera-pose AUC@30/15/5/3, RRA, "
+                    "RTA; depth abs-rel and delta < 1.25; point-map Accuracy, Completion, Normal Consistency) "
+                    "against ground truth, or with --fidelity against the float model.")
+    parser.add_argument("out_dir", type=Path, help="output folder of a qvggt-export run (eval.json is written there)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="CO3Dv2 / 7-Scenes / DTU folder (ground truth), or with --fidelity any image folder, "
+                             "folder of scenes, video or list file")
+    parser.add_argument("--fidelity", action="store_true", help="the float model's outputs as the reference")
+    parser.add_argument("--runtime", default="pytorch", choices=list(RUNTIMES),
+                        help="quantized model as PyTorch fake quant, model.onnx in ONNX Runtime, or model.engine "
+                             "(CUDA GPU only) (default pytorch)")
+    parser.add_argument("--frames", type=_number(int, minimum=2), help="frames per sequence (default: the export's)")
+    parser.add_argument("--max-sequences", type=_positive, default=8, help="sequences evaluated (default 8)")
+    parser.add_argument("--convention", default="camera", choices=list(CONVENTIONS),
+                        help="relative pose: camera = E_j E_i^-1 (world-frame free), vggt = VGGT's script "
+                             "(default camera)")
+    parser.add_argument("--split", default="test", choices=["test", "train"], help="CO3Dv2 annotation split")
+    parser.add_argument("--preprocess", choices=["crop", "pad"],
+                        help="loader mode (default: the export's; pad fits non-square photos to a square export)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the frame choice (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def eval_main(argv: list[str]) -> int:
+    """``qvggt-export eval ...``: one call to :func:`qvggt_export.eval.evaluate.evaluate`."""
+    args = build_eval_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from qvggt_export.eval.evaluate import EvalConfig, evaluate, summarize
+
+    try:
+        report = evaluate(EvalConfig(out_dir=args.out_dir, data=args.data, fidelity=args.fidelity,
+                                     runtime=args.runtime, frames=args.frames, max_sequences=args.max_sequences,
+                                     convention=args.convention, split=args.split, seed=args.seed,
+                                     preprocess=args.preprocess,
+                                     progress=not args.no_progress))
+        from qvggt_export.report import write_report
+
+        if (args.out_dir / "report.json").is_file():
+            report["html"] = str(write_report(args.out_dir)["html"])
+    except QVGGTError as exc:
+        print(f"qvggt-export eval: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("qvggt-export eval: interrupted", file=sys.stderr)
+        return 130
+    print("\n".join(summarize(report)))
+    if report.get("html"):
+        print(f"html:   {report['html']}")
+    return EXIT_OK
+
+
+def report_main(argv: list[str]) -> int:
+    """``qvggt-export report OUT_DIR``: rebuild report.html / report.md from the folder's saved artifacts."""
+    parser = argparse.ArgumentParser(prog="qvggt-export report",
+                                     description="Regenerate report.html and report.md (with their PNGs) of an "
+                                                 "output folder from its saved artifacts.")
+    parser.add_argument("out_dir", type=Path, help="output folder of a qvggt-export run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from qvggt_export.report import write_report
+
+    try:
+        paths = write_report(args.out_dir)
+    except QVGGTError as exc:
+        print(f"qvggt-export report: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return EXIT_OK
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"eval": eval_main, "report": report_main}
+
+
+def _with_config_file(args: argparse.Namespace, argv: list[str], settings: dict[str, Any]) -> Any:
+    """``PipelineConfig`` from the flags, on top of ``--config FILE`` when given (flags on the command line win)."""
+    from qvggt_export.config_file import merge_settings
+    from qvggt_export.pipeline import PipelineConfig
+
+    # Which flags were typed: parse again with every default suppressed.
+    typed = build_parser()
+    for action in typed._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(typed.parse_args(argv)))
+    renamed = {"out": "out_dir", "no_engine": "engine", "no_progress": "progress"}
+    explicit = {renamed.get(name, name) for name in given}
+    merged = merge_settings(args.config, settings, explicit, PipelineConfig)
+    if merged.get("out_dir") is None:
+        raise QVGGTError("--out is required (or out_dir in the --config file)")
+    return PipelineConfig(**merged)
+
+# --- end of eval / report subcommands -----------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "check":
         # A subcommand by its first word: the flag-only main command (qvggt-export --bits ... --out ...) keeps
         # working unchanged, which argparse subparsers with a default command would not guarantee.
         return check_main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from qvggt_export.pipeline import PipelineConfig, run_pipeline
+    from qvggt_export.pipeline import run_pipeline
 
     try:
-        config = PipelineConfig(
+        settings = dict(
             out_dir=args.out, bits=args.bits, model=args.model, checkpoint=args.checkpoint, method=args.method,
             alpha=args.alpha, recon_iters=args.recon_iters,
             calib_data=args.calib_data, calib_size=args.calib_size, calib_pool=args.calib_pool,
@@ -252,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             export_track=args.export_track, engine_lowering=args.engine_lowering, engine_fp16=args.engine_fp16,
             backend=args.backend, device=args.device, calib_dtype=args.calib_dtype,
             progress=not args.no_progress)
+        config = _with_config_file(args, argv, settings)
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=2))
             return EXIT_OK

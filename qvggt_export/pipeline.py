@@ -437,6 +437,9 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             report["calibration"]["selection_share_of_calibration"] = round(
                 report["calibration"]["selection_seconds"] / max(calibration_s, 1e-9), 3)
         write_json_atomic(out_dir / "report.json", report)
+        from qvggt_export.report.build import write_run_report  # report.html / report.md (never fails the run)
+
+        write_run_report(out_dir, float_model, model, batches, config.seed, config.alpha)
         return report
     except BaseException:
         _remove_partial_outputs(out_dir, existed, before)

@@ -386,3 +386,34 @@ def summarize(report: dict[str, Any]) -> list[str]:
     lines.append(f"report: {report['report_path']}")
     return lines
 
+
+
+@dataclass
+class ExportModels:
+    """The PyTorch models of an export folder, rebuilt as :func:`check_export` rebuilds them."""
+
+    float_model: nn.Module
+    model: nn.Module  # the fake-quant model (the float model itself for fp32 / fp16 exports)
+    bits: str
+    onnx: Path
+    config: dict[str, Any]
+    quantized: Path | None
+
+
+def load_export_models(export_dir: str | Path) -> ExportModels:
+    """Float and fake-quant PyTorch models of an export folder (``config.json`` + ``quantized_model.*``).
+
+    Raises:
+        QVGGTError: not an export folder, or a file of it is missing or malformed (named).
+    """
+    folder = Path(export_dir)
+    resolved = _resolve(CheckConfig(export_dir=folder))
+    folder_config = _read_json(folder / "config.json", "run configuration")
+    float_model = _float_model(resolved.model, resolved.checkpoint, resolved.seed)
+    model = float_model
+    if resolved.quantized is not None:
+        from qvggt_export.quant.state import load_quantized
+
+        model, _ = load_quantized(resolved.quantized)
+        model.eval()
+    return ExportModels(float_model, model, resolved.bits, resolved.onnx, folder_config, resolved.quantized)
