@@ -212,12 +212,76 @@ def check_main(argv: list[str]) -> int:
     return EXIT_OK
 
 
+SERVE_EXAMPLES = """\
+examples:
+  qvggt-export serve out/w4a4 --runtime onnxruntime --port 8000
+      model.onnx on ONNX Runtime (CPU) at http://127.0.0.1:8000/v2/models/vggt/infer
+  qvggt-export serve out/w8a8/model.engine --host 0.0.0.0 --max-concurrency 1      the engine (CUDA GPU)
+  curl -s localhost:8000/v2/models/vggt          inputs, outputs, frame range (KServe v2 model metadata)
+
+The protocol is KServe v2 / Triton HTTP (JSON tensors and Triton's binary tensor extension), so Triton's client
+(tritonclient.http) works against it. Requests: one sequence, images [S, 3, H, W] or [1, S, 3, H, W] FP32 in
+[0, 1], preprocessed as the export. Errors: 400 invalid request, 404 unknown model, 413 body too large, 503 busy.
+"""
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    from qvggt_export.serve.backends import RUNTIMES
+
+    parser = argparse.ArgumentParser(
+        prog="qvggt-export serve", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SERVE_EXAMPLES,
+        description="Serve an export over HTTP with the KServe v2 / Triton inference protocol, backed by its "
+                    "TensorRT engine (CUDA GPU), its ONNX graph on ONNX Runtime, or its float PyTorch model.")
+    parser.add_argument("source", type=Path, help="export folder, .onnx graph or .engine file")
+    parser.add_argument("--runtime", default="auto", choices=list(RUNTIMES),
+                        help="auto: an .engine file or a folder's model.engine when a GPU is visible -> tensorrt, "
+                             "else model.onnx -> onnxruntime; pytorch: the export's float model (default auto)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 in "
+                                                             "a container)")
+    parser.add_argument("--port", type=_number(int, minimum=0, maximum=65535), default=8000,
+                        help="TCP port (default 8000; 0 = any free port)")
+    parser.add_argument("--model-name", default="vggt", help="model name in the URLs (default vggt)")
+    parser.add_argument("--max-frames", type=_positive,
+                        help="frames per request, at most (default: an engine's profile maximum, else 32)")
+    parser.add_argument("--max-concurrency", type=_positive, default=1, help="requests computed at once (default 1)")
+    parser.add_argument("--max-queue", type=_non_negative, default=16,
+                        help="requests waiting beyond those; one more is answered 503 (default 16)")
+    parser.add_argument("--max-body-mb", type=_number(float, minimum=0.001), default=256.0,
+                        help="largest request body in MiB, 413 above (default 256)")
+    parser.add_argument("--device", help="cuda:N for engines (default cuda:0); cpu or cuda:N for pytorch")
+    parser.add_argument("--threads", type=_non_negative, default=0,
+                        help="ONNX Runtime intra-op threads per request (default 0 = its default)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def serve_main(argv: list[str]) -> int:
+    """``qvggt-export serve ...``: one call to :func:`qvggt_export.serve.serve`."""
+    args = build_serve_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from qvggt_export.serve import ServeConfig, serve
+
+    try:
+        serve(ServeConfig(source=args.source, runtime=args.runtime, host=args.host, port=args.port,
+                          model_name=args.model_name, max_frames=args.max_frames,
+                          max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                          max_body_mb=args.max_body_mb, device=args.device, threads=args.threads))
+    except QVGGTError as exc:
+        print(f"qvggt-export serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"check": check_main, "serve": serve_main}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "check":
+    if argv and argv[0] in SUBCOMMANDS:
         # A subcommand by its first word: the flag-only main command (qvggt-export --bits ... --out ...) keeps
         # working unchanged, which argparse subparsers with a default command would not guarantee.
-        return check_main(argv[1:])
+        return SUBCOMMANDS[argv[0]](argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
