@@ -125,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hadamard", default="function", choices=["function", "dense"],
                         help="ONNX form of DSFQ's online rotation: an O(d log d) local function, or a dense "
                              "d x d MatMul for comparison (default function)")
-    parser.add_argument("--engine-hadamard", default="plugin", choices=["plugin", "function"],
-                        help="engine form of DSFQ's rotation: the qvggt::Hadamard TensorRT plugin, or TensorRT's "
-                             "inlining of the ONNX function (default plugin)")
+    parser.add_argument("--engine-hadamard", default="auto", choices=["auto", "plugin", "function"],
+                        help="engine form of DSFQ's rotation: the qvggt::Hadamard TensorRT plugin (Python runtimes "
+                             "only), or TensorRT's inlining of the ONNX function (plugin-free: trtexec, Triton, "
+                             "C++); auto = function for full TensorRT (--backend trt / trt-* profiles), plugin for "
+                             "TensorRT-RTX (default auto; report.json engine.loadable_by lists the runtimes)")
     parser.add_argument("--no-engine", action="store_true", help="stop after ONNX export and parity")
     parser.add_argument("--export-track", action="store_true",
                         help="also export the tracking head as track.onnx (images + query_points -> track, vis, "
@@ -175,6 +177,9 @@ def build_check_parser() -> argparse.ArgumentParser:
                         help="frame counts of the generated sequences (default: the export's, and 1)")
     parser.add_argument("--input-seed", type=int, default=1, help="seed of the generated sequences (default 1)")
     parser.add_argument("--engine", type=Path, help="also run this TensorRT / TensorRT-RTX engine (CUDA GPU only)")
+    parser.add_argument("--runtime", help="the runtime the engine is meant for (python, triton-python, serve, "
+                                          "triton-tensorrt, trtexec, cpp, rtx-cpp): refused with the reason when "
+                                          "it cannot load that engine (e.g. a plugin engine for trtexec)")
     parser.add_argument("--localize", default="always", choices=list(LOCALIZE_MODES),
                         help="layer-by-layer check of integer and fp8 graphs (default always; nvfp4 "
                              "graphs are always checked structurally)")
@@ -195,7 +200,7 @@ def check_main(argv: list[str]) -> int:
             export_dir=args.export_dir, onnx=args.onnx, quantized=args.quantized, bits=args.bits, model=args.model,
             checkpoint=args.checkpoint, seed=args.seed, images=args.images, preprocess=args.preprocess,
             frames=tuple(args.frames) if args.frames else None, input_seed=args.input_seed, engine=args.engine,
-            localize=args.localize, report=args.report)
+            runtime=args.runtime, localize=args.localize, report=args.report)
         report = check_export(config)
     except QVGGTError as exc:
         print(f"qvggt-export check: error: {exc}", file=sys.stderr)
@@ -273,7 +278,50 @@ def serve_main(argv: list[str]) -> int:
     return EXIT_OK
 
 
-SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"check": check_main, "serve": serve_main}
+def build_serve_repo_parser() -> argparse.ArgumentParser:
+    from qvggt_export.serve.triton_repo import ENGINE_MODELS
+
+    parser = argparse.ArgumentParser(
+        prog="qvggt-export serve-repo", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a Triton Inference Server model repository for an export: <name>_onnx (ONNX Runtime, "
+                    "CPU fallback) and <name>_trt (tensorrt_plan for a plugin-free full-TensorRT engine, else a "
+                    "Python-backend model running the engine with the project's runtime, plugin registered).",
+        epilog="example:\n  qvggt-export serve-repo out/w8a8 models/\n  docker run --gpus all -v $PWD/models:/models "
+               "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository /models")
+    parser.add_argument("export_dir", type=Path, help="output folder of a qvggt-export run")
+    parser.add_argument("repo_dir", type=Path, help="model repository folder (created; other models kept)")
+    parser.add_argument("--name", default="vggt", help="model name prefix (default vggt: vggt_onnx, vggt_trt)")
+    parser.add_argument("--engine-model", default="auto", choices=list(ENGINE_MODELS),
+                        help="form of the engine model: auto (tensorrt_plan when the engine allows it, else python), "
+                             "tensorrt (refused with the reason when Triton's TensorRT backend cannot load the "
+                             "engine), python, none (default auto)")
+    parser.add_argument("--gpu-instances", type=_positive, default=1, help="engine model instances per GPU")
+    parser.add_argument("--cpu-instances", type=_positive, default=1, help="ONNX Runtime model instances")
+    parser.add_argument("--overwrite", action="store_true", help="replace models of the same name")
+    return parser
+
+
+def serve_repo_main(argv: list[str]) -> int:
+    """``qvggt-export serve-repo ...``: one call to :func:`qvggt_export.serve.triton_repo.write_model_repository`."""
+    args = build_serve_repo_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from qvggt_export.serve.triton_repo import TritonRepoConfig, write_model_repository
+
+    try:
+        summary = write_model_repository(TritonRepoConfig(
+            export_dir=args.export_dir, repo_dir=args.repo_dir, name=args.name, engine_model=args.engine_model,
+            gpu_instances=args.gpu_instances, cpu_instances=args.cpu_instances, overwrite=args.overwrite))
+    except QVGGTError as exc:
+        print(f"qvggt-export serve-repo: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for model in summary["models"]:
+        print(f"{model['name']:16s} {model['kind']:12s} {model['why']}")
+    print(f"repository: {summary['repository']}")
+    return EXIT_OK
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"check": check_main, "serve": serve_main,
+                                                      "serve-repo": serve_repo_main}
 
 
 def main(argv: list[str] | None = None) -> int:

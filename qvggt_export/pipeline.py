@@ -85,7 +85,8 @@ class PipelineConfig:
             conf; the aggregator runs inside it too) and check it against PyTorch in ONNX Runtime.
         engine_hadamard: how the engine runs DSFQ rotations: ``"plugin"`` (the ``qvggt::Hadamard`` TensorRT
             plugin; the engine is built from ``model.plugin.onnx``) or ``"function"`` (TensorRT inlines the
-            ONNX function into small GEMMs).
+            ONNX function into small GEMMs, plugin-free) or ``"auto"``: function for full TensorRT, plugin for
+            TensorRT-RTX (:func:`~qvggt_export.engine.runtimes.default_engine_hadamard`).
         engine_profile: name of a profile in ``engines/`` or a path to a profile JSON. Left at
             ``"rtx-default"`` (or ``None``), fp8 and nvfp4 use their own default (:data:`FORMAT_DEFAULT_PROFILES`:
             ``rtx-sm89-sm120``, ``rtx-sm120``), since rtx-default also targets SM86, which has neither; any
@@ -122,7 +123,7 @@ class PipelineConfig:
     hadamard: str = "function"
     engine: bool = True
     export_track: bool = False
-    engine_hadamard: str = "plugin"
+    engine_hadamard: str = "auto"
     engine_profile: str | None = DEFAULT_ENGINE_PROFILE
     engine_lowering: str = "auto"
     engine_fp16: bool = False
@@ -151,8 +152,8 @@ class PipelineConfig:
         if self.hadamard not in ("function", "dense"):
             raise QVGGTError(f"hadamard must be 'function' or 'dense', got {self.hadamard!r} (the plugin form "
                              "needs the TensorRT plugin and cannot be checked in ONNX Runtime)")
-        if self.engine_hadamard not in ("plugin", "function"):
-            raise QVGGTError(f"engine_hadamard must be 'plugin' or 'function', got {self.engine_hadamard!r}")
+        if self.engine_hadamard not in ("auto", "plugin", "function"):
+            raise QVGGTError(f"engine_hadamard must be 'auto', 'plugin' or 'function', got {self.engine_hadamard!r}")
         if self.backend not in ("auto", "rtx", "trt"):
             raise QVGGTError(f"backend must be auto, rtx or trt, got {self.backend!r}")
         if self.engine_lowering not in ENGINE_LOWERINGS:
@@ -204,6 +205,17 @@ class PipelineConfig:
                 f"SM{minimum} or newer); use --engine-profile {FORMAT_DEFAULT_PROFILES[self.family]}, a profile "
                 "without those targets, or --no-engine")
         return requested
+
+    def resolved_engine_hadamard(self) -> str:
+        """``engine_hadamard``, or for ``auto`` the build flavour's default (qvggt_export.engine.runtimes):
+        plugin-free for full TensorRT (trtexec / Triton / C++ load it), the plugin for TensorRT-RTX."""
+        if self.engine_hadamard != "auto":
+            return self.engine_hadamard
+        from qvggt_export.engine.profiles import load_profile
+        from qvggt_export.engine.runtimes import build_flavour, default_engine_hadamard
+
+        profile_backend = load_profile(self.resolved_engine_profile()).backend
+        return default_engine_hadamard(build_flavour(self.backend, profile_backend))
 
     def resolved_engine_lowering(self) -> str:
         """The lowering the engine graph gets: ``engine_lowering``, or the format's default for ``auto``."""
@@ -577,8 +589,11 @@ def _engine_report(config: PipelineConfig, graph: Path, data: dict[str, Any], pl
         return {**data, **choice}
     rotates = config.quantized and config.method in ("rotate", "smooth_rotate", "dsfq")
     hadamard = "plugin" if plugin_nodes else ("function" if rotates else "none")
+    from qvggt_export.engine.runtimes import loadable_by
+
     return {"path": data.pop("engine_path"), "onnx": str(graph), "hadamard": hadamard,
-            "hadamard_plugin_nodes": plugin_nodes, **choice, **data}
+            "hadamard_plugin_nodes": plugin_nodes, "loadable_by": loadable_by(data["backend"], plugin_nodes > 0),
+            **choice, **data}
 
 
 def _engine_from_graph(config: PipelineConfig, graph: Path, engine_path: Path, profile: str,
@@ -591,7 +606,7 @@ def _engine_from_graph(config: PipelineConfig, graph: Path, engine_path: Path, p
     backend = None if config.backend == "auto" else config.backend
     plugin_nodes = 0
     try:
-        if config.engine_hadamard == "plugin":
+        if config.resolved_engine_hadamard() == "plugin":
             graph, plugin_nodes = _plugin_graph(graph, plugin_path.parent, plugin_path.name)
         if plugin_nodes:
             from qvggt_export.plugins import register
