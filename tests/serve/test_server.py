@@ -290,3 +290,80 @@ def test_shutdown_finishes_the_request_in_flight_and_closes_the_backend() -> Non
         running.thread.join(timeout=30)
     assert response.status_code == 200 and response.json()["outputs"][0]["shape"] == [1, 1, 14, 14, 1]
     assert not running.thread.is_alive() and backend.closed
+
+
+def test_pytorch_runtime_serves_the_float_model(export_dir: Path) -> None:
+    """The pytorch runtime answers with the float model the export came from (config.json: preset, seed)."""
+    import torch
+
+    from qvggt_export.model import build_vggt
+    from qvggt_export.serve import open_backend
+
+    backend = open_backend(export_dir, "pytorch", max_frames=MAX_FRAMES)
+    assert backend.signature.frames == (1, MAX_FRAMES) and backend.signature.resolution == (70, 70)
+    images = _random_images(2, seed=5)
+    served = backend.infer(images)
+    with torch.no_grad():
+        expected = build_vggt("tiny", seed=0)(torch.from_numpy(images))
+    for name in backend.signature.output_names:
+        np.testing.assert_array_equal(served[name], expected[name].numpy())
+
+
+def test_open_backend_refuses_what_it_cannot_serve(export_dir: Path, tmp_path: Path) -> None:
+    from qvggt_export.errors import QVGGTError
+    from qvggt_export.serve import open_backend
+
+    with pytest.raises(QVGGTError, match="nothing to serve"):
+        open_backend(tmp_path / "missing")
+    with pytest.raises(QVGGTError, match="export folder"):
+        open_backend(export_dir / "model.onnx", "pytorch")
+    with pytest.raises(QVGGTError, match="not found"):
+        open_backend(tmp_path, "onnxruntime")
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(QVGGTError, match="cannot read ONNX model"):
+        open_backend(tmp_path / "bad.onnx")
+
+
+def test_cli_serve_answers_and_stops_on_sigterm(export_dir: Path) -> None:
+    """The real command in a subprocess: serves, answers, and on SIGTERM drains and exits without a traceback
+    (uvicorn re-raises the signal after its graceful shutdown: status -15)."""
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "qvggt_export", "serve", str(export_dir), "--runtime",
+                                "onnxruntime", "--port", str(port), "--max-frames", "2"],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        response = httpx.post(f"{url}/v2/models/vggt/infer", json=_json_request(_random_images(3)), timeout=60)
+        assert response.status_code == 400 and "takes 1 to 2" in response.json()["error"]
+        assert httpx.post(f"{url}/v2/models/vggt/infer", json=_json_request(_random_images(2)),
+                          timeout=60).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+        stderr = process.stderr.read()
+    assert code in (0, -signal.SIGTERM), stderr
+    assert "Traceback" not in stderr and "serving model 'vggt'" in stderr
+
+
+def test_serve_config_validation() -> None:
+    from qvggt_export.errors import QVGGTError
+
+    for bad in ({"runtime": "tensorflow"}, {"port": 70000}, {"max_concurrency": 0}, {"max_queue": -1},
+                {"model_name": "a/b"}, {"max_frames": 0}, {"max_body_mb": 0}):
+        with pytest.raises(QVGGTError):
+            ServeConfig("x", **bad)
