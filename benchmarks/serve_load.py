@@ -4,7 +4,9 @@ Starts the real command (``qvggt-export serve EXPORT --runtime onnxruntime``) as
 free port, then sends the same request (one sequence of random 70x70 frames, binary tensors) in two phases:
 
 * ``sequential``: one client, one request at a time (the latency floor);
-* ``concurrent``: ``--workers`` clients in threads, ``--requests`` requests in all.
+* ``concurrent``: ``--workers`` clients in threads, ``--requests`` requests in all;
+* ``sequential (again)``: the first phase repeated after the load, to show how much the shared machine drifts;
+* ``compute``: the same ONNX Runtime session settings in this process, no HTTP (the floor a request cannot beat).
 
 Per phase: requests answered / sent, latency p50 / p90 / p99 / max in ms (client side, request to decoded
 response), throughput in requests per second; and the ratios concurrent / sequential in the same run. Without
@@ -90,6 +92,22 @@ def _phase(port: int, images: np.ndarray, requests: int, workers: int) -> dict[s
             **{k: round(v, 2) for k, v in _percentiles(latencies).items()}}
 
 
+def _compute(export: Path, images: np.ndarray, runs: int) -> dict[str, object]:
+    """The backend alone, in this process: what one request costs without HTTP, encoding or queueing."""
+    from qvggt_export.serve.backends import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(export / "model.onnx", images.shape[1])
+    backend.infer(images)
+    latencies = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        backend.infer(images)
+        latencies.append(1e3 * (time.perf_counter() - started))
+    return {"requests": runs, "workers": 1, "answered": runs, "lost": 0,
+            "throughput_rps": round(1e3 * runs / sum(latencies), 2),
+            **{k: round(v, 2) for k, v in _percentiles(latencies).items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--export", type=Path, help="export folder to serve (default: make the tiny W8A8 export)")
@@ -126,16 +144,19 @@ def main() -> None:
             _phase(port, images, 4, 1)  # warm-up
             sequential = _phase(port, images, args.sequential, 1)
             concurrent = _phase(port, images, args.requests, args.workers)
+            sequential_again = _phase(port, images, args.sequential, 1)
         finally:
             server.terminate()
             code = server.wait(timeout=60)
+        compute = _compute(export, images, args.sequential)
     result = {
         "command": " ".join(["qvggt-export", *command[3:]]).replace(str(export), "EXPORT").replace(str(port), "PORT"),
         "client": "tritonclient.http (binary tensors), one client per thread",
         "model": "tiny W8A8 DSFQ export (random weights), ONNX Runtime CPU", "input_shape": list(images.shape),
         "server_exit_code_after_sigterm": code,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs)",
-        "sequential": sequential, "concurrent": concurrent,
+        "sequential": sequential, "concurrent": concurrent, "sequential_again": sequential_again,
+        "compute": compute,
         "ratios": {"p50_concurrent_over_sequential": round(concurrent["p50_ms"] / sequential["p50_ms"], 2),
                    "throughput_concurrent_over_sequential":
                        round(concurrent["throughput_rps"] / sequential["throughput_rps"], 2)},
@@ -143,9 +164,10 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve_load.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = []
-    for name in ("sequential", "concurrent"):
+    for name in ("compute", "sequential", "concurrent", "sequential_again"):
         phase = result[name]
-        rows.append(f"| {name} | {phase['workers']} | {phase['answered']}/{phase['requests']} | {phase['lost']} | "
+        label = name.replace("_", " ")
+        rows.append(f"| {label} | {phase['workers']} | {phase['answered']}/{phase['requests']} | {phase['lost']} | "
                     f"{phase['p50_ms']:.1f} | {phase['p90_ms']:.1f} | {phase['p99_ms']:.1f} | {phase['max_ms']:.1f} | "
                     f"{phase['throughput_rps']:.1f} |")
     md = "\n".join([
@@ -154,6 +176,9 @@ def main() -> None:
         f"client: {result['client']}; {result['machine']}.", "",
         "| phase | clients | answered | lost | p50 ms | p90 ms | p99 ms | max ms | req/s |",
         "|---|---|---|---|---|---|---|---|---|", *rows, "",
+        "`compute`: the backend alone in the benchmark's process (no HTTP, no encoding, no queue). "
+        "`sequential again` repeats the first phase after the load: its distance from `sequential` is the drift of "
+        "the shared machine during the run.", "",
         f"Concurrent / sequential in this run: p50 latency x{result['ratios']['p50_concurrent_over_sequential']}, "
         f"throughput x{result['ratios']['throughput_concurrent_over_sequential']}. "
         f"The server was then stopped with SIGTERM: it drained and exited with status {code} (uvicorn re-raises the "

@@ -40,7 +40,8 @@ write_results() {  # $1: "passed" or "FAILED"
         echo
         echo "| figure | value |"
         echo "|---|---|"
-        for key in base_image build_seconds image_size_mb quick_start_command quick_start_seconds engine_mb; do
+        for key in base_image build_seconds image_size_mb quick_start_command quick_start_seconds engine_mb \
+                   images_left_after_cleanup; do
             [ -n "${FIGURES[$key]:-}" ] && echo "| $key | ${FIGURES[$key]} |"
         done
         echo
@@ -61,15 +62,29 @@ write_results() {  # $1: "passed" or "FAILED"
     mv "$RESULTS.tmp" "$RESULTS"
 }
 
+remove_images() {  # the builder, the base and dangling layers; records what is left
+    if [ "${KEEP_IMAGES:-0}" = 1 ] || ! command -v podman > /dev/null; then
+        return
+    fi
+    {
+        for name in "$IMAGE" docker.io/library/debian:bookworm-slim "$BASE"; do
+            podman image exists "$name" && podman rmi -f "$name"
+        done
+        podman image prune -f
+        podman system prune -f
+        podman images -a
+    } >> "$LOGS/cleanup.log" 2>&1 || true
+    local left
+    left=$(podman images -a --format '{{.Repository}}:{{.Tag}}' 2> /dev/null | grep -c -E 'qvggt-export|debian' || true)
+    FIGURES[images_left_after_cleanup]="$left (podman rmi + podman system prune)"
+}
+
 cleanup() {
     local rc=$?
     if [ "$rc" -ne 0 ]; then
+        remove_images
         write_results FAILED
         echo "build_and_test.sh: FAILED at step $STEP (see $RESULTS, $LOGS/$STEP.log)" >&2
-    fi
-    if [ "${KEEP_IMAGES:-0}" != 1 ] && command -v podman > /dev/null; then
-        podman rmi -f "$IMAGE" "$BASE" docker.io/library/debian:bookworm-slim > /dev/null 2>&1 || true
-        podman system prune -f > /dev/null 2>&1 || true
     fi
     rm -rf "$WORK/rootfs" "$REPO/docker/wheelhouse/torch-"*.whl
 }
@@ -156,6 +171,8 @@ for line in "${lines[@]}"; do
     esac
 done
 
+STEP=cleanup
+remove_images
 STEP=done
 write_results passed
 echo "build_and_test.sh: passed; $RESULTS" >&2

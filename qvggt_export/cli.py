@@ -28,6 +28,8 @@ examples:
   qvggt-export --bits fp32 --no-engine --out out/fp32          float reference export only
   qvggt-export --bits w4a4 --out out/x --print-config          show the resolved configuration, run nothing
   qvggt-export check out/w4a4                 re-check an export against its PyTorch model (qvggt-export check -h)
+  qvggt-export serve out/w4a4 --port 8000     serve it over HTTP, KServe v2 / Triton protocol (qvggt-export serve -h)
+  qvggt-export serve-repo out/w4a4 models/    write a Triton model repository (qvggt-export serve-repo -h)
 
 exit codes: 0 ok, 1 parity failed, 2 bad input, 3 engine build failed
 """
