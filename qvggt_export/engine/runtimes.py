@@ -41,7 +41,7 @@ from pathlib import Path
 from qvggt_export.errors import QVGGTError
 
 __all__ = ["RUNTIMES", "EngineKind", "RuntimeInfo", "build_flavour", "check_runtime", "default_engine_hadamard",
-           "engine_kind", "loadable_by"]
+           "engine_kind", "loadable_by", "uses_plugin"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,13 @@ def default_engine_hadamard(flavour: str) -> str:
     return "function" if flavour == "trt" else "plugin"
 
 
+def uses_plugin(engine: str | os.PathLike[str]) -> bool:
+    """Whether a serialized engine holds ``qvggt::Hadamard`` plugin layers (a byte scan; no TensorRT needed)."""
+    # mmap: VGGT-1B engines are GBs; searching the mapped pages copies nothing.
+    with open(engine, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        return all(view.find(marker) >= 0 for marker in _PLUGIN_MARKERS)
+
+
 def engine_kind(engine: str | os.PathLike[str]) -> EngineKind:
     """Read an engine's flavour (from ``<engine>.profile.json``, else its header) and whether it holds the plugin.
 
@@ -152,11 +159,11 @@ def engine_kind(engine: str | os.PathLike[str]) -> EngineKind:
             flavour = json.loads(profile.read_text(encoding="utf-8")).get("backend")
         except (OSError, ValueError, AttributeError):
             flavour = None
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        if flavour not in _FLAVOUR_NAMES:
-            # TensorRT-RTX 1.x engines start with "vtrt" (observed on 1.7.1); full TensorRT's do not.
-            flavour = "rtx" if view[:4] == b"vtrt" else None
-        plugin = all(view.find(marker) >= 0 for marker in _PLUGIN_MARKERS)
+    if flavour not in _FLAVOUR_NAMES:
+        # TensorRT-RTX 1.x engines start with "vtrt" (observed on 1.7.1); full TensorRT's do not.
+        with open(path, "rb") as handle:
+            flavour = "rtx" if handle.read(4) == b"vtrt" else None
+    plugin = uses_plugin(path)
     if flavour is None:
         raise QVGGTError(f"cannot tell whether {path} is a full TensorRT or a TensorRT-RTX engine: no "
                          f"{profile.name} beside it (written by build_engine)")
