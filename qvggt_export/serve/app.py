@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from qvggt_export import __version__
+from qvggt_export.errors import QVGGTError
 from qvggt_export.serve.backends import InferenceBackend
 from qvggt_export.serve.protocol import HEADER_LENGTH, ProtocolError, encode_infer_response, parse_infer_request
 
@@ -139,7 +140,7 @@ def create_app(backend: InferenceBackend, model_name: str = "vggt", limits: AppL
         return JSONResponse({
             "name": model_name, "versions": [MODEL_VERSION], "platform": backend.platform,
             "inputs": [signature.input.to_dict()], "outputs": [o.to_dict() for o in signature.outputs],
-            "parameters": {"frames_min": low, "frames_max": high, "source": str(backend.source),
+            "parameters": {"frames_min": low, "frames_max": high, "source": backend.source.name,
                            "input_range": "[0, 1], RGB, preprocessed as the export (qvggt_export.model.preprocess)"},
         })
 
@@ -169,6 +170,9 @@ def create_app(backend: InferenceBackend, model_name: str = "vggt", limits: AppL
         except ProtocolError as exc:
             logger.info("infer refused (%d): %s", exc.status, exc)
             return _error(str(exc), exc.status)
+        except QVGGTError as exc:  # the backend refused or failed (e.g. an engine error): say so, keep serving
+            logger.error("inference failed: %s", exc)
+            return _error(f"inference failed: {exc}", 500)
         logger.debug("infer %s: %d frames in %.1f ms", parsed.id or "-", parsed.images.shape[1],
                      1e3 * (time.perf_counter() - started))
         return Response(payload, status_code=200, headers=headers)

@@ -367,3 +367,24 @@ def test_serve_config_validation() -> None:
                 {"model_name": "a/b"}, {"max_frames": 0}, {"max_body_mb": 0}):
         with pytest.raises(QVGGTError):
             ServeConfig("x", **bad)
+
+
+def test_backend_failure_is_a_500_with_the_reason_and_the_server_keeps_serving() -> None:
+    from qvggt_export.errors import QVGGTError
+
+    class FailingOnce(_GatedBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate.set()
+            self.failed = False
+
+        def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+            if not self.failed:
+                self.failed = True
+                raise QVGGTError("TensorRT-RTX failed to run model.engine")
+            return super().infer(images)
+
+    with RunningServer(ServeConfig("unused", port=0), FailingOnce()) as running:
+        failed = _gated_request(running.url)
+        assert failed.status_code == 500 and "failed to run model.engine" in failed.json()["error"]
+        assert _gated_request(running.url).status_code == 200
