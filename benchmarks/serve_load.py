@@ -157,7 +157,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs)",
         "sequential": sequential, "concurrent": concurrent, "sequential_again": sequential_again,
         "compute": compute,
-        "ratios": {"p50_concurrent_over_sequential": round(concurrent["p50_ms"] / sequential["p50_ms"], 2),
+        "ratios": {"p50_sequential_over_compute": round(sequential["p50_ms"] / compute["p50_ms"], 2),
+                   "p50_concurrent_over_sequential": round(concurrent["p50_ms"] / sequential["p50_ms"], 2),
                    "throughput_concurrent_over_sequential":
                        round(concurrent["throughput_rps"] / sequential["throughput_rps"], 2)},
     }
@@ -179,6 +180,7 @@ def main() -> None:
         "`compute`: the backend alone in the benchmark's process (no HTTP, no encoding, no queue). "
         "`sequential again` repeats the first phase after the load: its distance from `sequential` is the drift of "
         "the shared machine during the run.", "",
+        f"One request over HTTP / the backend alone (p50): x{result['ratios']['p50_sequential_over_compute']}. "
         f"Concurrent / sequential in this run: p50 latency x{result['ratios']['p50_concurrent_over_sequential']}, "
         f"throughput x{result['ratios']['throughput_concurrent_over_sequential']}. "
         f"The server was then stopped with SIGTERM: it drained and exited with status {code} (uvicorn re-raises the "
