@@ -31,6 +31,8 @@ examples:
   qvggt-export check out/w4a4                 re-check an export against its PyTorch model (qvggt-export check -h)
   qvggt-export eval --fidelity --data my_scenes/ out/w4a4     camera AUC, depth, points vs float (eval -h)
   qvggt-export report out/w4a4                regenerate report.html / report.md from the saved artifacts
+  qvggt-export serve out/w4a4 --port 8000     serve it over HTTP, KServe v2 / Triton protocol (qvggt-export serve -h)
+  qvggt-export serve-repo out/w4a4 models/    write a Triton model repository (qvggt-export serve-repo -h)
 
 exit codes: 0 ok, 1 parity failed, 2 bad input, 3 engine build failed
 """
@@ -141,9 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hadamard", default="function", choices=["function", "dense"],
                         help="ONNX form of DSFQ's online rotation: an O(d log d) local function, or a dense "
                              "d x d MatMul for comparison (default function)")
-    parser.add_argument("--engine-hadamard", default="plugin", choices=["plugin", "function"],
-                        help="engine form of DSFQ's rotation: the qvggt::Hadamard TensorRT plugin, or TensorRT's "
-                             "inlining of the ONNX function (default plugin)")
+    parser.add_argument("--engine-hadamard", default="auto", choices=["auto", "plugin", "function"],
+                        help="engine form of DSFQ's rotation: the qvggt::Hadamard TensorRT plugin (Python runtimes "
+                             "only), or TensorRT's inlining of the ONNX function (plugin-free: trtexec, Triton, "
+                             "C++); auto = function for full TensorRT (--backend trt / trt-* profiles), plugin for "
+                             "TensorRT-RTX (default auto; report.json engine.loadable_by lists the runtimes)")
     parser.add_argument("--no-engine", action="store_true", help="stop after ONNX export and parity")
     parser.add_argument("--export-track", action="store_true",
                         help="also export the tracking head as track.onnx (images + query_points -> track, vis, "
@@ -198,6 +202,9 @@ def build_check_parser() -> argparse.ArgumentParser:
                         help="frame counts of the generated sequences (default: the export's, and 1)")
     parser.add_argument("--input-seed", type=int, default=1, help="seed of the generated sequences (default 1)")
     parser.add_argument("--engine", type=Path, help="also run this TensorRT / TensorRT-RTX engine (CUDA GPU only)")
+    parser.add_argument("--runtime", help="the runtime the engine is meant for (python, triton-python, serve, "
+                                          "triton-tensorrt, trtexec, cpp, rtx-cpp): refused with the reason when "
+                                          "it cannot load that engine (e.g. a plugin engine for trtexec)")
     parser.add_argument("--localize", default="always", choices=list(LOCALIZE_MODES),
                         help="layer-by-layer check of integer and fp8 graphs (default always; nvfp4 "
                              "graphs are always checked structurally)")
@@ -218,7 +225,7 @@ def check_main(argv: list[str]) -> int:
             export_dir=args.export_dir, onnx=args.onnx, quantized=args.quantized, bits=args.bits, model=args.model,
             checkpoint=args.checkpoint, seed=args.seed, images=args.images, preprocess=args.preprocess,
             frames=tuple(args.frames) if args.frames else None, input_seed=args.input_seed, engine=args.engine,
-            localize=args.localize, report=args.report)
+            runtime=args.runtime, localize=args.localize, report=args.report)
         report = check_export(config)
     except QVGGTError as exc:
         print(f"qvggt-export check: error: {exc}", file=sys.stderr)
@@ -276,6 +283,45 @@ def build_eval_parser() -> argparse.ArgumentParser:
                         help="loader mode (default: the export's; pad fits non-square photos to a square export)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the frame choice (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+SERVE_EXAMPLES = """\
+examples:
+  qvggt-export serve out/w4a4 --runtime onnxruntime --port 8000
+      model.onnx on ONNX Runtime (CPU) at http://127.0.0.1:8000/v2/models/vggt/infer
+  qvggt-export serve out/w8a8/model.engine --host 0.0.0.0 --max-concurrency 1      the engine (CUDA GPU)
+  curl -s localhost:8000/v2/models/vggt          inputs, outputs, frame range (KServe v2 model metadata)
+
+The protocol is KServe v2 / Triton HTTP (JSON tensors and Triton's binary tensor extension), so Triton's client
+(tritonclient.http) works against it. Requests: one sequence, images [S, 3, H, W] or [1, S, 3, H, W] FP32 in
+[0, 1], preprocessed as the export. Errors: 400 invalid request, 404 unknown model, 413 body too large, 503 busy.
+"""
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    from qvggt_export.serve.backends import RUNTIMES
+
+    parser = argparse.ArgumentParser(
+        prog="qvggt-export serve", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SERVE_EXAMPLES,
+        description="Serve an export over HTTP with the KServe v2 / Triton inference protocol, backed by its "
+                    "TensorRT engine (CUDA GPU), its ONNX graph on ONNX Runtime, or its float PyTorch model.")
+    parser.add_argument("source", type=Path, help="export folder, .onnx graph or .engine file")
+    parser.add_argument("--runtime", default="auto", choices=list(RUNTIMES),
+                        help="auto: an .engine file or a folder's model.engine when a GPU is visible -> tensorrt, "
+                             "else model.onnx -> onnxruntime; pytorch: the export's float model (default auto)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 in "
+                                                             "a container)")
+    parser.add_argument("--port", type=_number(int, minimum=0, maximum=65535), default=8000,
+                        help="TCP port (default 8000; 0 = any free port)")
+    parser.add_argument("--model-name", default="vggt", help="model name in the URLs (default vggt)")
+    parser.add_argument("--max-frames", type=_positive,
+                        help="frames per request, at most (default: an engine's profile maximum, else 32)")
+    parser.add_argument("--max-concurrency", type=_positive, default=1, help="requests computed at once (default 1)")
+    parser.add_argument("--max-queue", type=_non_negative, default=16,
+                        help="requests waiting beyond those; one more is answered 503 (default 16)")
+    parser.add_argument("--max-body-mb", type=_number(float, minimum=0.001), default=256.0,
+                        help="largest request body in MiB, 413 above (default 256)")
+    parser.add_argument("--device", help="cuda:N for engines (default cuda:0); cpu or cuda:N for pytorch")
+    parser.add_argument("--threads", type=_non_negative, default=0,
+                        help="ONNX Runtime intra-op threads per request (default 0 = its default)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -329,7 +375,6 @@ def report_main(argv: list[str]) -> int:
     return EXIT_OK
 
 
-SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"eval": eval_main, "report": report_main}
 
 
 def _with_config_file(args: argparse.Namespace, argv: list[str], settings: dict[str, Any]) -> Any:
@@ -350,15 +395,76 @@ def _with_config_file(args: argparse.Namespace, argv: list[str], settings: dict[
     return PipelineConfig(**merged)
 
 # --- end of eval / report subcommands -----------------------------------------------------------------------
+def serve_main(argv: list[str]) -> int:
+    """``qvggt-export serve ...``: one call to :func:`qvggt_export.serve.serve`."""
+    args = build_serve_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from qvggt_export.serve import ServeConfig, serve
+
+    try:
+        serve(ServeConfig(source=args.source, runtime=args.runtime, host=args.host, port=args.port,
+                          model_name=args.model_name, max_frames=args.max_frames,
+                          max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                          max_body_mb=args.max_body_mb, device=args.device, threads=args.threads))
+    except QVGGTError as exc:
+        print(f"qvggt-export serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def build_serve_repo_parser() -> argparse.ArgumentParser:
+    from qvggt_export.serve.triton_repo import ENGINE_MODELS
+
+    parser = argparse.ArgumentParser(
+        prog="qvggt-export serve-repo", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a Triton Inference Server model repository for an export: <name>_onnx (ONNX Runtime, "
+                    "CPU fallback) and <name>_trt (tensorrt_plan for a plugin-free full-TensorRT engine, else a "
+                    "Python-backend model running the engine with the project's runtime, plugin registered).",
+        epilog="example:\n  qvggt-export serve-repo out/w8a8 models/\n  docker run --gpus all -v $PWD/models:/models "
+               "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository /models")
+    parser.add_argument("export_dir", type=Path, help="output folder of a qvggt-export run")
+    parser.add_argument("repo_dir", type=Path, help="model repository folder (created; other models kept)")
+    parser.add_argument("--name", default="vggt", help="model name prefix (default vggt: vggt_onnx, vggt_trt)")
+    parser.add_argument("--engine-model", default="auto", choices=list(ENGINE_MODELS),
+                        help="form of the engine model: auto (tensorrt_plan when the engine allows it, else python), "
+                             "tensorrt (refused with the reason when Triton's TensorRT backend cannot load the "
+                             "engine), python, none (default auto)")
+    parser.add_argument("--gpu-instances", type=_positive, default=1, help="engine model instances per GPU")
+    parser.add_argument("--cpu-instances", type=_positive, default=1, help="ONNX Runtime model instances")
+    parser.add_argument("--overwrite", action="store_true", help="replace models of the same name")
+    return parser
+
+
+def serve_repo_main(argv: list[str]) -> int:
+    """``qvggt-export serve-repo ...``: one call to :func:`qvggt_export.serve.triton_repo.write_model_repository`."""
+    args = build_serve_repo_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from qvggt_export.serve.triton_repo import TritonRepoConfig, write_model_repository
+
+    try:
+        summary = write_model_repository(TritonRepoConfig(
+            export_dir=args.export_dir, repo_dir=args.repo_dir, name=args.name, engine_model=args.engine_model,
+            gpu_instances=args.gpu_instances, cpu_instances=args.cpu_instances, overwrite=args.overwrite))
+    except QVGGTError as exc:
+        print(f"qvggt-export serve-repo: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for model in summary["models"]:
+        print(f"{model['name']:16s} {model['kind']:12s} {model['why']}")
+    print(f"repository: {summary['repository']}")
+    return EXIT_OK
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"check": check_main, "eval": eval_main,
+                                                      "report": report_main, "serve": serve_main,
+                                                      "serve-repo": serve_repo_main}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "check":
+    if argv and argv[0] in SUBCOMMANDS:
         # A subcommand by its first word: the flag-only main command (qvggt-export --bits ... --out ...) keeps
         # working unchanged, which argparse subparsers with a default command would not guarantee.
-        return check_main(argv[1:])
-    if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -70,7 +70,8 @@ class PipelineConfig:
             conf; the aggregator runs inside it too) and check it against PyTorch in ONNX Runtime.
         engine_hadamard: how the engine runs DSFQ rotations: ``"plugin"`` (the ``qvggt::Hadamard`` TensorRT
             plugin; the engine is built from ``model.plugin.onnx``) or ``"function"`` (TensorRT inlines the
-            ONNX function into small GEMMs).
+            ONNX function into small GEMMs, plugin-free) or ``"auto"``: function for full TensorRT, plugin for
+            TensorRT-RTX (:func:`~qvggt_export.engine.runtimes.default_engine_hadamard`).
         engine_profile: name of a profile in ``engines/`` or a path to a profile JSON. Left at
             ``"rtx-default"`` (or ``None``), fp8 and nvfp4 use their own default (the format registry's
             ``default_profile``: ``rtx-sm89-sm120``, ``rtx-sm120``), since rtx-default also targets SM86, which
@@ -113,7 +114,7 @@ class PipelineConfig:
     hadamard: str = "function"
     engine: bool = True
     export_track: bool = False
-    engine_hadamard: str = "plugin"
+    engine_hadamard: str = "auto"
     engine_profile: str | None = DEFAULT_ENGINE_PROFILE
     engine_lowering: str = "auto"
     engine_fp16: bool = False
@@ -150,8 +151,8 @@ class PipelineConfig:
         if self.hadamard not in ("function", "dense"):
             raise QVGGTError(f"hadamard must be 'function' or 'dense', got {self.hadamard!r} (the plugin form "
                              "needs the TensorRT plugin and cannot be checked in ONNX Runtime)")
-        if self.engine_hadamard not in ("plugin", "function"):
-            raise QVGGTError(f"engine_hadamard must be 'plugin' or 'function', got {self.engine_hadamard!r}")
+        if self.engine_hadamard not in ("auto", "plugin", "function"):
+            raise QVGGTError(f"engine_hadamard must be 'auto', 'plugin' or 'function', got {self.engine_hadamard!r}")
         if self.backend not in ("auto", "rtx", "trt"):
             raise QVGGTError(f"backend must be auto, rtx or trt, got {self.backend!r}")
         if self.engine_lowering not in ENGINE_LOWERINGS:
@@ -202,6 +203,17 @@ class PipelineConfig:
                 f"SM{minimum} or newer); use --engine-profile {spec.default_profile}, a profile "
                 "without those targets, or --no-engine")
         return requested
+
+    def resolved_engine_hadamard(self) -> str:
+        """``engine_hadamard``, or for ``auto`` the build flavour's default (qvggt_export.engine.runtimes):
+        plugin-free for full TensorRT (trtexec / Triton / C++ load it), the plugin for TensorRT-RTX."""
+        if self.engine_hadamard != "auto":
+            return self.engine_hadamard
+        from qvggt_export.engine.profiles import load_profile
+        from qvggt_export.engine.runtimes import build_flavour, default_engine_hadamard
+
+        profile_backend = load_profile(self.resolved_engine_profile()).backend
+        return default_engine_hadamard(build_flavour(self.backend, profile_backend))
 
     def resolved_engine_lowering(self) -> str:
         """The lowering the engine graph gets: ``engine_lowering``, or the format's default for ``auto``."""
@@ -526,7 +538,7 @@ def engine_target(config: PipelineConfig) -> Any:
 
     return EngineTarget(bits=config.bits, profile=config.resolved_engine_profile(),
                         lowering=config.resolved_engine_lowering(), backend=config.backend,
-                        hadamard=config.engine_hadamard, float16=config.engine_fp16,
+                        hadamard=config.resolved_engine_hadamard(), float16=config.engine_fp16,
                         rotates=config.quantized and get_method(config.method).rotates, seed=config.seed)
 
 

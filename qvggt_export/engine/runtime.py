@@ -37,7 +37,6 @@ import importlib.util
 import itertools
 import json
 import logging
-import mmap
 import os
 import re
 import threading
@@ -96,9 +95,6 @@ _ERROR = ERROR  # ILogger severities: qvggt_export.engine.trt_logger
 _MAX_RECORDS = 256  # the capture is a ring: an engine that runs for days must not grow it
 _MAX_QUOTED = 4
 
-# The plugin's creator name and namespace (qvggt_export.plugins); kept literal so that scanning an engine does
-# not import the plugin package.
-_PLUGIN_MARKERS = (b"Hadamard",)
 
 # What TensorRT logs when a file is not an engine at all (or an engine of a format this runtime cannot even
 # parse): TensorRT-RTX's header check, and the magic-tag assertion of both flavours.
@@ -366,17 +362,12 @@ def _built_with(engine_file: Path) -> str | None:
     return None
 
 
-def _scan(engine_file: Path, pattern: re.Pattern[bytes] | bytes) -> bytes | None:
-    # mmap: VGGT-1B engines are GBs; searching the mapped pages copies nothing.
-    with open(engine_file, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        if isinstance(pattern, bytes):
-            return pattern if view.find(pattern) >= 0 else None
-        match = pattern.search(view)
-        return bytes(match.group(1)) if match is not None else None
-
-
 def _uses_plugin(engine_file: Path) -> bool:
-    return any(_scan(engine_file, marker) for marker in _PLUGIN_MARKERS)
+    # The plugin's serialized creator name and namespace (qvggt_export.engine.runtimes); scanning an engine does
+    # not import the plugin package. Layer names of a plugin-free engine ("Hadamard_64/...") do not match.
+    from qvggt_export.engine.runtimes import uses_plugin
+
+    return uses_plugin(engine_file)
 
 
 def _classify_log(messages: Sequence[str]) -> tuple[str, str] | None:

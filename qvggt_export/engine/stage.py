@@ -151,8 +151,11 @@ def _engine_report(target: EngineTarget, graph: Path, data: dict[str, Any], plug
     if "engine_path" not in data:  # not built: {"path": None, "reason": ...}
         return {**data, **choice}
     hadamard = "plugin" if plugin_nodes else ("function" if target.rotates else "none")
+    from qvggt_export.engine.runtimes import loadable_by
+
     return {"path": data.pop("engine_path"), "onnx": str(graph), "hadamard": hadamard,
-            "hadamard_plugin_nodes": plugin_nodes, **choice, **data}
+            "hadamard_plugin_nodes": plugin_nodes, "loadable_by": loadable_by(data["backend"], plugin_nodes > 0),
+            **choice, **data}
 
 
 def _engine_from_graph(target: EngineTarget, graph: Path, engine_path: Path,

@@ -89,6 +89,8 @@ class CheckConfig:
         frames: frame counts of the generated sequences (default: the export's frame count, and 1).
         input_seed: seed of the generated sequences.
         engine: a TensorRT / TensorRT-RTX engine to compare as well (needs a CUDA GPU).
+        runtime: the runtime the engine is meant for (a key of :data:`qvggt_export.engine.runtimes.RUNTIMES`, e.g.
+            ``triton-tensorrt``); a pairing that cannot work is refused before anything runs.
         localize: layer-by-layer check of quantized graphs: ``always``, ``on-failure`` or ``never``.
         report: where the JSON goes (default ``export_dir/check.json``, else ``<onnx>.check.json``).
     """
@@ -105,6 +107,7 @@ class CheckConfig:
     frames: tuple[int, ...] | None = None
     input_seed: int = 1
     engine: Path | None = None
+    runtime: str | None = None
     localize: str = "always"
     report: Path | None = None
 
@@ -115,6 +118,13 @@ class CheckConfig:
                 object.__setattr__(self, name, Path(value))
         if self.export_dir is None and self.onnx is None:
             raise QVGGTError("give an export folder or an ONNX file to check")
+        if self.runtime is not None:
+            from qvggt_export.engine.runtimes import RUNTIMES
+
+            if self.engine is None:
+                raise QVGGTError("--runtime names the runtime an engine is meant for; give the engine with --engine")
+            if self.runtime not in RUNTIMES:
+                raise QVGGTError(f"unknown runtime {self.runtime!r}; known: {', '.join(RUNTIMES)}")
         if self.localize not in LOCALIZE_MODES:
             raise QVGGTError(f"localize must be one of {LOCALIZE_MODES}, got {self.localize!r}")
         if self.frames is not None:
@@ -263,6 +273,10 @@ def check_export(config: CheckConfig) -> dict[str, Any]:
     from qvggt_export.parity.runners import engine_runner, onnxrt_runner, reference_runner, torch_runner
 
     started = time.perf_counter()
+    if config.runtime is not None and config.engine is not None:
+        from qvggt_export.engine.runtimes import check_runtime, engine_kind
+
+        check_runtime(engine_kind(config.engine), config.runtime, config.engine)
     resolved = _resolve(config)
     import importlib.util
 
