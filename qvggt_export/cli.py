@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nfds-batch", type=_positive, default=8,
                         help="NFDS: candidates per forward of the statistics pass (default 8; same selection at any "
                              "value, about 0.8 GB of GPU memory per candidate for VGGT-1B at 518 px, 10 frames)")
+    parser.add_argument("--nfds-correlation", default="flattened", choices=["flattened", "pooled"],
+                        help="NFDS eq. 12 frame vectors: flattened = the paper's (each frame's patch tokens as one "
+                             "s x d vector, cosine with frame 0 position by position); pooled = mean-pooled frame "
+                             "features (the earlier form) (default flattened)")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable calibration files with a warning")
     parser.add_argument("--frames", type=_positive, default=3, help="frames per sequence (default 3)")
     parser.add_argument("--image-size", type=_image_size, help="resize width (default: the model's img_size)")
@@ -230,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             alpha=args.alpha, recon_iters=args.recon_iters,
             calib_data=args.calib_data, calib_size=args.calib_size, calib_pool=args.calib_pool,
             calib_strategy=args.calib_strategy, nfds_p=args.nfds_p, nfds_k=args.nfds_k, nfds_batch=args.nfds_batch,
+            nfds_correlation=args.nfds_correlation,
             skip_bad=args.skip_bad, frames=args.frames,
             image_size=args.image_size, preprocess=args.preprocess, seed=args.seed, engine=not args.no_engine,
             hadamard=args.hadamard, engine_hadamard=args.engine_hadamard, engine_profile=args.engine_profile,

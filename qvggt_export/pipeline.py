@@ -73,6 +73,8 @@ class PipelineConfig:
         nfds_p, nfds_k: NFDS filter fraction (drop the top p) and K-Means clusters.
         nfds_batch: candidates per forward in the NFDS statistics pass (same statistics at any value; more
             is faster and takes more memory: about 0.8 GB per candidate for VGGT-1B at 518 px, 10 frames).
+        nfds_correlation: eq. 12's frame vectors: ``"flattened"`` (the paper's: each frame's patch tokens as one
+            ``s x d`` vector) or ``"pooled"`` (mean-pooled frame features, the earlier form).
         skip_bad: skip unreadable calibration files with a warning instead of failing.
         frames: frames per sequence.
         image_size: preprocessing / generation size; ``None`` = the model's ``img_size``.
@@ -114,6 +116,7 @@ class PipelineConfig:
     nfds_p: float = 0.2
     nfds_k: int = 8
     nfds_batch: int = 8
+    nfds_correlation: str = "flattened"
     skip_bad: bool = False
     frames: int = 3
     image_size: int | None = None
@@ -217,7 +220,7 @@ class PipelineConfig:
         from qvggt_export.calib import NFDSConfig
 
         return NFDSConfig(strategy=self.calib_strategy, budget=self.calib_size, p=self.nfds_p, k=self.nfds_k,
-                          seed=self.seed, batch_size=self.nfds_batch)
+                          seed=self.seed, batch_size=self.nfds_batch, correlation=self.nfds_correlation)
 
     def quant_config(self) -> Any:
         from qvggt_export.quant import QuantConfig
