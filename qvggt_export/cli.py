@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recon-iters", type=_non_negative, default=0,
                         help="block-reconstruction steps per block, learning smoothing factors and weight steps "
                              "(default 0 = off)")
+    parser.add_argument("--recon-checkpoint", metavar="PATH",
+                        help="file where block reconstruction keeps its progress, resumed by a rerun (default: in "
+                             "the output folder, carried to the next run of the same command)")
     parser.add_argument("--calib-data", help="image folder (or folder of them), CO3Dv2 root, video file or folder, "
                                              "or list file (default: generated sequences)")
     parser.add_argument("--calib-strategy", default="nfds", choices=["nfds", "random", "filtered", "clustered"],
@@ -136,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--export-track", action="store_true",
                         help="also export the tracking head as track.onnx (images + query_points -> track, vis, "
                              "conf) and check it in ONNX Runtime")
-    parser.add_argument("--engine-profile", default="rtx-default",
-                        help="build profile name (engines/*.json) or path (default rtx-default)")
+    parser.add_argument("--engine-profile", default=None,
+                        help="build profile name (engines/*.json) or path (default: rtx-default; for fp8 "
+                             "rtx-sm89-sm120, for nvfp4 rtx-sm120); a profile given explicitly must suit the format")
     parser.add_argument("--engine-lowering", default="auto",
                         choices=["auto", "as-written", "int8-static", "w4a8", "w4a16"],
                         help="rewrite of the quantized graph for the engine (README 'Engines per target'): auto = "
@@ -217,6 +221,16 @@ def check_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console entry point: Ctrl-C at any moment (parsing, imports, any stage) is exit 130 and one line;
+    the run's staging folder is removed on the way out and the previous run in ``--out`` stays as it was."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("qvggt-export: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "check":
         # A subcommand by its first word: the flag-only main command (qvggt-export --bits ... --out ...) keeps
@@ -231,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = PipelineConfig(
             out_dir=args.out, bits=args.bits, model=args.model, checkpoint=args.checkpoint, method=args.method,
-            alpha=args.alpha, recon_iters=args.recon_iters,
+            alpha=args.alpha, recon_iters=args.recon_iters, recon_checkpoint=args.recon_checkpoint,
             calib_data=args.calib_data, calib_size=args.calib_size, calib_pool=args.calib_pool,
             calib_strategy=args.calib_strategy, nfds_p=args.nfds_p, nfds_k=args.nfds_k, nfds_batch=args.nfds_batch,
             nfds_correlation=args.nfds_correlation,
@@ -248,9 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     except QVGGTError as exc:
         print(f"qvggt-export: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("qvggt-export: interrupted", file=sys.stderr)
-        return 130
 
     parity = report["parity"]
     engine = report["engine"]

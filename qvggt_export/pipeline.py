@@ -23,7 +23,8 @@ import torch
 
 from qvggt_export import __version__
 from qvggt_export.errors import MissingDependencyError, QVGGTError
-from qvggt_export.io import ensure_writable_dir, write_json_atomic
+from qvggt_export.io import write_json_atomic
+from qvggt_export.rundir import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class PipelineConfig:
         method: ``"dsfq"`` (default), ``"rtn"``, ``"smooth"``, ``"rotate"`` or ``"smooth_rotate"`` (paper Tab. 4).
         alpha: smoothing strength (eq. 7).
         recon_iters: block-reconstruction steps per block (0 = off).
+        recon_checkpoint: where block reconstruction keeps its progress; ``None`` = inside the run folder (carried
+            to the next run of the same configuration, and kept beside ``--out`` by a run that fails).
         calib_data: image folder(s), CO3Dv2 root, video(s) or list file; ``None`` generates pseudo
             multi-view sequences.
         calib_size: calibration sequences selected (the paper: 40).
@@ -88,10 +91,11 @@ class PipelineConfig:
         engine_hadamard: how the engine runs DSFQ rotations: ``"plugin"`` (the ``qvggt::Hadamard`` TensorRT
             plugin; the engine is built from ``model.plugin.onnx``) or ``"function"`` (TensorRT inlines the
             ONNX function into small GEMMs).
-        engine_profile: name of a profile in ``engines/`` or a path to a profile JSON. Left at
-            ``"rtx-default"`` (or ``None``), fp8 and nvfp4 use their own default (:data:`FORMAT_DEFAULT_PROFILES`:
-            ``rtx-sm89-sm120``, ``rtx-sm120``), since rtx-default also targets SM86, which has neither; any
-            other profile must target only architectures the format can build for, or the run is refused.
+        engine_profile: name of a profile in ``engines/`` or a path to a profile JSON; ``None`` (the default)
+            = the format's default: ``rtx-default``, or for fp8 and nvfp4 their own
+            (:data:`FORMAT_DEFAULT_PROFILES`: ``rtx-sm89-sm120``, ``rtx-sm120``), since rtx-default also targets
+            SM86, which has neither. A profile given explicitly (``rtx-default`` included) must target only
+            architectures the format can build for, or the run is refused.
         engine_lowering: how the canonical quantized graph is rewritten for the engine
             (:mod:`qvggt_export.export.lowering`): ``"auto"`` (the per-format default of
             :func:`~qvggt_export.export.lowering.default_lowering`: W4A4 -> ``w4a16``, since TensorRT has no
@@ -109,6 +113,7 @@ class PipelineConfig:
     method: str = "dsfq"
     alpha: float = 0.5
     recon_iters: int = 0
+    recon_checkpoint: str | None = None
     calib_data: str | None = None
     calib_size: int = 4
     calib_pool: int = 16
@@ -126,7 +131,7 @@ class PipelineConfig:
     engine: bool = True
     export_track: bool = False
     engine_hadamard: str = "plugin"
-    engine_profile: str | None = DEFAULT_ENGINE_PROFILE
+    engine_profile: str | None = None
     engine_lowering: str = "auto"
     engine_fp16: bool = False
     backend: str = "auto"
@@ -172,8 +177,6 @@ class PipelineConfig:
         if self.engine_fp16 and self.family == "int" and self.resolved_engine_lowering() == "as-written":
             raise QVGGTError("engine_fp16 needs a lowered integer graph (int8-static, w4a8 or w4a16): the "
                              "as-written graph's per-token step floor (1e-8) underflows in FP16")
-        if self.engine_profile is None:
-            object.__setattr__(self, "engine_profile", DEFAULT_ENGINE_PROFILE)
         if self.engine:
             self.resolved_engine_profile()  # refuses a profile the format cannot build for, before any write
 
@@ -185,17 +188,17 @@ class PipelineConfig:
         return "float" if self.bits in FLOAT_FORMATS else format_family(self.bits)
 
     def resolved_engine_profile(self) -> str:
-        """The engine profile this run builds with: ``engine_profile``, or the format's default when it was
-        left at ``rtx-default``.
+        """The engine profile this run builds with: ``engine_profile``, or the format's default when it is
+        ``None``.
 
         Raises:
             QVGGTError: the profile cannot be loaded, or targets an architecture the format cannot build for.
         """
-        requested = self.engine_profile or DEFAULT_ENGINE_PROFILE
+        if self.engine_profile is None:
+            return FORMAT_DEFAULT_PROFILES.get(self.family, DEFAULT_ENGINE_PROFILE)
+        requested = self.engine_profile
         if self.family not in FORMAT_MIN_SM:
             return requested
-        if requested == DEFAULT_ENGINE_PROFILE:
-            return FORMAT_DEFAULT_PROFILES[self.family]
         from qvggt_export.engine.profiles import load_profile
 
         profile = load_profile(requested)
@@ -347,7 +350,11 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     if config.quantized:
         report["format"] = {"name": config.bits, "family": config.family, "lowering": FORMAT_LOWERING[config.family]}
 
-    # Inputs first: nothing is written until model, weights and data are known to be good.
+    # Inputs first: nothing is written until model, weights and data are known to be good; what needs no model
+    # is checked in the first seconds.
+    from qvggt_export.preflight import preflight
+
+    preflight(config)
     with timer.stage("load_model"):
         model, report["model"] = _load_model(config)
     if config.export_track and getattr(model, "track_head", None) is None:
@@ -355,11 +362,11 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     with timer.stage("calibration_data"):
         batches, report["calibration"], selection = _calibration_data(config, model, config.progress)
 
-    out_dir = config.out_dir
-    existed = out_dir.exists()
-    before = set(out_dir.iterdir()) if existed and out_dir.is_dir() else set()
-    ensure_writable_dir(out_dir)
+    # Every stage writes into a staging folder beside --out, which replaces --out only if the run succeeds.
+    run = RunFolder(config.out_dir, config.to_dict(), resumable=(RECON_CHECKPOINT,))
     try:
+        config = dataclasses.replace(config, out_dir=run.staging)
+        out_dir = config.out_dir
         write_json_atomic(out_dir / "config.json", config.to_dict())
         from qvggt_export.calib import write_selection_report
 
@@ -374,8 +381,10 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             quant_config = config.quant_config()
             with timer.stage("quantize"):
                 float_model = copy.deepcopy(model)
-                # Reconstruction checkpoints into the output folder: rerunning the same command resumes.
-                checkpoint = out_dir / RECON_CHECKPOINT if config.recon_iters else None
+                # Reconstruction checkpoints into the run folder (carried over by RunFolder: rerunning the same
+                # command resumes) or where --recon-checkpoint says.
+                checkpoint = (Path(config.recon_checkpoint) if config.recon_checkpoint else out_dir / RECON_CHECKPOINT
+                              ) if config.recon_iters else None
                 result = calibrate(model, quant_config, batches, progress, recon_checkpoint=checkpoint)
                 layers = result.layers
                 report["quantization"] = {
@@ -426,9 +435,9 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             report["calibration"]["selection_share_of_calibration"] = round(
                 report["calibration"]["selection_seconds"] / max(calibration_s, 1e-9), 3)
         write_json_atomic(out_dir / "report.json", report)
-        return report
+        return run.commit()
     except BaseException:
-        _remove_partial_outputs(out_dir, existed, before)
+        run.abort()
         raise
 
 
@@ -484,25 +493,6 @@ def _parity_stage(config: PipelineConfig, model: torch.nn.Module, float_model: t
         parity["layers"] = layers
         parity["passed"] = parity["passed"] and layers["first_failing_layer"] is None
     return parity
-
-
-def _remove_partial_outputs(out_dir: Path, existed: bool, before: set[Path]) -> None:
-    """After a failed run, remove what this run wrote (a failed run must not leave outputs that look like
-    a result), except a block-reconstruction checkpoint, kept so that the same command resumes."""
-    import shutil
-
-    if not out_dir.is_dir():
-        return
-    for path in set(out_dir.iterdir()) - before:
-        if path.name == RECON_CHECKPOINT:
-            continue
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-    if not existed and not any(out_dir.iterdir()):
-        out_dir.rmdir()
 
 
 def _plugin_graph(onnx_path: Path, out_dir: Path, name: str = "model.plugin.onnx") -> tuple[Path, int]:
@@ -562,8 +552,8 @@ def _build_engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTim
     engine_path = config.out_dir / "model.engine"
     profile = config.resolved_engine_profile()
     choice: dict[str, Any] = {"profile_name": profile}
-    if profile != config.engine_profile:
-        choice["profile_reason"] = (f"{config.engine_profile} targets architectures without {config.bits} support; "
+    if config.engine_profile is None and profile != DEFAULT_ENGINE_PROFILE:
+        choice["profile_reason"] = (f"{DEFAULT_ENGINE_PROFILE} targets architectures without {config.bits} support; "
                                     f"{profile} is the default for {config.bits}")
     with timer.stage("lower_for_engine"):
         graph, choice["lowering"] = _lowered_graph(config, onnx_path, config.resolved_engine_lowering(),
