@@ -240,16 +240,12 @@ def test_unreadable_checkpoints_are_named_with_their_cause(tmp_path, monkeypatch
 def test_pickled_objects_in_a_torch_zip_are_refused_without_torch_advice(tmp_path, capsys) -> None:
     import torch
 
-    from qvggt_export.errors import QVGGTError
-    from qvggt_export.model.checkpoint import load_state_dict_file
-
     path = tmp_path / "whole_model.pt"
     torch.save({"model": torch.nn.Linear(2, 2)}, path)
-    with pytest.raises(QVGGTError) as info:
-        load_state_dict_file(path)
-    message = str(info.value)
-    assert "holds pickled Python objects besides tensors" in message and "weights_only" not in message
-    assert "\n" not in message
+    assert main([*SMALL, "--no-engine", "--checkpoint", str(path), "--out", str(tmp_path / "o")]) == EXIT_USAGE
+    err = _one_line_error(capsys, f"checkpoint {path} holds pickled Python objects besides tensors")
+    assert "refused for safety" in err and "weights_only" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_stale_reconstruction_checkpoint_names_the_option(tmp_path, capsys) -> None:
@@ -283,3 +279,33 @@ def test_failed_run_keeps_reconstruction_progress_and_the_same_command_resumes(t
     blocks = [v for v in reconstruction.values() if isinstance(v, dict) and "resumed" in v]
     assert blocks and all(b["resumed"] == 1.0 for b in blocks), "every block came from the kept checkpoint"
     assert not resume.exists() and (out / "reconstruction_checkpoint.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_same_command_gives_byte_identical_onnx_and_weights(finished, tmp_path) -> None:
+    """What the README calls byte-deterministic: the ONNX graph and the quantized weights (not engines, not
+    report.json with its timings and run id)."""
+    again = tmp_path / "again"
+    assert main([*SMALL, "--no-engine", "--out", str(again)]) == EXIT_OK
+    first, second = (json.loads((d / MANIFEST).read_text())["files"] for d in (finished, again))
+    for name in ("model.onnx", "quantized_model.safetensors", "quantized_model.json"):
+        assert first[name]["sha256"] == second[name]["sha256"], name
+    assert first["report.json"]["sha256"] != second["report.json"]["sha256"]  # run id and timings differ
+
+
+def test_staging_folder_of_a_killed_run_is_removed_by_the_next_run(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from qvggt_export.rundir import RunFolder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    pid = int(dead.stdout)  # a process that has exited (as after kill -9)
+    left = tmp_path / f".out.staging-{pid}-0123456789ab"
+    left.mkdir()
+    (left / "model.onnx").write_bytes(b"half")
+    run = RunFolder(tmp_path / "out", {"bits": "w4a4"})
+    assert not left.exists() and run.staging.is_dir()
+    run.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
