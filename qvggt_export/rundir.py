@@ -64,6 +64,9 @@ def validate_output_folder(out_dir: str | os.PathLike[str]) -> Path:
     if out.name in ("", ".", ".."):
         raise QVGGTError(f"--out {out_dir} must name a folder of its own (it is replaced as a whole when the run "
                          "succeeds), e.g. --out out/run1")
+    if out.is_symlink():
+        raise QVGGTError(f"--out {out} is a symbolic link; pass the folder it points to ({out.resolve()}), which the "
+                         "run replaces as a whole")
     if out.exists() and not out.is_dir():
         raise QVGGTError(f"--out {out} is a regular file, not a folder; choose another --out")
     parent = out.parent
@@ -194,7 +197,7 @@ class RunFolder:
         """Paths written during the run name the staging folder: make them name ``out_dir``."""
         staged, final = str(self.staging), str(self.out_dir)
         for path in _files(self.staging):
-            if path.suffix not in (".json", ".md", ".csv", ".txt"):
+            if path.suffix not in (".json", ".md", ".csv", ".txt", ".log"):
                 continue
             text = path.read_text(encoding="utf-8", errors="surrogateescape")
             if staged in text:

@@ -180,6 +180,10 @@ def test_output_folder_refused_before_the_model_is_built(tmp_path, monkeypatch, 
     assert main([*SMALL, "--no-engine", "--out", str(mine)]) == EXIT_USAGE
     _one_line_error(capsys, "holds files that are not from a qvggt-export run (notes.txt)")
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    assert main([*SMALL, "--no-engine", "--out", str(link)]) == EXIT_USAGE
+    _one_line_error(capsys, "is a symbolic link; pass the folder it points to")
 
 
 @pytest.mark.skipif(__import__("os").geteuid() == 0, reason="root writes into read-only folders")
