@@ -252,6 +252,7 @@ def test_pickled_objects_in_a_torch_zip_are_refused_without_torch_advice(tmp_pat
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_stale_reconstruction_checkpoint_names_the_option(tmp_path, capsys) -> None:
     stale = tmp_path / "stale.safetensors"
     args = [*SMALL, "--no-engine", "--recon-iters", "1", "--recon-checkpoint", str(stale)]
@@ -261,6 +262,7 @@ def test_stale_reconstruction_checkpoint_names_the_option(tmp_path, capsys) -> N
     _one_line_error(capsys, "give this run its own file with --recon-checkpoint PATH")
 
 
+@pytest.mark.slow
 def test_failed_run_keeps_reconstruction_progress_and_the_same_command_resumes(tmp_path, monkeypatch) -> None:
     import qvggt_export.export as export_module
     from qvggt_export.errors import QVGGTError
