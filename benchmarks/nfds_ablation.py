@@ -166,12 +166,13 @@ def ablation(args) -> None:
     candidates = [sample for _, sample in pool.iter_samples()]
     corrupted = _corrupt(candidates, args.corrupt)
     started = time.perf_counter()
-    stats = collect_statistics(candidates, float_model, NFDSConfig(budget=args.budget, k=args.k), progress=False)
+    stats = collect_statistics(candidates, float_model, NFDSConfig(budget=args.budget, k=args.k,
+                                                                   correlation=args.correlation), progress=False)
     statistics_s = time.perf_counter() - started
     runs = []
     calibration_s = 0.0
     for seed in range(args.seeds):  # strategies interleaved per seed: machine load drifts evenly over all four
-        for strategy in STRATEGIES:
+        for strategy in args.strategies:
             selection = select_from_statistics(stats, NFDSConfig(strategy=strategy, budget=args.budget, k=args.k,
                                                                  seed=seed))
             batches = [candidates[i].unsqueeze(0) for i in selection.selected_indices]
@@ -186,18 +187,19 @@ def ablation(args) -> None:
                   flush=True)
 
     summary = {}
-    for strategy in STRATEGIES:
+    for strategy in args.strategies:
         rows = [r for r in runs if r["strategy"] == strategy]
         summary[strategy] = {m: {"mean": statistics.mean(r[m] for r in rows),
                                  "stdev": statistics.stdev(r[m] for r in rows) if len(rows) > 1 else 0.0}
                              for m in METRICS}
         summary[strategy]["corrupted_selected_mean"] = statistics.mean(r["corrupted_selected"] for r in rows)
-    values = {s: {m: [r[m] for r in runs if r["strategy"] == s] for m in METRICS} for s in STRATEGIES}
+    values = {s: {m: [r[m] for r in runs if r["strategy"] == s] for m in METRICS} for s in args.strategies}
     p_lower_var = {m: _f_test_lower(values["nfds"][m], values["random"][m]) for m in METRICS}
     diagnostics = _diagnostics(stats, ids, corrupted, args)
     result = {"preset": PRESET, "source": source_name, "pool": len(pool), "corrupted": len(corrupted),
               "budget": args.budget, "k": args.k, "p": NFDSConfig().p, "frames": args.frames, "seeds": args.seeds,
-              "recon_iters": args.recon_iters, "threads": torch.get_num_threads(),
+              "recon_iters": args.recon_iters, "correlation": args.correlation, "strategies": list(args.strategies),
+              "threads": torch.get_num_threads(),
               "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
               "held_out_sequences": len(held_out), "nfds_statistics_s": round(statistics_s, 2),
               "mean_calibration_s": round(calibration_s / len(runs), 2),
@@ -207,7 +209,10 @@ def ablation(args) -> None:
     name = "nfds_ablation" + (f"_corrupt{int(round(args.corrupt * 100))}" if corrupted else "")
     name += f"_{args.tag}" if args.tag else ""
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# NFDS ablation on `{PRESET}`, W4A4 DSFQ + {args.recon_iters} reconstruction steps/block", "",
+    lines = [f"# NFDS ablation on `{PRESET}`, W4A4 DSFQ + {args.recon_iters} reconstruction steps/block, eq. 12 "
+             f"{args.correlation}", "",
+             f"Eq. 12 form: `{args.correlation}` (`NFDSConfig.correlation`; flattened = the paper's per-frame s x d "
+             "patch-token vectors, pooled = mean-pooled frame features).", "",
              f"Pool: {len(pool)} windows of {args.frames} frames from {source_name} ({diagnostics['pool_by_source']}); "
              f"budget {args.budget} ({100 * args.budget / len(pool):.0f} % of the pool); K = {args.k}; "
              f"p = {result['p']}; {args.seeds} seeds per strategy; {len(held_out)} held-out sequences "
@@ -216,7 +221,7 @@ def ablation(args) -> None:
              "(RMSE / std of the float output) and of the camera-rotation error (degrees):", "",
              "| strategy | last aggregator layer | depth | world_points | rotation deg | degraded picked |",
              "|---|---|---|---|---|---|"]
-    for strategy in STRATEGIES:
+    for strategy in args.strategies:
         s = summary[strategy]
         lines.append(f"| {strategy} | " + " | ".join(f"{s[m]['mean']:.4f} +- {s[m]['stdev']:.4f}" for m in METRICS)
                      + f" | {s['corrupted_selected_mean']:.1f} |")
@@ -470,6 +475,10 @@ def main() -> None:
     parser.add_argument("--recon-iters", type=int, default=10)
     parser.add_argument("--corrupt", type=float, default=0.0, help="fraction of pool candidates degraded")
     parser.add_argument("--tag", default="", help="suffix of the result files")
+    parser.add_argument("--correlation", default=NFDSConfig().correlation, choices=["flattened", "pooled"],
+                        help="eq. 12 form (NFDSConfig.correlation; default: the paper's flattened form)")
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES),
+                        help="strategies compared (nfds and random are required for the summary)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see notes)")
     parser.add_argument("--cost", action="store_true", help="measure NFDS cost vs calibration instead")
     parser.add_argument("--cost-preset", default="tiny")

@@ -14,8 +14,14 @@ Pipeline (equation numbers are the paper's):
    i.e. the ``floor(p * N)`` highest-scoring candidates (ties broken by candidate order), and keep the
    rest (p = 0.2 keeps 80 %). Keeping only 20 % of a 400 pool would leave 80 candidates for a budget of
    40, an odd way to remove *noise*; the paper's ablation shows p = 0.1..0.3 all work.
-4. **Frame-aware correlation vector** (eq. 12) -- the last layer's output is mean-pooled over each
-   frame's tokens to ``a_0 .. a_{f-1}`` (``[S, 2C]``), and ``c_t = cos(a_0, a_t)`` for ``t = 1..f-1``.
+4. **Frame-aware correlation vector** (eq. 12) -- as the paper defines it (``correlation="flattened"``, the
+   default): the last layer's output ``[S, P, 2C]`` is reshaped per frame into one vector of dimension
+   ``s x d`` (the frame's ``s`` patch tokens, ``d = 2C`` channels, flattened in token order), and
+   ``c_t = cos(a_0, a_t)`` for ``t = 1..f-1``: frame 0 and frame t are compared position by position, a
+   measure of viewpoint change. The camera and register tokens are dropped: they are not image positions
+   (``patch_start_idx`` of them lead each frame). ``correlation="pooled"`` keeps the earlier form: each frame's
+   tokens are mean-pooled first (``pool_tokens`` chooses which) to ``a_t`` of dimension ``2C``, which keeps
+   almost no geometry (the vectors cluster by camera stride rather than content; ``nfds_findings.md``).
    Single-frame candidates (``f == 1``) have no correlation vector: they are clustered on the
    L2-normalised pooled feature ``a_0`` instead (with a warning).
 5. **Clustering** (eq. 13) -- scikit-learn ``KMeans(K, n_init, random_state=seed)`` on the vectors of the
@@ -92,6 +98,7 @@ __all__ = [
 
 STRATEGIES = ("nfds", "random", "filtered", "clustered")
 POOL_TOKENS = ("all", "patch")
+CORRELATIONS = ("flattened", "pooled")
 SELECTION_FORMAT = "qvggt-nfds-selection/1"
 
 # Independent random streams (per seed) for the selection steps.
@@ -129,8 +136,11 @@ class NFDSConfig:
             blocks (:func:`default_nfds_layers`).
         last_blocks: How many trailing frame/global blocks the default ``layers`` take.
         n_init: K-Means restarts.
-        pool_tokens: Tokens mean-pooled into a frame's feature for eq. 12: ``"all"`` (camera, register
-            and patch tokens) or ``"patch"`` (patch tokens only).
+        correlation: Form of eq. 12's frame vectors: ``"flattened"`` (the paper's: each frame's patch tokens
+            flattened to one ``s x d`` vector, camera/register tokens dropped) or ``"pooled"`` (each frame's
+            tokens mean-pooled to ``d``; the earlier default, kept for comparison).
+        pool_tokens: Tokens mean-pooled into a frame's feature for the ``"pooled"`` form (and the single-frame
+            fallback): ``"all"`` (camera, register and patch tokens) or ``"patch"`` (patch tokens only).
         eps: Added to the standard deviations of eq. 10 (a layer whose statistic is the same for all
             candidates then contributes 0 instead of dividing by zero).
         batch_size: Candidates run together as one ``[B, S, 3, H, W]`` forward in the statistics pass
@@ -153,6 +163,7 @@ class NFDSConfig:
     layers: tuple[str, ...] | None = None
     last_blocks: int = 4
     n_init: int = 10
+    correlation: str = "flattened"
     pool_tokens: str = "all"
     eps: float = 1e-8
     batch_size: int = 8
@@ -173,6 +184,8 @@ class NFDSConfig:
         if isinstance(self.eps, bool) or not isinstance(self.eps, int | float) or not (
                 math.isfinite(self.eps) and self.eps > 0):
             raise QVGGTError(f"NFDSConfig.eps must be a positive number, got {self.eps!r}")
+        if self.correlation not in CORRELATIONS:
+            raise QVGGTError(f"NFDSConfig.correlation must be one of {CORRELATIONS}, got {self.correlation!r}")
         if self.pool_tokens not in POOL_TOKENS:
             raise QVGGTError(f"NFDSConfig.pool_tokens must be one of {POOL_TOKENS}, got {self.pool_tokens!r}")
         if self.layers is not None:
@@ -250,6 +263,24 @@ def frame_correlation(frame_features: np.ndarray | torch.Tensor, eps: float = 1e
         raise QVGGTError(f"frame features must be [frames, dim], got shape {a.shape}")
     norms = np.linalg.norm(a, axis=1)
     return (a[1:] @ a[0]) / (norms[1:] * norms[0] + eps)
+
+
+def flattened_frame_correlation(patch_tokens: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Eq. 12 as the paper writes it: ``c_t = cos(vec(A_0), vec(A_t))`` for ``t = 1..f-1``, where ``A_t`` is
+    frame t's ``[s, d]`` patch tokens flattened to one ``s x d`` vector (same image positions compared).
+
+    Args:
+        patch_tokens: ``[..., f, s, d]`` (leading batch dimensions allowed).
+
+    Returns:
+        ``[..., f-1]`` float64.
+    """
+    if patch_tokens.ndim < 3:
+        raise QVGGTError(f"patch tokens must be [..., frames, tokens, dim], got shape {tuple(patch_tokens.shape)}")
+    flat = patch_tokens.flatten(-2).double()  # [..., f, s*d]
+    first, rest = flat[..., :1, :], flat[..., 1:, :]
+    dots = (rest * first).sum(dim=-1)
+    return dots / (rest.norm(dim=-1) * first.norm(dim=-1) + eps)
 
 
 def cluster_vectors(vectors: np.ndarray, k: int, seed: int = 0, n_init: int = 10) -> tuple[np.ndarray, int]:
@@ -575,6 +606,7 @@ def collect_statistics(candidates: Candidates, model: nn.Module, config: NFDSCon
     means: list[np.ndarray] = []
     variances: list[np.ndarray] = []
     features: list[np.ndarray] = []
+    flattened: list[np.ndarray] = []  # eq. 12 per candidate, paper form (computed per batch: s x d is large)
     frames: int | None = None
     load_s = forward_s = 0.0
     pending: list[tuple[SampleRef, torch.Tensor]] = []
@@ -599,6 +631,8 @@ def collect_statistics(candidates: Candidates, model: nn.Module, config: NFDSCon
         means.extend(stats[position, 0].T)
         variances.extend(stats[position, 1].T)
         features.extend(pooled)
+        if config.correlation == "flattened" and frames > 1:  # type: ignore[operator]
+            flattened.extend(_flattened_correlation(recorder.outputs, len(batch_refs), frames, patch_start))
         kept_refs.extend(batch_refs)
         recorder.reset(1)  # drop the hooked outputs before the next batch is read
         bar.update(len(batch_refs))
@@ -650,6 +684,9 @@ def collect_statistics(candidates: Candidates, model: nn.Module, config: NFDSCon
         pooled = np.stack([f[0] for f in features])
         vectors = pooled / (np.linalg.norm(pooled, axis=1, keepdims=True) + 1e-12)
         kind = "pooled_feature"
+    elif config.correlation == "flattened":
+        vectors = np.stack(flattened)
+        kind = "correlation"
     else:
         vectors = np.stack([frame_correlation(f) for f in features])
         kind = "correlation"
@@ -660,6 +697,16 @@ def collect_statistics(candidates: Candidates, model: nn.Module, config: NFDSCon
     return CandidateStatistics(ids=ids, refs=kept_refs, layers=layer_names, means=np.asarray(means),
                                variances=np.asarray(variances), vectors=vectors, vector_kind=kind, frames=frames,
                                timing=timing, skipped=skipped)
+
+
+def _flattened_correlation(outputs: Mapping[str, torch.Tensor], batch: int, frames: int, patch_start: int
+                           ) -> np.ndarray:
+    """Eq. 12 (paper form) per candidate of a batch: ``[B, f-1]`` from the last layer's patch tokens."""
+    frame_out, global_out = outputs["frame"], outputs["global"]
+    channels = frame_out.shape[-1]
+    per_frame = torch.cat([frame_out.reshape(batch, frames, -1, channels),
+                           global_out.reshape(batch, frames, -1, channels)], dim=-1)
+    return flattened_frame_correlation(per_frame[:, :, patch_start:]).cpu().numpy()
 
 
 def _frame_features(outputs: Mapping[str, torch.Tensor], batch: int, frames: int, patch_start: int, pool_tokens: str,

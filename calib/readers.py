@@ -57,6 +57,7 @@ Use ``mode="pad"`` to get square ``target_size`` x ``target_size`` samples from 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import json
 import logging
@@ -567,8 +568,39 @@ def _av_errors(av: Any) -> tuple[type[BaseException], ...]:
     return tuple(e for e in (ffmpeg_error, OSError, ValueError, EOFError) if e is not None)
 
 
+def _decode_robust(container: Any, stream: Any) -> Iterator[Any]:
+    """``container.decode(stream)`` that ends at a damaged packet instead of raising, after flushing the frames
+    the decoder still holds (reordered B-frames): a cut file gives every frame before the cut."""
+    errors = _av_errors(_import_av())
+    try:
+        for packet in container.demux(stream):
+            yield from packet.decode()
+    except errors:
+        with contextlib.suppress(*errors):
+            yield from stream.codec_context.decode(None)
+
+
+def _decodable_from(path: Path, start: int | None) -> list[int | None]:
+    """Timestamps of the frames that actually decode from the key frame at ``start`` (``None``: from the
+    beginning) to the end; a decoding error ends the list there (a cut or damaged tail)."""
+    av = _import_av()
+    errors = _av_errors(av)
+    decoded: list[int | None] = []
+    with contextlib.suppress(*errors), av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        if start is not None:
+            container.seek(start, stream=stream, backward=True, any_frame=False)
+        decoded = [frame.pts for frame in _decode_robust(container, stream)]  # timestamps only: no frame kept
+    return [pts for pts in decoded if start is None or (pts is not None and pts >= start)]
+
+
 def _probe_video(path: Path) -> tuple[list[int] | None, int, tuple[int, int]]:
-    """Demux (without decoding) the first video stream: (sorted frame pts or None, frame count, (H, W))."""
+    """The first video stream's decodable frames: (sorted frame pts or None, frame count, (H, W)).
+
+    The container's frame count is never trusted (headers of phone and web videos often list frames that
+    cannot be decoded): packets are demuxed without decoding, then the last group of pictures (from the last
+    key frame on) is decoded to see where the video really ends; without usable timestamps the whole stream
+    is decoded once and counted."""
     av = _import_av()
     if not path.is_file():
         raise QVGGTError(f"video not found: {path}")
@@ -578,16 +610,37 @@ def _probe_video(path: Path) -> tuple[list[int] | None, int, tuple[int, int]]:
                 raise QVGGTError(f"{path} has no video stream")
             stream = container.streams.video[0]
             hw = (int(stream.codec_context.height), int(stream.codec_context.width))
-            stamps: list[int | None] = [packet.pts for packet in container.demux(stream) if packet.size]
+            stamps: list[int | None] = []
+            keyframes: list[int] = []
+            with contextlib.suppress(*_av_errors(av)):  # a damaged container: what demuxed so far
+                for packet in container.demux(stream):
+                    if packet.size:
+                        stamps.append(packet.pts)
+                        if packet.is_keyframe and packet.pts is not None:
+                            keyframes.append(packet.pts)
     except QVGGTError:
         raise
     except _av_errors(av) as exc:
         raise QVGGTError(f"cannot read video {path}: {exc}") from exc
     if not stamps:
         raise QVGGTError(f"video {path} has no frames")
+    listed = len(stamps)
     if any(s is None for s in stamps) or len(set(stamps)) != len(stamps):
-        return None, len(stamps), hw  # no usable timestamps: decode sequentially
-    return sorted(s for s in stamps if s is not None), len(stamps), hw
+        count = len(_decodable_from(path, None))  # no usable timestamps: decode sequentially
+        if count < listed:
+            logger.warning("video %s lists %d frames, %d decode: using those", path, listed, count)
+        if not count:
+            raise QVGGTError(f"video {path} has no decodable frame ({listed} listed)")
+        return None, count, hw
+    ordered = sorted(s for s in stamps if s is not None)
+    last_key = max(keyframes) if keyframes else None
+    tail = set(_decodable_from(path, last_key))
+    decodable = [s for s in ordered if (last_key is not None and s < last_key) or s in tail]
+    if len(decodable) < listed:
+        logger.warning("video %s lists %d frames, %d decode: using those", path, listed, len(decodable))
+    if not decodable:
+        raise QVGGTError(f"video {path} has no decodable frame ({listed} listed)")
+    return decodable, len(decodable), hw
 
 
 def video_frame_count(path: str | os.PathLike[str]) -> int:
@@ -625,18 +678,21 @@ def _iter_video_frames(path: Path, indices: Sequence[int], pts: Sequence[int] | 
         if len(done) < len(wanted):
             with av.open(str(path)) as container:
                 stream = container.streams.video[0]
-                stream.thread_type = "AUTO"
-                for position, frame in enumerate(container.decode(stream)):
+                # Slice threads only: frame threading drops the frames in flight when a damaged packet stops it.
+                stream.thread_type = "SLICE"
+                for position, frame in enumerate(_decode_robust(container, stream)):
                     if position in wanted and position not in done:
                         done.add(position)
                         yield position, frame
                         if len(done) == len(wanted):
                             break
     except _av_errors(av) as exc:
-        raise QVGGTError(f"cannot decode video {path}: {exc}") from exc
+        raise QVGGTError(f"cannot decode video {path} ({len(done)} of the {len(wanted)} wanted frames decoded: "
+                         f"{exc}); pass --skip-bad to skip the windows it cannot give") from exc
     missing = sorted(wanted - done)
     if missing:
-        raise QVGGTError(f"video {path} ended before frame(s) {missing[:5]} could be decoded")
+        raise QVGGTError(f"video {path} ended before frame(s) {missing[:5]} could be decoded ({len(done)} of the "
+                         f"{len(wanted)} wanted frames decoded); pass --skip-bad to skip the windows it cannot give")
 
 
 def _decode_video_frames(path: Path, indices: Sequence[int], pts: Sequence[int] | None) -> list[Any]:
@@ -664,7 +720,7 @@ def _seek_frames(container: Any, stream: Any, index_of_pts: dict[int, int]) -> I
     while remaining:
         container.seek(remaining[0], stream=stream, backward=True, any_frame=False)
         progressed = False
-        for frame in container.decode(stream):
+        for frame in _decode_robust(container, stream):
             stamp = frame.pts
             if stamp is None:
                 raise _SeekMissError
@@ -991,6 +1047,21 @@ def build_candidate_pool(
     groups = [_sequences_from(Path(p), layout) for p in paths]
     _unique_names(groups)
     sequences = [seq for group in groups for seq in group]
+
+    # Zero-byte images are unreadable frames, not frames: found by size before any window is planned, so that
+    # "not enough frames" counts readable ones.
+    for seq in sequences:
+        if seq.kind != "images":
+            continue
+        empty = [path for path in seq.paths if path.is_file() and path.stat().st_size == 0]
+        if empty and not skip_bad:
+            more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+            raise QVGGTError(f"image {empty[0]} is an empty file (0 bytes){more}: unreadable; pass --skip-bad to "
+                             "skip unreadable files")
+        if empty:
+            logger.warning("skipping %d empty image file(s) in %s, e.g. %s", len(empty), seq.name, empty[0])
+            seq.paths = [path for path in seq.paths if path not in set(empty)]
+            seq.length = len(seq.paths)
 
     # Videos: demux once to count frames (and validate the file).
     for seq in sequences:

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recon-iters", type=_non_negative, default=0,
                         help="block-reconstruction steps per block, learning smoothing factors and weight steps "
                              "(default 0 = off)")
+    parser.add_argument("--recon-checkpoint", metavar="PATH",
+                        help="file where block reconstruction keeps its progress, resumed by a rerun (default: in "
+                             "the output folder, carried to the next run of the same command)")
     parser.add_argument("--calib-data", help="image folder (or folder of them), CO3Dv2 root, video file or folder, "
                                              "or list file (default: generated sequences)")
     parser.add_argument("--calib-strategy", default="nfds", choices=["nfds", "random", "filtered", "clustered"],
@@ -134,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nfds-batch", type=_positive, default=8,
                         help="NFDS: candidates per forward of the statistics pass (default 8; same selection at any "
                              "value, about 0.8 GB of GPU memory per candidate for VGGT-1B at 518 px, 10 frames)")
+    parser.add_argument("--nfds-correlation", default="flattened", choices=["flattened", "pooled"],
+                        help="NFDS eq. 12 frame vectors: flattened = the paper's (each frame's patch tokens as one "
+                             "s x d vector, cosine with frame 0 position by position); pooled = mean-pooled frame "
+                             "features (the earlier form) (default flattened)")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable calibration files with a warning")
     parser.add_argument("--frames", type=_positive, default=3, help="frames per sequence (default 3)")
     parser.add_argument("--image-size", type=_image_size, help="resize width (default: the model's img_size)")
@@ -152,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--export-track", action="store_true",
                         help="also export the tracking head as track.onnx (images + query_points -> track, vis, "
                              "conf) and check it in ONNX Runtime")
-    parser.add_argument("--engine-profile", default="rtx-default",
-                        help="build profile name (engines/*.json) or path (default rtx-default)")
+    parser.add_argument("--engine-profile", default=None,
+                        help="build profile name (engines/*.json) or path (default: rtx-default; for fp8 "
+                             "rtx-sm89-sm120, for nvfp4 rtx-sm120); a profile given explicitly must suit the format")
     parser.add_argument("--engine-lowering", default="auto",
                         choices=list(ENGINE_LOWERINGS),
                         help="rewrite of the quantized graph for the engine (README 'Engines per target'): auto = "
@@ -461,6 +469,16 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"check": check_main, "eval
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console entry point: Ctrl-C at any moment (parsing, imports, any stage) is exit 130 and one line;
+    the run's staging folder is removed on the way out and the previous run in ``--out`` stays as it was."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("qvggt-export: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in SUBCOMMANDS:
         # A subcommand by its first word: the flag-only main command (qvggt-export --bits ... --out ...) keeps
@@ -475,9 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = dict(
             out_dir=args.out, bits=args.bits, model=args.model, checkpoint=args.checkpoint, method=args.method,
-            alpha=args.alpha, recon_iters=args.recon_iters,
+            alpha=args.alpha, recon_iters=args.recon_iters, recon_checkpoint=args.recon_checkpoint,
             calib_data=args.calib_data, calib_size=args.calib_size, calib_pool=args.calib_pool,
             calib_strategy=args.calib_strategy, nfds_p=args.nfds_p, nfds_k=args.nfds_k, nfds_batch=args.nfds_batch,
+            nfds_correlation=args.nfds_correlation,
             skip_bad=args.skip_bad, frames=args.frames,
             image_size=args.image_size, preprocess=args.preprocess, seed=args.seed, engine=not args.no_engine,
             hadamard=args.hadamard, engine_hadamard=args.engine_hadamard, engine_profile=args.engine_profile,
@@ -492,9 +511,6 @@ def main(argv: list[str] | None = None) -> int:
     except QVGGTError as exc:
         print(f"qvggt-export: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("qvggt-export: interrupted", file=sys.stderr)
-        return 130
 
     parity = report["parity"]
     engine = report["engine"]

@@ -23,8 +23,9 @@ import torch
 from qvggt_export import __version__
 from qvggt_export.errors import QVGGTError
 from qvggt_export.formats import DEFAULT_ENGINE_PROFILE, ENGINE_LOWERINGS, format_names, get_format
-from qvggt_export.io import ensure_writable_dir, write_json_atomic
+from qvggt_export.io import write_json_atomic
 from qvggt_export.methods import get_method
+from qvggt_export.rundir import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +73,11 @@ class PipelineConfig:
             plugin; the engine is built from ``model.plugin.onnx``) or ``"function"`` (TensorRT inlines the
             ONNX function into small GEMMs, plugin-free) or ``"auto"``: function for full TensorRT, plugin for
             TensorRT-RTX (:func:`~qvggt_export.engine.runtimes.default_engine_hadamard`).
-        engine_profile: name of a profile in ``engines/`` or a path to a profile JSON. Left at
-            ``"rtx-default"`` (or ``None``), fp8 and nvfp4 use their own default (the format registry's
-            ``default_profile``: ``rtx-sm89-sm120``, ``rtx-sm120``), since rtx-default also targets SM86, which
-            has neither; any other profile must target only architectures the format can build for, or the run
-            is refused.
+        engine_profile: name of a profile in ``engines/`` or a path to a profile JSON; ``None`` (the default)
+            = the format's default (the format registry's ``default_profile``: ``rtx-default``, or ``rtx-sm89-sm120``
+            for fp8 and ``rtx-sm120`` for nvfp4, since rtx-default also targets SM86, which has neither). A profile
+            given explicitly (``rtx-default`` included) must target only architectures the format can build for,
+            or the run is refused.
         engine_lowering: how the canonical quantized graph is rewritten for the engine
             (:mod:`qvggt_export.engine.lowering`): ``"auto"`` (the per-format default of
             :func:`~qvggt_export.engine.lowering.default_lowering`: W4A4 -> ``w4a16``, since TensorRT has no
@@ -85,6 +86,10 @@ class PipelineConfig:
             refused with the ``as-written`` lowering of integer formats (the per-token step floor underflows).
         backend: ``"auto"``, ``"rtx"`` (TensorRT-RTX) or ``"trt"`` (full TensorRT).
         progress: show progress bars.
+        recon_checkpoint: where block reconstruction keeps its progress; ``None`` = inside the run folder (carried
+            to the next run of the same configuration, and kept beside ``--out`` by a run that fails).
+        nfds_correlation: eq. 12's frame vectors: ``"flattened"`` (the paper's: each frame's patch tokens as one
+            ``s x d`` vector) or ``"pooled"`` (mean-pooled frame features, the earlier form).
         device: where calibration runs (:mod:`qvggt_export.device`): ``"auto"`` (CUDA when PyTorch sees a GPU),
             ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. Export and parity always run on the CPU.
         calib_dtype: precision of the statistics-only float passes (NFDS, DSFQ channel maxima): ``"fp32"``
@@ -115,13 +120,15 @@ class PipelineConfig:
     engine: bool = True
     export_track: bool = False
     engine_hadamard: str = "auto"
-    engine_profile: str | None = DEFAULT_ENGINE_PROFILE
+    engine_profile: str | None = None
     engine_lowering: str = "auto"
     engine_fp16: bool = False
     backend: str = "auto"
     progress: bool = True
     device: str = "auto"
     calib_dtype: str = "fp32"
+    recon_checkpoint: str | None = None
+    nfds_correlation: str = "flattened"
 
     def __post_init__(self) -> None:
         from qvggt_export.device import CALIB_DTYPES, check_device_spec
@@ -169,8 +176,6 @@ class PipelineConfig:
         if self.engine_fp16 and self.family == "int" and self.resolved_engine_lowering() == "as-written":
             raise QVGGTError("engine_fp16 needs a lowered integer graph (int8-static, w4a8 or w4a16): the "
                              "as-written graph's per-token step floor (1e-8) underflows in FP16")
-        if self.engine_profile is None:
-            object.__setattr__(self, "engine_profile", DEFAULT_ENGINE_PROFILE)
         if self.engine:
             self.resolved_engine_profile()  # refuses a profile the format cannot build for, before any write
 
@@ -180,18 +185,18 @@ class PipelineConfig:
         return get_format(self.bits).family
 
     def resolved_engine_profile(self) -> str:
-        """The engine profile this run builds with: ``engine_profile``, or the format's default when it was
-        left at ``rtx-default``.
+        """The engine profile this run builds with: ``engine_profile``, or the format's default when it is
+        ``None``.
 
         Raises:
             QVGGTError: the profile cannot be loaded, or targets an architecture the format cannot build for.
         """
-        requested = self.engine_profile or DEFAULT_ENGINE_PROFILE
         spec = get_format(self.bits)
-        if spec.default_profile == DEFAULT_ENGINE_PROFILE:
-            return requested
-        if requested == DEFAULT_ENGINE_PROFILE:
+        if self.engine_profile is None:
             return spec.default_profile
+        requested = self.engine_profile
+        if spec.default_profile == DEFAULT_ENGINE_PROFILE:  # builds for every target
+            return requested
         from qvggt_export.engine.profiles import load_profile
 
         profile = load_profile(requested)
@@ -225,7 +230,7 @@ class PipelineConfig:
         from qvggt_export.calib import NFDSConfig
 
         return NFDSConfig(strategy=self.calib_strategy, budget=self.calib_size, p=self.nfds_p, k=self.nfds_k,
-                          seed=self.seed, batch_size=self.nfds_batch)
+                          seed=self.seed, batch_size=self.nfds_batch, correlation=self.nfds_correlation)
 
     def quant_config(self) -> Any:
         from qvggt_export.quant import QuantConfig
@@ -354,12 +359,15 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         report["format"] = {"name": config.bits, "family": config.family,
                             "lowering": get_format(config.bits).onnx_form}
 
+    # Inputs first: nothing is written until model, weights and data are known to be good; what needs no model
+    # is checked in the first seconds.
     from qvggt_export.device import out_of_memory_guard, resolve_device
+    from qvggt_export.preflight import preflight
 
+    preflight(config)
     device = resolve_device(config.device)
     report["device"] = {"requested": config.device, "used": str(device), "calib_dtype": config.calib_dtype,
                         "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()}
-    # Inputs first: nothing is written until model, weights and data are known to be good.
     with timer.stage("load_model"):
         model, report["model"] = _load_model(config)
         # The float reference stays on the CPU (export and parity run there); calibration works on `device`.
@@ -370,11 +378,11 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     with timer.stage("calibration_data"):
         batches, report["calibration"], selection = _calibration_data(config, model, config.progress, device)
 
-    out_dir = config.out_dir
-    existed = out_dir.exists()
-    before = set(out_dir.iterdir()) if existed and out_dir.is_dir() else set()
-    ensure_writable_dir(out_dir)
+    # Every stage writes into a staging folder beside --out, which replaces --out only if the run succeeds.
+    run = RunFolder(config.out_dir, config.to_dict(), resumable=(RECON_CHECKPOINT,))
     try:
+        config = dataclasses.replace(config, out_dir=run.staging)
+        out_dir = config.out_dir
         write_json_atomic(out_dir / "config.json", config.to_dict())
         from qvggt_export.calib import write_selection_report
 
@@ -389,8 +397,10 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             quant_config = config.quant_config()
             knobs = "--calib-size, --frames or --calib-dtype bf16"
             with timer.stage("quantize"), out_of_memory_guard("quantization", device, knobs):
-                # Reconstruction checkpoints into the output folder: rerunning the same command resumes.
-                checkpoint = out_dir / RECON_CHECKPOINT if config.recon_iters else None
+                # Reconstruction checkpoints into the run folder (carried over by RunFolder: rerunning the same
+                # command resumes) or where --recon-checkpoint says.
+                checkpoint = (Path(config.recon_checkpoint) if config.recon_checkpoint else out_dir / RECON_CHECKPOINT
+                              ) if config.recon_iters else None
                 result = calibrate(model, quant_config, [b.to(device) for b in batches], progress,
                                    recon_checkpoint=checkpoint,
                                    statistics_context=lambda: autocast(device, config.calib_dtype))
@@ -452,9 +462,9 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         from qvggt_export.report.build import write_run_report  # report.html / report.md (never fails the run)
 
         write_run_report(out_dir, float_model, model, batches, config.seed, config.alpha)
-        return report
+        return run.commit()
     except BaseException:
-        _remove_partial_outputs(out_dir, existed, before)
+        run.abort()
         raise
 
 
@@ -512,25 +522,6 @@ def _parity_stage(config: PipelineConfig, model: torch.nn.Module, float_model: t
     return parity
 
 
-def _remove_partial_outputs(out_dir: Path, existed: bool, before: set[Path]) -> None:
-    """After a failed run, remove what this run wrote (a failed run must not leave outputs that look like
-    a result), except a block-reconstruction checkpoint, kept so that the same command resumes."""
-    import shutil
-
-    if not out_dir.is_dir():
-        return
-    for path in set(out_dir.iterdir()) - before:
-        if path.name == RECON_CHECKPOINT:
-            continue
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-    if not existed and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-
-
 def engine_target(config: PipelineConfig) -> Any:
     """The :class:`~qvggt_export.engine.EngineTarget` a run's configuration asks for (profile and lowering
     resolved per format)."""
@@ -555,14 +546,15 @@ def _engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTimer,
     result = build_engine_for_target(onnx_path, config.out_dir / ("track.engine" if track else "model.engine"),
                                      target, calibration_inputs=batches, reference_model=reference_model,
                                      stage=timer.stage)
-    if not track and target.profile != config.engine_profile and "profile_name" in result:
+    if not track and config.engine_profile is None and target.profile != DEFAULT_ENGINE_PROFILE \
+            and "profile_name" in result:
         result = _with_profile_reason(result, config, target.profile)
     return result
 
 
 def _with_profile_reason(result: dict[str, Any], config: PipelineConfig, profile: str) -> dict[str, Any]:
     """The report with ``profile_reason`` right after ``profile_name`` (key order as before the move)."""
-    reason = (f"{config.engine_profile} targets architectures without {config.bits} support; "
+    reason = (f"{DEFAULT_ENGINE_PROFILE} targets architectures without {config.bits} support; "
               f"{profile} is the default for {config.bits}")
     ordered: dict[str, Any] = {}
     for key, value in result.items():

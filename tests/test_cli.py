@@ -167,4 +167,4 @@ def test_failure_after_outputs_started_removes_them(tmp_path, monkeypatch, capsy
     existing.mkdir()
     (existing / "notes.txt").write_text("mine")
     assert main(["--bits", "w4a4", "--no-engine", "--out", str(existing), "--no-progress"]) == EXIT_USAGE
-    assert [p.name for p in existing.iterdir()] == ["notes.txt"], "only this run's files are removed"
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"], "a folder of the user's is never replaced"

@@ -14,7 +14,7 @@ from qvggt_export.pipeline import PipelineConfig, run_pipeline
 
 
 @pytest.mark.parametrize(("bits", "requested", "resolved"), [
-    ("fp8", "rtx-default", "rtx-sm89-sm120"), ("nvfp4", "rtx-default", "rtx-sm120"), ("nvfp4", None, "rtx-sm120"),
+    ("fp8", None, "rtx-sm89-sm120"), ("nvfp4", None, "rtx-sm120"), ("w4a4", None, "rtx-default"),
     ("w4a4", "rtx-default", "rtx-default"), ("fp32", "rtx-default", "rtx-default"),
     ("fp8", "rtx-sm120", "rtx-sm120"), ("fp8", "rtx-sm89", "rtx-sm89"), ("nvfp4", "trt-server", "trt-server"),
 ])
@@ -27,6 +27,9 @@ def test_incompatible_profiles_are_refused_before_writing(tmp_path: Path) -> Non
     out = tmp_path / "out"
     with pytest.raises(QVGGTError, match=r"'rtx-sm89' targets SM89, which cannot run nvfp4.*rtx-sm120"):
         PipelineConfig(out_dir=out, bits="nvfp4", engine_profile="rtx-sm89")
+    # rtx-default given explicitly is a choice too (the README: refused), not silently replaced.
+    with pytest.raises(QVGGTError, match=r"'rtx-default' targets SM86, which cannot run fp8.*rtx-sm89-sm120"):
+        PipelineConfig(out_dir=out, bits="fp8", engine_profile="rtx-default")
     custom = tmp_path / "ampere.json"
     custom.write_text(json.dumps({"name": "ampere", "backend": "rtx", "compute_capabilities": ["SM86", "SM89"]}))
     with pytest.raises(QVGGTError, match=r"'ampere' targets SM86, which cannot run fp8 \(needs SM89"):
@@ -44,7 +47,8 @@ def test_incompatible_profiles_are_refused_before_writing(tmp_path: Path) -> Non
 
 def test_cli_refuses_an_incompatible_profile(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
-    assert main(["--bits", "nvfp4", "--engine-profile", "rtx-default", "--out", str(out), "--print-config"]) == 0
+    assert main(["--bits", "nvfp4", "--out", str(out), "--print-config"]) == 0
+    assert main(["--bits", "nvfp4", "--engine-profile", "rtx-default", "--out", str(out), "--print-config"]) == 2
     assert main(["--bits", "nvfp4", "--engine-profile", "rtx-sm89", "--out", str(out)]) == 2
     assert "cannot run nvfp4" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:

@@ -78,10 +78,36 @@ def resolve_checkpoint_path(source: str | os.PathLike[str]) -> Path:
     raise QVGGTError(f"checkpoint not found: {path}")
 
 
+def checkpoint_kind(source: str | os.PathLike[str]) -> tuple[Path, str]:
+    """Resolve ``source`` and tell from its first bytes what it is, without loading it: ``"safetensors"`` or
+    ``"torch-zip"``; anything else is a one-line :class:`QVGGTError` naming the file and the likely cause (empty
+    file, legacy pickle refused for safety, not a checkpoint)."""
+    path = resolve_checkpoint_path(source)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as exc:
+        raise QVGGTError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
+    if size == 0:
+        raise QVGGTError(f"checkpoint {path} is an empty file (0 bytes): an interrupted download or copy?")
+    if head.startswith(b"PK\x03\x04"):
+        return path, "torch-zip"
+    if len(head) >= 9 and int.from_bytes(head[:8], "little") < size and head[8:9] == b"{":
+        return path, "safetensors"
+    if head[:1] == b"\x80" and path.suffix != ".safetensors":
+        raise QVGGTError(f"checkpoint {path} is a legacy pickled PyTorch file (not torch's zip format): refused "
+                         "for safety, since unpickling can run code; convert it to safetensors where you trust it "
+                         "(load it with the code that wrote it, then safetensors.torch.save_file(state_dict, "
+                         "'model.safetensors'))")
+    what = "a safetensors file" if path.suffix == ".safetensors" else "a checkpoint (safetensors or torch zip)"
+    raise QVGGTError(f"checkpoint {path} is not {what}: its first bytes are {head[:8]!r}")
+
+
 def load_state_dict_file(source: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a state dict from a safetensors or PyTorch file, without executing pickled code."""
-    path = resolve_checkpoint_path(source)
-    if path.suffix == ".safetensors":
+    path, kind = checkpoint_kind(source)
+    if kind == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -90,11 +116,18 @@ def load_state_dict_file(source: str | os.PathLike[str]) -> dict[str, torch.Tens
         except (SafetensorError, OSError, ValueError) as exc:
             raise QVGGTError(f"cannot read safetensors checkpoint {path}: {exc}") from exc
     else:
+        import pickle
+
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # torch raises RuntimeError/UnpicklingError/EOFError/... for bad files
-            raise QVGGTError(f"cannot read PyTorch checkpoint {path} (corrupt, truncated, or not a "
-                             f"weights-only state dict): {type(exc).__name__}: {exc}") from exc
+        except pickle.UnpicklingError as exc:  # torch's text advises weights_only=False, which this tool never does
+            raise QVGGTError(f"checkpoint {path} holds pickled Python objects besides tensors (e.g. a whole model): "
+                             "refused for safety, since unpickling can run code; save its state_dict() to "
+                             "safetensors where you trust it") from exc
+        except Exception as exc:  # torch raises RuntimeError/EOFError/... for damaged archives
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+            raise QVGGTError(f"cannot read PyTorch checkpoint {path}: corrupt or truncated zip archive "
+                             f"({first})") from exc
     if isinstance(state, Mapping):
         for wrapper in ("model", "state_dict"):
             if set(state) == {wrapper} and isinstance(state[wrapper], Mapping):

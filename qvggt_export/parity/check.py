@@ -179,6 +179,9 @@ def _resolve(config: CheckConfig) -> _Resolved:
         if not (folder / "config.json").is_file():
             raise QVGGTError(f"{folder} is not a qvggt-export output folder (no config.json); pass --onnx and "
                              "--model / --quantized to check other files")
+        from qvggt_export.rundir import verify_run_folder
+
+        verify_run_folder(folder)  # every artifact from one run (run.json), or a one-line refusal
         folder_config = _read_json(folder / "config.json", "run configuration")
         if (folder / "report.json").is_file():
             folder_report = _read_json(folder / "report.json", "run report")

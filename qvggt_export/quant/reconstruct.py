@@ -641,7 +641,7 @@ def _load_checkpoint(path: Path, fingerprint: str) -> tuple[dict[str, torch.Tens
                          f"expected {CHECKPOINT_FORMAT!r})")
     if metadata.get("fingerprint") != fingerprint:
         raise QVGGTError(f"the reconstruction checkpoint {path} was made with other settings, weights or calibration "
-                         "data; delete it or pass another checkpoint path")
+                         "data; delete it, or give this run its own file with --recon-checkpoint PATH")
     return tensors, json.loads(metadata.get("report", "{}"))
 
 

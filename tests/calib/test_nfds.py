@@ -164,8 +164,8 @@ def test_random_depends_on_seed_and_ignores_statistics():
 
 def test_config_validation():
     for bad in (dict(strategy="kmeans"), dict(budget=0), dict(p=1.0), dict(p=-0.1), dict(k=0), dict(seed=-1),
-                dict(layers="aggregator.frame_blocks.0"), dict(layers=[]), dict(pool_tokens="cls"), dict(eps=0.0),
-                dict(n_init=True)):
+                dict(layers="aggregator.frame_blocks.0"), dict(layers=[]), dict(pool_tokens="cls"),
+                dict(correlation="mean"), dict(eps=0.0), dict(n_init=True)):
         with pytest.raises(QVGGTError, match="NFDSConfig"):
             NFDSConfig(**bad)
     config = NFDSConfig(layers=["a.b", "c"])
@@ -274,9 +274,18 @@ def test_statistics_match_a_manual_forward(tiny, pool, statistics):
     j = statistics.layers.index("aggregator.global_blocks.2")
     assert statistics.means[5, j] == pytest.approx(seen["x"].mean().item(), rel=1e-5, abs=1e-7)
     assert statistics.variances[5, j] == pytest.approx(seen["x"].var(unbiased=False).item(), rel=1e-5)
-    pooled = outputs[-1][0].double().mean(dim=1)  # last layer [S, P, 2C] -> [S, 2C]
-    np.testing.assert_allclose(statistics.vectors[5], torch.cosine_similarity(pooled[:1], pooled[1:]).numpy(),
+    # Eq. 12 as the paper defines it (the default): frame t's patch tokens [s, 2C] flattened to one s x 2C
+    # vector, cosine with frame 0's; camera and register tokens (the first patch_start_idx) dropped.
+    patches = outputs[-1][0, :, tiny.aggregator.patch_start_idx:].double()  # [S, s, 2C]
+    flat = patches.flatten(1)
+    np.testing.assert_allclose(statistics.vectors[5], torch.cosine_similarity(flat[:1], flat[1:]).numpy(),
                                rtol=1e-6)
+    # The earlier pooled form, kept as an option: each frame's tokens (all of them) mean-pooled first.
+    pooled_stats = collect_statistics([pool[5]], tiny, NFDSConfig(correlation="pooled"), progress=False)
+    pooled = outputs[-1][0].double().mean(dim=1)  # last layer [S, P, 2C] -> [S, 2C]
+    np.testing.assert_allclose(pooled_stats.vectors[0], torch.cosine_similarity(pooled[:1], pooled[1:]).numpy(),
+                               rtol=1e-6)
+    assert not np.allclose(pooled_stats.vectors[0], statistics.vectors[5], rtol=1e-3)  # the forms differ
     assert statistics.means.shape == (12, 8) and statistics.vectors.shape == (12, 2)
     assert statistics.timing["per_candidate_s"] > 0
 
@@ -341,8 +350,9 @@ def test_nan_activations_name_candidate_and_layer(tiny, pool):
 
 def test_in_memory_candidates_frames_and_patch_pooling(tiny, pool):
     tensors = {f"t{i}": pool[i] for i in range(4)}
-    stats_all = collect_statistics(tensors, tiny, NFDSConfig(pool_tokens="all"), progress=False)
-    stats_patch = collect_statistics(tensors, tiny, NFDSConfig(pool_tokens="patch"), progress=False)
+    stats_all = collect_statistics(tensors, tiny, NFDSConfig(correlation="pooled", pool_tokens="all"), progress=False)
+    stats_patch = collect_statistics(tensors, tiny, NFDSConfig(correlation="pooled", pool_tokens="patch"),
+                                     progress=False)
     assert stats_all.ids == ["t0", "t1", "t2", "t3"]
     assert not np.allclose(stats_all.vectors, stats_patch.vectors)
     np.testing.assert_array_equal(stats_all.means, stats_patch.means)
@@ -421,3 +431,21 @@ def test_prefetch_gives_the_same_statistics_and_stops_its_reader(tiny, pool, sta
         collect_statistics(CandidatePool(refs), tiny, progress=False, prefetch=1)
     with pytest.raises(QVGGTError, match="prefetch must be"):
         collect_statistics(pool, tiny, progress=False, prefetch=-1)
+
+
+def test_flattened_correlation_compares_the_same_positions():
+    """The paper's eq. 12 sees a spatial shift that leaves the mean-pooled feature unchanged."""
+    from qvggt_export.calib import flattened_frame_correlation
+
+    frame0 = torch.randn(16, 8, dtype=torch.float64)
+    permuted = frame0[torch.randperm(16, generator=torch.Generator().manual_seed(0))]  # same tokens, moved
+    tokens = torch.stack([frame0, frame0 * 3.0, permuted])  # [f=3, s=16, d=8]
+    flattened = flattened_frame_correlation(tokens).numpy()
+    assert flattened[0] == pytest.approx(1.0)  # a scaled copy: same direction
+    assert flattened[1] < 0.9  # positions moved: a viewpoint change
+    pooled = frame_correlation(tokens.mean(dim=1))
+    assert pooled[1] == pytest.approx(1.0)  # the pooled form cannot tell
+    batched = flattened_frame_correlation(torch.stack([tokens, tokens]))  # leading batch dimensions
+    assert batched.shape == (2, 2) and torch.allclose(batched[1], torch.from_numpy(flattened))
+    with pytest.raises(QVGGTError, match="frames, tokens, dim"):
+        flattened_frame_correlation(torch.randn(4, 8))
