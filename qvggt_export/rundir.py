@@ -39,7 +39,10 @@ MANIFEST = "run.json"
 # Files that mark a folder as an earlier qvggt-export run (so that replacing it loses nothing of the user's).
 RUN_MARKERS = (MANIFEST, "report.json", "config.json")
 # Written into a finished folder later by `qvggt-export check`: not part of the run.
-NOT_OF_THE_RUN = ("check.json",)
+NOT_OF_THE_RUN = ("check.json", "eval.json")
+# Views drawn from the run's artifacts (qvggt-export report / eval redraw them later): neither listed in the
+# manifest nor taken for another run's files.
+DERIVED = ("report.html", "report.md", "report/")
 # Artifact names a run writes; one of them outside the manifest means the folder mixes runs.
 ARTIFACT_SUFFIXES = (".onnx", ".data", ".engine", ".safetensors", ".json")
 # Configuration keys that do not change what a resumable file holds.
@@ -97,6 +100,10 @@ def _sha256(path: Path) -> str:
 
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _derived(name: str) -> bool:
+    return any(name == d or (d.endswith("/") and name.startswith(d)) for d in DERIVED)
 
 
 def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -217,7 +224,7 @@ class RunFolder:
         for name in ("report.json", "config.json"):
             self._stamp(name)
         files = {p.relative_to(self.staging).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in _files(self.staging)}
+                 for p in _files(self.staging) if not _derived(p.relative_to(self.staging).as_posix())}
         manifest = {"run_id": self.run_id, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "files": files}
         (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -272,7 +279,8 @@ def verify_run_folder(folder: str | os.PathLike[str]) -> str | None:
                              f"differs from {MANIFEST}); rerun qvggt-export into this folder")
     for path in _files(folder):
         name = path.relative_to(folder).as_posix()
-        if name in files or name == MANIFEST or name in NOT_OF_THE_RUN or path.suffix not in ARTIFACT_SUFFIXES:
+        if (name in files or name == MANIFEST or name in NOT_OF_THE_RUN or _derived(name)
+                or path.suffix not in ARTIFACT_SUFFIXES):
             continue
         raise QVGGTError(f"{folder} mixes runs: {name} is not part of run {run_id} ({MANIFEST}); remove it or "
                          "rerun qvggt-export into this folder")

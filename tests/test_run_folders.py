@@ -315,3 +315,28 @@ def test_staging_folder_of_a_killed_run_is_removed_by_the_next_run(tmp_path) -> 
     assert not left.exists() and run.staging.is_dir()
     run.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_views_redrawn_after_the_run_and_eval_results_do_not_make_a_folder_mixed(tmp_path: Path) -> None:
+    # `qvggt-export eval` writes eval.json and redraws report.html / report.md / report/*.png into a finished
+    # folder: derived views, not another run's artifacts. A changed artifact still is.
+    from qvggt_export.errors import QVGGTError
+    from qvggt_export.rundir import RunFolder
+
+    run = RunFolder(tmp_path / "out", {"bits": "w4a4"})
+    (run.staging / "model.onnx").write_bytes(b"graph")
+    (run.staging / "report.json").write_text("{}")
+    (run.staging / "report.html").write_text("<html>run</html>")
+    (run.staging / "report").mkdir()
+    (run.staging / "report" / "layers.png").write_bytes(b"png")
+    run.commit()
+    folder = tmp_path / "out"
+    run_id = verify_run_folder(folder)
+    assert "report.html" not in json.loads((folder / MANIFEST).read_text())["files"]
+    (folder / "report.html").write_text("<html>redrawn with the eval table</html>")
+    (folder / "report" / "eval.png").write_bytes(b"png")
+    (folder / "eval.json").write_text("{}")
+    assert verify_run_folder(folder) == run_id
+    (folder / "model.onnx").write_bytes(b"another graph")
+    with pytest.raises(QVGGTError, match="mixes runs: model.onnx"):
+        verify_run_folder(folder)
