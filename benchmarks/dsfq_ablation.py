@@ -45,6 +45,8 @@ from pathlib import Path
 import torch
 
 from qvggt_export.calib import SyntheticSequenceConfig, generate_sequences
+from qvggt_export.formats import format_names
+from qvggt_export.methods import METHODS as METHOD_REGISTRY
 from qvggt_export.model import build_vggt
 from qvggt_export.model.config import VGGTConfig, resolve_config
 from qvggt_export.model.outliers import PlantedOutliers
@@ -58,9 +60,9 @@ from qvggt_export.quant.roles import find_targets
 from qvggt_export.quant.transforms import smoothing_scales
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("rtn", "smooth", "rotate", "smooth_rotate", "dsfq")
-LABELS = {"rtn": "Base", "smooth": "Scale", "rotate": "Rotation", "smooth_rotate": "Scale-Rot", "dsfq": "DSFQ"}
-FORMATS = ("w8a8", "w6a6", "w4a4")
+METHODS = tuple(METHOD_REGISTRY)  # the method registry (qvggt_export.methods), in its order
+LABELS = {name: spec.label for name, spec in METHOD_REGISTRY.items()}
+FORMATS = format_names(family="int")
 METRICS = ("agg", "depth", "points", "pose", "rot_deg", "trans_deg")
 PRESET = "tiny-outliers"
 _VGGT_LIKE = {"gaussian_weights": True, "shared_special_values": True}

@@ -65,10 +65,10 @@ def main() -> int:
              " (`benchmarks/refactor_identity.py`).", "",
              "| file | sha256 before | sha256 after | identical |", "|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| `{row['file']}` | `{(row['before'] or '-')[:16]}` | `{(row['after'] or '-')[:16]}` | "
+        lines.append(f"| `{row['file']}` | `{(row['before'] or '-')}` | `{(row['after'] or '-')}` | "
                      f"{'yes' if row['identical'] else 'no'} |")
-    lines.append(f"| `calibration_selection.json` without `timing` | `{(selection['before'] or '-')[:16]}` | "
-                 f"`{(selection['after'] or '-')[:16]}` | {'yes' if selection['identical'] else 'no'} |")
+    lines.append(f"| `calibration_selection.json` without `timing` | `{(selection['before'] or '-')}` | "
+                 f"`{(selection['after'] or '-')}` | {'yes' if selection['identical'] else 'no'} |")
     lines += ["", f"**Identical where expected: {'yes' if ok else 'NO'}** (every artifact but `report.json`, which "
               "holds timings, `model.engine`, which the TensorRT-RTX builder does not write deterministically, and "
               "the raw `calibration_selection.json`, whose `timing` entry holds wall-clock seconds).", ""]

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
+from qvggt_export.formats import format_names
 from qvggt_export.pipeline import PipelineConfig, run_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS = ("tiny", "tiny-dino")
-FORMATS = ("fp32", "fp16", "w8a8", "w6a6", "w4a4", "fp8", "nvfp4")
+FORMATS = (*format_names(quantized=False), *format_names(quantized=True))  # every format of the registry
 
 
 def main() -> None:

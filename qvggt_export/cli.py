@@ -291,6 +291,10 @@ def build_eval_parser() -> argparse.ArgumentParser:
                         help="loader mode (default: the export's; pad fits non-square photos to a square export)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the frame choice (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
 SERVE_EXAMPLES = """\
 examples:
   qvggt-export serve out/w4a4 --runtime onnxruntime --port 8000

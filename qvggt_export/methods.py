@@ -24,7 +24,7 @@ class MethodSpec:
 
     Attributes:
         name: The ``--method`` spelling.
-        label: The paper's name (Tab. 4).
+        label: The paper's name (Tab. 4; the column label of the ablation tables).
         rotates: Applies the random Hadamard rotation ``(x * signs) @ H``.
         smoothing: Where its SmoothQuant-style factors act: ``"pre"`` (before the rotation, or with no
             rotation), ``"post"`` (in the rotated space: DSFQ), or ``None`` (no smoothing). Block
@@ -60,9 +60,9 @@ class MethodSpec:
 
 METHODS: Mapping[str, MethodSpec] = MappingProxyType({spec.name: spec for spec in (
     MethodSpec("rtn", "Base", rotates=False, smoothing=None, statistics=None),
-    MethodSpec("smooth", "Smooth", rotates=False, smoothing="pre", statistics="raw"),
+    MethodSpec("smooth", "Scale", rotates=False, smoothing="pre", statistics="raw"),
     MethodSpec("rotate", "Rotation", rotates=True, smoothing=None, statistics=None),
-    MethodSpec("smooth_rotate", "Scale-then-Rotate", rotates=True, smoothing="pre", statistics="raw"),
+    MethodSpec("smooth_rotate", "Scale-Rot", rotates=True, smoothing="pre", statistics="raw"),
     MethodSpec("dsfq", "DSFQ", rotates=True, smoothing="post", statistics="rotated"),
 )})
 

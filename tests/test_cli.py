@@ -59,6 +59,7 @@ def test_w8a8_dino_without_engine(tmp_path):
     assert not (out / "model.engine").exists()
 
 
+@pytest.mark.slow
 def test_real_photos_as_calibration_data(tmp_path):
     data = require_shared_data()
     out = tmp_path / "real"

@@ -74,6 +74,7 @@ def test_batched_statistics_and_selection_equal_one_at_a_time(tiny, pool, one_at
     assert batched.timing["batch_size"] == batch_size
 
 
+@pytest.mark.slow
 def test_real_clips_at_ten_frames_select_the_same(tiny):
     """The cost benchmark's shape (10-frame windows of the real clips, 70 px), default batch vs 1."""
     data = require_shared_data()

@@ -3,7 +3,8 @@
 Observed on the tiny preset (ONNX Runtime CPU vs PyTorch, one export at S=3, N=5, checked at other S and N):
 float track 3.3e-3 px (tolerance 2e-2), vis 2.2e-4, conf 1.5e-4 (tolerance 2e-3), about the float32-vs-float64
 noise of PyTorch itself (2.8e-3 px); W4A4 track rel_l2 9.8e-7 against a tolerance of 4.1e-4 (2 x the
-quantization noise; 7.4e-5 against 3.2e-4 with the PyPI torch 2.13.0 build of 2026-12). With the official fixtures' weights (not used here, to run without ../shared): track
+quantization noise; 7.4e-5 against 3.2e-4 with the PyPI torch 2.13.0 build of 2026-12). With the official
+fixtures' weights (not used here, to run without ../shared): track
 2.3e-5 px, vis 1.0e-5, conf 4.2e-6.
 """
 

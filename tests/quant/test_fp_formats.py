@@ -89,6 +89,7 @@ def float_points(tiny_batches: list[torch.Tensor]) -> torch.Tensor:
         return build_vggt("tiny", seed=0).eval()(tiny_batches[0])["world_points"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("fmt", "method"), [("fp8", m) for m in METHODS] + [("nvfp4", "rtn"), ("nvfp4", "dsfq")])
 def test_calibrate_every_method(fmt: str, method: str, tiny_batches: list[torch.Tensor],
                                 float_points: torch.Tensor) -> None:
@@ -109,6 +110,7 @@ def test_calibrate_every_method(fmt: str, method: str, tiny_batches: list[torch.
     assert 0 < rel < (5e-3 if fmt == "fp8" else 3e-2), rel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
 def test_save_and_reload_exactly(fmt: str, tiny_batches: list[torch.Tensor], tmp_path) -> None:  # noqa: ANN001
     model = build_vggt("tiny", seed=0).eval()

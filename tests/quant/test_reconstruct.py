@@ -70,6 +70,7 @@ def _relative_error(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
 # (a) learning lowers each block's loss and the held-out error of the quantized model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["rtn", "dsfq"])
 def test_reconstruction_lowers_block_loss_and_held_out_error(method, calib_batches, held_out):
     reference = _tokens(build_vggt(PRESET), held_out)
