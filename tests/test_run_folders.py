@@ -122,12 +122,12 @@ def test_no_engine_rerun_leaves_no_stale_engine(tmp_path, monkeypatch) -> None:
     rerun: the folder holds exactly the second run, and `check`'s verification accepts it."""
     import qvggt_export.pipeline as pipeline
 
-    def fake_engine(config, onnx_path, timer, reference_model, batches):
-        path = config.out_dir / "model.engine"
+    def fake_engine(config, onnx_path, timer, reference_model, batches, track=False):
+        path = config.out_dir / ("track.engine" if track else "model.engine")
         path.write_bytes(b"engine of the first run")
         return {"path": str(path), "size_bytes": path.stat().st_size}
 
-    monkeypatch.setattr(pipeline, "_build_engine_stage", fake_engine)
+    monkeypatch.setattr(pipeline, "_engine_stage", fake_engine)
     out = tmp_path / "out"
     assert main([*SMALL, "--out", str(out)]) == EXIT_OK
     first = json.loads((out / MANIFEST).read_text())
