@@ -18,7 +18,7 @@ _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 def _map_checkout_folders() -> None:
     """In a source checkout run without installing (``PYTHONPATH=.``), import ``qvggt_export.calib``,
-    ``qvggt_export.plugins`` and ``qvggt_export.engine.profiles`` from the top-level ``calib/``, ``plugins/``
+    ``qvggt_export.plugins`` and ``qvggt_export.engine.profile_data`` from the top-level ``calib/``, ``plugins/``
     and ``engines/`` folders, as ``pyproject.toml``'s package-dir mapping does for installs.
 
     A finder appended to ``sys.meta_path`` that answers for those three names only, and only when this file
@@ -38,7 +38,7 @@ def _map_checkout_folders() -> None:
     except OSError:
         return
     folders = {"qvggt_export.calib": root / "calib", "qvggt_export.plugins": root / "plugins",
-               "qvggt_export.engine.profiles": root / "engines"}
+               "qvggt_export.engine.profile_data": root / "engines"}
 
     class _CheckoutFolders(importlib.abc.MetaPathFinder):
         def find_spec(self, fullname, path=None, target=None):  # type: ignore[no-untyped-def]

@@ -36,13 +36,14 @@ def test_plain_checkout_imports_remapped_folders() -> None:
         "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import qvggt_export.calib, qvggt_export.calib.nfds, qvggt_export.plugins, qvggt_export.engine.profiles as p\n"
-        "print(qvggt_export.calib.__file__)\nprint(qvggt_export.plugins.__file__)\nprint(p.__file__)\n"
+        "import qvggt_export.engine.profile_data as d\n"
+        "print(qvggt_export.calib.__file__)\nprint(qvggt_export.plugins.__file__)\nprint(d.__file__)\n"
         "print(','.join(p.list_profiles()))")
     assert result.returncode == 0, result.stderr
     calib, plugins, profiles, names = result.stdout.strip().splitlines()
     assert Path(calib) == ROOT / "calib" / "__init__.py"
     assert Path(plugins) == ROOT / "plugins" / "__init__.py"
-    assert Path(profiles) == ROOT / "engines" / "__init__.py"
+    assert Path(profiles) == ROOT / "engines" / "__init__.py"  # the data package: JSON profiles, no code
     assert "rtx-default" in names.split(",")
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Source folder -> stage; calib/, plugins/ and engines/ install as qvggt_export.calib, .plugins, .engine.profiles.
+# Source folder -> stage; calib/, plugins/ and engines/ install as qvggt_export.calib, .plugins, .engine.profile_data
+# (engines/ holds data: build profiles read by qvggt_export.engine.profiles).
 FOLDERS = {ROOT / "calib": "calib", ROOT / "plugins": "plugins", ROOT / "engines": "engine"}
 STAGES = ("model", "calib", "quant", "export", "parity", "engine", "plugins", "pipeline", "cli")
 # Lazy (function-level) imports that close a loop, and why they are acceptable: the Hadamard plugin registers
@@ -64,7 +65,7 @@ def _package_of(path: Path) -> str:
     for folder, stage in FOLDERS.items():
         if folder in path.parents:
             prefix = {"calib": "qvggt_export.calib", "plugins": "qvggt_export.plugins",
-                      "engine": "qvggt_export.engine.profiles"}[stage]
+                      "engine": "qvggt_export.engine.profile_data"}[stage]
             inner = path.parent.relative_to(folder).parts
             return ".".join([prefix, *inner])
     return ".".join(path.parent.relative_to(ROOT).parts)
