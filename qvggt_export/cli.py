@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recon-iters", type=_non_negative, default=0,
                         help="block-reconstruction steps per block, learning smoothing factors and weight steps "
                              "(default 0 = off)")
+    parser.add_argument("--quantize-scope", default="aggregator", choices=["aggregator", "backbone", "all"],
+                        help="linears to quantize: aggregator (the paper's, default), backbone (+ DINOv2 encoder), "
+                        "all (+ camera head trunk)")
     parser.add_argument("--calib-data", help="image folder (or folder of them), CO3Dv2 root, video file or folder, "
                                              "or list file (default: generated sequences)")
     parser.add_argument("--calib-strategy", default="nfds", choices=["nfds", "random", "filtered", "clustered"],
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = PipelineConfig(
             out_dir=args.out, bits=args.bits, model=args.model, checkpoint=args.checkpoint, method=args.method,
-            alpha=args.alpha, recon_iters=args.recon_iters,
+            alpha=args.alpha, recon_iters=args.recon_iters, quantize_scope=args.quantize_scope,
             calib_data=args.calib_data, calib_size=args.calib_size, calib_pool=args.calib_pool,
             calib_strategy=args.calib_strategy, nfds_p=args.nfds_p, nfds_k=args.nfds_k, nfds_batch=args.nfds_batch,
             skip_bad=args.skip_bad, frames=args.frames,
