@@ -352,7 +352,6 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         float_model = None
         if config.quantized:
             from qvggt_export.quant.calibrate import calibrate
-
             from qvggt_export.quant.roles import find_targets, scope_summary
 
             quant_config = config.quant_config(model)
