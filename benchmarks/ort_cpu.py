@@ -195,6 +195,14 @@ def _top_kernels(kernels: dict[str, float], count: int = 5) -> str:
     return ", ".join(f"{op} {100 * ms / total:.0f} %" for op, ms in list(kernels.items())[:count])
 
 
+def _share(result: dict[str, Any], graph: str, op: str) -> str:
+    """``op``'s share of ``graph``'s kernel time, e.g. ``"31 %"`` (``"n/a"`` when that row was not run)."""
+    kernels = next((row["kernels_ms"] for row in result["rows"] if row["graph"] == graph), None)
+    if not kernels:
+        return "n/a"
+    return f"{100 * kernels.get(op, 0.0) / (sum(kernels.values()) or 1.0):.0f} %"
+
+
 def _markdown(result: dict[str, Any]) -> str:
     lines = ["# ONNX Runtime CPU: quantized exports vs FP32", "",
              f"`python benchmarks/ort_cpu.py --depth {result['depth']} --rounds {result['rounds']}` on "
@@ -223,7 +231,8 @@ def _markdown(result: dict[str, Any]) -> str:
               "`*_kernel_time` events); ONNX Runtime's fused integer kernels appear under their own names "
               "(`MatMulIntegerToFloat`: int8 x int8 GEMM; `MatMulNBits`: 4-bit weights); the remaining float "
               "`MatMul` time is attention (Q K^T, P V), which no row quantizes, plus, in the DSFQ rows, the online "
-              "Hadamard rotation (the ONNX function's small GEMMs: 31 % against RTN's 19 % at W8A8).",
+              f"Hadamard rotation (the ONNX function's small GEMMs: {_share(result, 'w8a8 dsfq', 'MatMul')} against "
+              f"RTN's {_share(result, 'w8a8 rtn', 'MatMul')} at W8A8).",
               "", "No graph rewrite is involved: the canonical export fuses by itself under the default "
               "optimisations (`qvggt_export.engine.ort_cpu`). An explicit `MatMulIntegerToFloat` rewrite was "
               "measured during development and dropped (4.5x slower than the fused canonical graph)."]
