@@ -7,8 +7,9 @@ still answers the size goal), three stages, each timed with its own peak RSS:
    (:func:`qvggt_export.quant.roles.scope_roles`), calibrated on one generated sequence; none for ``fp16``;
 2. **export**: :func:`qvggt_export.export.export_onnx` with external data (``fp16``: ``precision="fp16"``);
 3. **engine**: :func:`qvggt_export.engine.stage.build_engine_for_target` with TensorRT-RTX for one target
-   (profile ``rtx-sm89``, frames 1..32), the Hadamard plugin form, the canonical graph as written (the W4A4
-   lowerings change the engine size by < 1 % at this width: ``engine_sizes_wide1024.md``).
+   (profile ``rtx-sm89``, frames 1..32), the Hadamard plugin form; W4A4 lowered to ``w4a16`` (TensorRT-RTX's
+   default for W4A4) with the float parts in FP16 (``--engine-fp16``), so that the engine is compared with
+   an FP16 engine on equal terms (the canonical graph's float parts are FP32).
 
 Stages 1-2 run in one worker process (the quantized model passes from one to the other in memory), stage 3
 in a second one; each worker reports ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (its own high-water
@@ -93,7 +94,8 @@ def worker_prepare(job: str, work: Path, size: int, frames: int, preset: str = "
     exported = export_onnx(model, folder / "model.onnx", images, precision="fp16" if job == "fp16" else "fp32")
     export = {"stage": "export", "seconds": round(time.perf_counter() - started, 1),
               "peak_rss_gib": round(_peak_rss_gib(), 2), "onnx_bytes": exported.size_bytes,
-              "external_data": exported.external_data, "quantized_linears": exported.num_qlinear}
+              "external_data": exported.external_data, "quantized_linears": exported.num_qlinear,
+              "initializer_bytes_by_part": initializer_bytes_by_part(folder / "model.onnx")}
     _emit(work, job, "export", export)
     return [transform, export]
 
@@ -104,8 +106,10 @@ def worker_engine(job: str, work: Path) -> dict[str, Any]:
 
     folder = work / job
     started = time.perf_counter()
-    target = EngineTarget(bits="fp16" if job == "fp16" else "w4a4", profile=PROFILE, lowering="as-written",
-                          backend="rtx", hadamard="plugin", rotates=job != "fp16")
+    quantized = job != "fp16"
+    target = EngineTarget(bits="w4a4" if quantized else "fp16", profile=PROFILE,
+                          lowering="w4a16" if quantized else "as-written", float16=quantized, backend="rtx",
+                          hadamard="plugin", rotates=quantized)
     report = build_engine_for_target(folder / "model.onnx", folder / "model.engine", target)
     engine: dict[str, Any] = {"stage": "engine", "seconds": round(time.perf_counter() - started, 1),
                               "peak_rss_gib": round(_peak_rss_gib(), 2)}
@@ -160,6 +164,29 @@ def device_memory(engine_path: Path) -> dict[str, Any]:
     return result
 
 
+def initializer_bytes_by_part(onnx_path: Path) -> dict[str, int]:
+    """ONNX initializer bytes grouped by what they hold: ``quantized weight codes`` (INT4/INT8 ``weight_q``) and
+    float tensors per model part (``aggregator.patch_embed``, ``depth_head``, ...): what stays big."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    parts: dict[str, int] = {}
+    for init in graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            size = int({entry.key: entry.value for entry in init.external_data}.get("length", 0))
+        else:
+            size = len(init.raw_data) or init.ByteSize()
+        if init.name.endswith("/weight_q"):
+            part = "quantized weight codes"
+        elif init.name.startswith("onnx::"):
+            part = "unnamed (onnx::*)"
+        else:
+            path = init.name.removeprefix("model.").split("/")[0].split(".")
+            part = ".".join(path[:2]) if path[0] == "aggregator" else path[0]
+        parts[part] = parts.get(part, 0) + size
+    return dict(sorted(parts.items(), key=lambda kv: -kv[1]))
+
+
 def _emit(work: Path, job: str, stage: str, data: dict[str, Any]) -> None:
     (work / f"{job}.{stage}.json").write_text(json.dumps(data, indent=2))
 
@@ -196,7 +223,9 @@ def _markdown(results: dict[str, Any]) -> str:
              f"at start, {results.get('load_end', 'n/a')} at end (shared machine: times are noisy, sizes are not). "
              f"Model `build_vggt(\"{results['model']}\")`, random weights (seed 0); DSFQ W4A4 calibrated on one "
              f"generated sequence of {results['frames']} frame(s) at {results['size']} px, which is also the export's "
-             f"example; engine profile `{PROFILE}` (SM89 only, frames 1..32), Hadamard plugin, graph as written.",
+             f"example; engine profile `{PROFILE}` (SM89 only, frames 1..32), Hadamard plugin; W4A4 engines from the "
+             "`w4a16` lowering with FP16 float parts (`--engine-lowering w4a16 --engine-fp16`), the FP16 engine from "
+             "the FP16 export.",
              "", f"Goals: W4A4 engine >= {GOAL_RATIO}x smaller than FP16 at the widest scope; transform + export + "
              f"engine within {GOAL_SECONDS // 60} min and {GOAL_RSS_GIB:.0f} GiB peak RSS.", "",
              "| job | quantized layers | params quantized / total | transform s | export s | engine s | total s | "
@@ -227,6 +256,10 @@ def _markdown(results: dict[str, Any]) -> str:
         elif memory:
             notes.append(f"- `{job}` device memory: " + ", ".join(f"{k} {v:,}" for k, v in memory.items()
                                                                   if k != "measured"))
+        parts = data.get("export", {}).get("initializer_bytes_by_part")
+        if parts:
+            notes.append(f"- `{job}` ONNX initializer bytes by part: " + ", ".join(
+                f"{name} {size / 1e6:,.1f} MB" for name, size in list(parts.items())[:8]))
         builder = data.get("engine", {}).get("builder_memory_lines")
         if builder is not None:
             notes.append(f"- `{job}` builder log, memory lines: " + ("; ".join(f"`{line[:160]}`" for line in builder)
