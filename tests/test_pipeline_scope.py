@@ -79,3 +79,17 @@ def test_scope_end_to_end(tmp_path: Path, preset: str, scope: str, layers: int):
                                          **FAST))
     assert narrow["quantization"]["scope"]["parameter_share"] < quant["scope"]["parameter_share"]
     assert _quantized_matmuls(Path(narrow["onnx"]["path"])) < _quantized_matmuls(Path(report["onnx"]["path"]))
+
+
+def test_reconstruction_follows_the_scope():
+    """Block reconstruction visits the blocks of every block list the scope quantizes, not only the aggregator's."""
+    import torch
+
+    from qvggt_export.quant import QuantConfig
+    from qvggt_export.quant.calibrate import calibrate
+
+    model = build_vggt("tiny-dino")
+    images = torch.rand(1, 2, 3, 70, 70, generator=torch.Generator().manual_seed(0))
+    result = calibrate(model, QuantConfig(bits="w4a4", recon_iters=1, roles=scope_roles("all", model)), [images])
+    blocks = set(result.reconstruction)
+    assert {"aggregator.patch_embed.blocks.0", "camera_head.trunk.0", "aggregator.frame_blocks.0"} <= blocks
