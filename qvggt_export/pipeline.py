@@ -127,6 +127,10 @@ class PipelineConfig:
         from qvggt_export.quant.roles import check_scope
 
         check_scope(self.quantize_scope)
+        if self.quantize_scope == "all" and self.bits in ("fp8", "nvfp4"):
+            # The camera trunk runs once per refinement iteration; the float-format Q/DQ writer emits one call.
+            raise QVGGTError(f"--quantize-scope all quantizes the camera trunk, which runs in a loop; {self.bits} "
+                             "exports support one call per layer: use an integer format or --quantize-scope backbone")
         if self.bits not in FLOAT_FORMATS:
             object.__setattr__(self, "bits", check_format(self.bits))
             self.quant_config()  # validates method, alpha, recon_iters (refused for fp8 / nvfp4)

@@ -49,6 +49,8 @@ def test_cli_choices_are_the_registry(tmp_path: Path):
     with pytest.raises(QVGGTError, match="unknown quantize scope"):
         PipelineConfig(out_dir=tmp_path / "out", quantize_scope="everything")
     assert main(["--quantize-scope", "all", "--out", str(tmp_path / "o"), "--print-config"]) == 0
+    with pytest.raises(QVGGTError, match="runs in a loop"):
+        PipelineConfig(out_dir=tmp_path / "out", bits="fp8", quantize_scope="all")
 
 
 def _quantized_matmuls(onnx_path: Path) -> int:

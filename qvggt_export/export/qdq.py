@@ -247,6 +247,11 @@ def lower_qlinear_placeholders(model: onnx.ModelProto, *, hadamard: str = "funct
         layer = layer.decode() if isinstance(layer, bytes) else str(layer)
         layer = layer or f"qlinear_{count}"
         if node.op_type == FLOAT_PLACEHOLDER_OP:
+            if layer in calls:
+                raise QVGGTError(f"{layer} runs more than once per forward (a module in a loop, e.g. the camera "
+                                 "trunk at --quantize-scope all); fp8 / nvfp4 exports write one call per layer: use "
+                                 "an integer format or a narrower quantize scope")
+            calls[layer] = 1
             fmt = attrs.get("format", b"")
             fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
             if fmt == "nvfp4" and opset < NVFP4_OPSET:
