@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recon-checkpoint", metavar="PATH",
                         help="file where block reconstruction keeps its progress, resumed by a rerun (default: in "
                              "the output folder, carried to the next run of the same command)")
+    parser.add_argument("--quantize-scope", default="aggregator", choices=["aggregator", "backbone", "all"],
+                        help="linears to quantize: aggregator (the paper's, default), backbone (+ DINOv2 encoder), "
+                        "all (+ camera head trunk)")
     parser.add_argument("--calib-data", help="image folder (or folder of them), CO3Dv2 root, video file or folder, "
                                              "or list file (default: generated sequences)")
     parser.add_argument("--calib-strategy", default="nfds", choices=["nfds", "random", "filtered", "clustered"],
@@ -334,6 +337,9 @@ def build_serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cuda:N for engines (default cuda:0); cpu or cuda:N for pytorch")
     parser.add_argument("--threads", type=_non_negative, default=0,
                         help="ONNX Runtime intra-op threads per request (default 0 = its default)")
+    parser.add_argument("--ort-exact", action="store_true",
+                        help="ONNX Runtime with the parity checker's settings (QDQ fusions off: the arithmetic "
+                             "qvggt-export check measures) instead of its integer kernels (the default, faster)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -418,7 +424,8 @@ def serve_main(argv: list[str]) -> int:
         serve(ServeConfig(source=args.source, runtime=args.runtime, host=args.host, port=args.port,
                           model_name=args.model_name, max_frames=args.max_frames,
                           max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                          max_body_mb=args.max_body_mb, device=args.device, threads=args.threads))
+                          max_body_mb=args.max_body_mb, device=args.device, threads=args.threads,
+                          ort_exact=args.ort_exact))
     except QVGGTError as exc:
         print(f"qvggt-export serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -498,6 +505,7 @@ def _main(argv: list[str] | None = None) -> int:
         settings = dict(
             out_dir=args.out, bits=args.bits, model=args.model, checkpoint=args.checkpoint, method=args.method,
             alpha=args.alpha, recon_iters=args.recon_iters, recon_checkpoint=args.recon_checkpoint,
+            quantize_scope=args.quantize_scope,
             calib_data=args.calib_data, calib_size=args.calib_size, calib_pool=args.calib_pool,
             calib_strategy=args.calib_strategy, nfds_p=args.nfds_p, nfds_k=args.nfds_k, nfds_batch=args.nfds_batch,
             nfds_correlation=args.nfds_correlation,

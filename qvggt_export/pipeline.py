@@ -50,6 +50,9 @@ class PipelineConfig:
         method: ``"dsfq"`` (default), ``"rtn"``, ``"smooth"``, ``"rotate"`` or ``"smooth_rotate"`` (paper Tab. 4).
         alpha: smoothing strength (eq. 7).
         recon_iters: block-reconstruction steps per block (0 = off).
+        quantize_scope: which linears are quantized (:data:`qvggt_export.quant.roles.QUANTIZE_SCOPES`):
+            ``"aggregator"`` (the paper's frame / global linears; default), ``"backbone"`` (+ the DINOv2
+            patch-embed encoder), ``"all"`` (+ the camera head's trunk). Block lists a model lacks are skipped.
         calib_data: image folder(s), CO3Dv2 root, video(s) or list file; ``None`` generates pseudo
             multi-view sequences.
         calib_size: calibration sequences selected (the paper: 40).
@@ -104,6 +107,7 @@ class PipelineConfig:
     method: str = "dsfq"
     alpha: float = 0.5
     recon_iters: int = 0
+    quantize_scope: str = "aggregator"
     calib_data: str | None = None
     calib_size: int = 4
     calib_pool: int = 16
@@ -141,6 +145,14 @@ class PipelineConfig:
             raise QVGGTError(f"calib_dtype must be one of {', '.join(CALIB_DTYPES)}, got {self.calib_dtype!r}")
         if self.calib_dtype != "fp32" and self.device == "cpu":
             raise QVGGTError(f"calib_dtype {self.calib_dtype} applies to CUDA runs; the CPU calibrates in fp32")
+
+        from qvggt_export.quant.roles import check_scope
+
+        check_scope(self.quantize_scope)
+        if self.quantize_scope == "all" and self.bits in ("fp8", "nvfp4"):
+            # The camera trunk runs once per refinement iteration; the float-format Q/DQ writer emits one call.
+            raise QVGGTError(f"--quantize-scope all quantizes the camera trunk, which runs in a loop; {self.bits} "
+                             "exports support one call per layer: use an integer format or --quantize-scope backbone")
         if self.bits not in FLOAT_FORMATS:
             object.__setattr__(self, "bits", check_format(self.bits))
             self.quant_config()  # validates method, alpha, recon_iters (refused for fp8 / nvfp4)
@@ -232,11 +244,14 @@ class PipelineConfig:
         return NFDSConfig(strategy=self.calib_strategy, budget=self.calib_size, p=self.nfds_p, k=self.nfds_k,
                           seed=self.seed, batch_size=self.nfds_batch, correlation=self.nfds_correlation)
 
-    def quant_config(self) -> Any:
+    def quant_config(self, model: torch.nn.Module | None = None) -> Any:
+        """The :class:`~qvggt_export.quant.QuantConfig`; with ``model``, its roles are ``quantize_scope``'s
+        roles that this model has (:func:`~qvggt_export.quant.roles.scope_roles`)."""
         from qvggt_export.quant import QuantConfig
+        from qvggt_export.quant.roles import scope_roles
 
         return QuantConfig(bits=self.bits, method=self.method, alpha=self.alpha, seed=self.seed,
-                           recon_iters=self.recon_iters)
+                           recon_iters=self.recon_iters, roles=scope_roles(self.quantize_scope, model))
 
     @property
     def quantized(self) -> bool:
@@ -393,8 +408,10 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         if config.quantized:
             from qvggt_export.device import autocast
             from qvggt_export.quant.calibrate import calibrate
+            from qvggt_export.quant.roles import find_targets, scope_summary
 
-            quant_config = config.quant_config()
+            quant_config = config.quant_config(model)
+            scope = scope_summary(model, find_targets(model, quant_config.roles), config.quantize_scope)
             knobs = "--calib-size, --frames or --calib-dtype bf16"
             with timer.stage("quantize"), out_of_memory_guard("quantization", device, knobs):
                 # Reconstruction checkpoints into the run folder (carried over by RunFolder: rerunning the same
@@ -411,6 +428,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                     "transformed_layers": result.transformed,
                     "calibration_tokens": result.calibration_tokens,
                     "roles": sorted({layer.role for layer in layers}),
+                    "scope": scope,
                     "weight_rel_error": {layer.name: round(layer.weight_rel_error, 6) for layer in layers},
                     "reconstruction": result.reconstruction,
                 }

@@ -31,6 +31,7 @@ from qvggt_export.errors import MissingDependencyError, QVGGTError
 
 __all__ = [
     "BACKEND_NAMES",
+    "REMOVED_PRECISION_FLAGS",
     "Backend",
     "cuda_compute_capabilities",
     "cuda_device_count",
@@ -54,6 +55,16 @@ _PACKAGES: dict[str, tuple[str, str, str, str]] = {
 _RTX_LIB_UNVERSIONED = "libtensorrt_rtx.so"
 _RTX_LIB_VERSIONED = "libtensorrt_rtx.so.1"
 _RTX_PARSER_LIB = "libtensorrt_onnxparser_rtx.so.1"
+
+# Full TensorRT's first major version without weak typing. The builder flags it removed with it are listed in
+# REMOVED_PRECISION_FLAGS; nothing in this package may reference them (tests/engine/test_trt11.py checks).
+_TRT_STRONGLY_TYPED_ONLY_MAJOR = 11
+
+#: ``trt.BuilderFlag`` members that TensorRT 11 removed (precisions now come from the strongly typed graph).
+REMOVED_PRECISION_FLAGS = (
+    "FP16", "BF16", "INT8", "FP8", "INT4", "FP4",
+    "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS", "STRICT_TYPES",
+)
 
 
 @dataclass(frozen=True)
@@ -152,17 +163,42 @@ class Backend:
         """Full TensorRT measures tactics on the GPU while building; TensorRT-RTX compiles ahead of time."""
         return self.name == "trt"
 
+    @property
+    def supports_weak_typing(self) -> bool:
+        """Whether this version can still build a weakly typed network (full TensorRT before 11.0).
+
+        TensorRT 11 builds strongly typed networks only (the precision builder flags are gone); TensorRT-RTX
+        keeps the creation flag, so weak typing is left to it as before.
+        """
+        if "STRONGLY_TYPED" not in self.trt.NetworkDefinitionCreationFlag.__members__:
+            return False
+        return not (self.name == "trt" and _major_version(self.version) >= _TRT_STRONGLY_TYPED_ONLY_MAJOR)
+
     def network_flags(self, strongly_typed: bool) -> int:
         """The ``create_network`` flags for a network that is (or is not) strongly typed.
 
         Strong typing makes the ONNX graph's own Q/DQ and cast nodes decide every precision, which is what a
-        quantized export means; TensorRT 11 removed the alternative (precision builder flags).
+        quantized export means; TensorRT 11 removed the alternative (precision builder flags), so FP16 comes
+        from the graph (:func:`qvggt_export.engine.lowering.to_float16`) on every backend and version.
+
+        Raises:
+            QVGGTError: A weakly typed network was asked for on a version that builds strongly typed only.
         """
+        if not strongly_typed and not self.supports_weak_typing:
+            raise QVGGTError(
+                f"{self.display_name} {self.version} builds strongly typed networks only (TensorRT 11 removed weak "
+                "typing and its precision builder flags); set \"strongly_typed\": true in the build profile"
+            )
         flag_enum = self.trt.NetworkDefinitionCreationFlag
         if strongly_typed and "STRONGLY_TYPED" in flag_enum.__members__:
             return 1 << int(flag_enum.STRONGLY_TYPED)
         # Either weak typing was asked for, or the version has no flag because every network is strongly typed.
         return 0
+
+
+def _major_version(version: str) -> int:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 def load_backend(name: str = "auto") -> Backend:

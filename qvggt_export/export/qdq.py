@@ -118,8 +118,11 @@ def _constant_values(graph: onnx.GraphProto, name: str, consumed: set[str] | Non
 
 def _lower_input_transform(x: str, layer: str, transform_names: list[str], rotate: bool, graph: onnx.GraphProto,
                            nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto],
-                           emissions: list[HadamardEmission], hadamard: str, opset: int) -> str:
+                           emissions: list[HadamardEmission], hadamard: str, opset: int, call: int = 0) -> str:
     """Emit ``((x * pre) @ H) * post`` (factors that are all ones are skipped); returns the output name.
+
+    ``call`` > 0 is a later call of the same layer (a module run in a loop, as the camera trunk): its nodes
+    get their own names and read the first call's factors.
 
     The rotation is the Hadamard op of :mod:`.hadamard_onnx` in the requested form: ``"function"``
     (O(d log d) local function, runs everywhere), ``"dense"`` (d x d MatMul) or ``"plugin"`` (the
@@ -130,12 +133,13 @@ def _lower_input_transform(x: str, layer: str, transform_names: list[str], rotat
     pre_name, post_name = transform_names
     pre = _constant_values(graph, pre_name, set()).astype(np.float32)
     post = _constant_values(graph, post_name, set()).astype(np.float32)
-    p = f"{layer}/"
-    pre_ref = None if np.all(pre == 1.0) else p + "input_pre"
-    post_ref = None if np.all(post == 1.0) else p + "input_post"
-    if pre_ref:
+    params = f"{layer}/"
+    p = _call_prefix(layer, call)
+    pre_ref = None if np.all(pre == 1.0) else params + "input_pre"
+    post_ref = None if np.all(post == 1.0) else params + "input_post"
+    if pre_ref and not call:
         inits.append(numpy_helper.from_array(pre, pre_ref))
-    if post_ref:
+    if post_ref and not call:
         inits.append(numpy_helper.from_array(post, post_ref))
     if rotate:
         emission = emit_hadamard(x, p + "x_rot", pre.shape[0], pre_ref, post_ref, prefix=p + "input_",
@@ -150,6 +154,11 @@ def _lower_input_transform(x: str, layer: str, transform_names: list[str], rotat
         nodes.append(helper.make_node("Mul", [x, post_ref], [p + "x_post"], name=p + "input_post_scale"))
         x = p + "x_post"
     return x
+
+
+def _call_prefix(layer: str, call: int) -> str:
+    """Name prefix of a layer's nodes and activations: ``layer/`` for its first call, ``layer/call<N>/`` after."""
+    return f"{layer}/" if not call else f"{layer}/call{call}/"
 
 
 def _is_placeholder(node: onnx.NodeProto) -> bool:
@@ -227,6 +236,7 @@ def lower_qlinear_placeholders(model: onnx.ModelProto, *, hadamard: str = "funct
 
     count = 0
     families: set[str] = set()
+    calls: dict[str, int] = {}  # layer -> calls lowered so far (a module in a loop is traced once per call)
     for node in graph.node:
         if not _is_placeholder(node):
             new_nodes.append(node)
@@ -237,6 +247,11 @@ def lower_qlinear_placeholders(model: onnx.ModelProto, *, hadamard: str = "funct
         layer = layer.decode() if isinstance(layer, bytes) else str(layer)
         layer = layer or f"qlinear_{count}"
         if node.op_type == FLOAT_PLACEHOLDER_OP:
+            if layer in calls:
+                raise QVGGTError(f"{layer} runs more than once per forward (a module in a loop, e.g. the camera "
+                                 "trunk at --quantize-scope all); fp8 / nvfp4 exports write one call per layer: use "
+                                 "an integer format or a narrower quantize scope")
+            calls[layer] = 1
             fmt = attrs.get("format", b"")
             fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
             if fmt == "nvfp4" and opset < NVFP4_OPSET:
@@ -247,6 +262,8 @@ def lower_qlinear_placeholders(model: onnx.ModelProto, *, hadamard: str = "funct
             families.add(fmt)
             continue
         families.add("int")
+        call = calls.get(layer, 0)
+        calls[layer] = call + 1
         wbits, abits = int(attrs["weight_bits"]), int(attrs["act_bits"])
         x, codes_name, step_name, bias_name, *transform_names = node.input
         codes = _constant_values(graph, codes_name, consumed).astype(np.int8)
@@ -255,18 +272,20 @@ def lower_qlinear_placeholders(model: onnx.ModelProto, *, hadamard: str = "funct
         consumed.update({codes_name, step_name, bias_name, *transform_names})
         raw_input = x
         x = _lower_input_transform(x, layer, transform_names, bool(attrs.get("rotate", 0)), graph, new_nodes,
-                                   new_inits, emissions, hadamard, opset)
-        tensor_map[layer] = {"input": raw_input, "transformed": x, "codes": f"{layer}/x_codes",
-                             "output": node.output[0]}
+                                   new_inits, emissions, hadamard, opset, call)
+        p = _call_prefix(layer, call)
+        # The layer-by-layer checker compares a layer's first call.
+        tensor_map.setdefault(layer, {"input": raw_input, "transformed": x, "codes": p + "x_codes",
+                                      "output": node.output[0]})
         wmin, wmax = qrange(wbits)
         if codes.min() < wmin or codes.max() > wmax:
             raise QVGGTError(f"{layer}: weight codes outside the {wbits}-bit range [{wmin}, {wmax}]")
 
-        p = f"{layer}/"
-        w_q, w_step, b = p + "weight_q", p + "weight_step", p + "bias"
-        new_inits.append(_int_tensor(w_q, np.ascontiguousarray(codes.T), _container(wbits)))
-        new_inits.append(numpy_helper.from_array(step, w_step))
-        new_inits.append(numpy_helper.from_array(bias, b))
+        w_q, w_step, b = f"{layer}/weight_q", f"{layer}/weight_step", f"{layer}/bias"
+        if not call:  # later calls share the first call's weights
+            new_inits.append(_int_tensor(w_q, np.ascontiguousarray(codes.T), _container(wbits)))
+            new_inits.append(numpy_helper.from_array(step, w_step))
+            new_inits.append(numpy_helper.from_array(bias, b))
         amin, amax = qrange(abits)
         container = _container(abits)
         zp = scalar(f"qvggt/zero_{'int4' if container == TensorProto.INT4 else 'int8'}", 0, container)

@@ -180,3 +180,66 @@ def calibration_forward(model: nn.Module, targets: Sequence[QuantTarget]) -> Cal
         return aggregator(images.unsqueeze(0) if images.dim() == 4 else images)
 
     return forward
+
+
+#: Quantization scopes, each widening the previous one by block-list scopes: ``aggregator`` (the paper's
+#: frame / global linears, the default so results stay comparable with the paper), ``backbone`` (+ the DINOv2
+#: patch-embed encoder), ``all`` (+ the camera head's trunk, the heads' only transformer linears; the DPT
+#: heads are convolutions, which the linear-role machinery does not cover).
+QUANTIZE_SCOPES: dict[str, tuple[str, ...]] = {
+    "aggregator": ("aggregator",),
+    "backbone": ("aggregator", "backbone"),
+    "all": ("aggregator", "backbone", "heads"),
+}
+DEFAULT_SCOPE = "aggregator"
+
+
+def check_scope(scope: str) -> str:
+    """``scope`` if it names a quantization scope.
+
+    Raises:
+        QVGGTError: an unknown scope name.
+    """
+    if scope not in QUANTIZE_SCOPES:
+        raise QVGGTError(f"unknown quantize scope {scope!r}; expected one of {', '.join(QUANTIZE_SCOPES)}")
+    return scope
+
+
+def scope_roles(scope: str, model: nn.Module | None = None) -> tuple[str, ...]:
+    """The roles a quantization scope selects; with ``model``, only the block lists that model has.
+
+    A preset without a DINOv2 encoder (conv patch embedding) has no ``patch_embed`` blocks; the widest scope
+    then quantizes what exists. A scope that adds nothing to the narrower one for this model is an error.
+
+    Raises:
+        QVGGTError: unknown scope, or a scope wider than ``aggregator`` that finds nothing more in ``model``.
+    """
+    wanted = QUANTIZE_SCOPES[check_scope(scope)]
+    kinds = [block_list.kind for block_list in BLOCK_LISTS if block_list.scope in wanted]
+    if model is not None:
+        present = _block_lists(model)
+        extra = [kind for kind in kinds if kind in present and _LISTS[kind].scope != "aggregator"]
+        if scope != DEFAULT_SCOPE and not extra:
+            paths = ", ".join(_LISTS[k].path for k in kinds if _LISTS[k].scope != "aggregator")
+            raise QVGGTError(f"quantize scope {scope!r} adds nothing for this model: it has none of {paths} "
+                             f"(it has: {', '.join(sorted(present))}); use --quantize-scope aggregator")
+        kinds = [kind for kind in kinds if kind in present]
+    return roles_of(*kinds)
+
+
+def scope_summary(model: nn.Module, targets: Iterable[QuantTarget], scope: str) -> dict[str, object]:
+    """What a scope quantizes in ``model``: layer names, and their parameters' share of the model's.
+
+    Parameters of a linear are its weight and bias; the share is over every parameter of ``model``.
+    """
+    targets = list(targets)
+    quantized = sum(p.numel() for target in targets for p in model.get_submodule(target.name).parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return {
+        "name": scope,
+        "block_lists": sorted({t.role.split(".")[0] for t in targets}),
+        "layers": [t.name for t in targets],
+        "parameters_quantized": int(quantized),
+        "parameters_total": int(total),
+        "parameter_share": round(quantized / max(total, 1), 4),
+    }

@@ -77,21 +77,30 @@ class OnnxRuntimeBackend:
         max_frames: Frames per request, at most.
         providers: ONNX Runtime execution providers (default CPU).
         threads: Intra-op threads per run (0 = ONNX Runtime's default).
+        exact: ``False`` (default): every ONNX Runtime optimisation on, so the Q/DQ export runs as integer kernels
+            (``MatMulIntegerToFloat`` for W8A8, ``MatMulNBits`` for 4-bit weights: 1.50x FP32's speed for W8A8
+            DSFQ on the CPU, ``benchmarks/results/ort_cpu.md``); ``True``: the parity checker's settings (QDQ fusions
+            off), the exact arithmetic ``qvggt-export check`` measures.
     """
 
     platform = "onnxruntime_onnx"
 
     def __init__(self, onnx_path: str | Path, max_frames: int, providers: list[str] | None = None,
-                 threads: int = 0) -> None:
+                 threads: int = 0, exact: bool = False) -> None:
+        from qvggt_export.engine.ort_cpu import cpu_session_options
         from qvggt_export.parity.compare import parity_session_options
 
+        self.exact = exact
         self.source = Path(onnx_path)
         if not self.source.is_file():
             raise QVGGTError(f"ONNX model not found: {self.source}")
         input_name, input_dims, outputs = _onnx_io(self.source)
         self.signature = signature_from_onnx_io(input_name, input_dims, outputs, (1, max_frames))
-        ort, options = parity_session_options("Serving with ONNX Runtime")
-        options.intra_op_num_threads = threads
+        if exact:
+            ort, options = parity_session_options("Serving with ONNX Runtime")
+            options.intra_op_num_threads = threads
+        else:
+            ort, options = cpu_session_options(threads=threads or None)
         try:
             self._session = ort.InferenceSession(str(self.source), options,
                                                  providers=providers or ["CPUExecutionProvider"])
@@ -222,7 +231,7 @@ def _auto_runtime(source: Path) -> str:
 
 
 def open_backend(source: str | Path, runtime: str = "auto", *, max_frames: int | None = None, device: str | None = None,
-                 threads: int = 0) -> InferenceBackend:
+                 threads: int = 0, ort_exact: bool = False) -> InferenceBackend:
     """Load what the server runs.
 
     Args:
@@ -232,6 +241,8 @@ def open_backend(source: str | Path, runtime: str = "auto", *, max_frames: int |
         max_frames: Frames per request, at most (an engine: at most its profile's; others: default 32).
         device: ``"cuda:N"`` for engines (default ``cuda:0``), ``"cpu"`` or ``"cuda:N"`` for pytorch.
         threads: ONNX Runtime intra-op threads (0 = its default).
+        ort_exact: ONNX Runtime with the parity checker's settings instead of its integer kernels
+            (:class:`OnnxRuntimeBackend`).
 
     Raises:
         QVGGTError: Missing files, a runtime that cannot load the source, or a missing optional dependency.
@@ -250,7 +261,7 @@ def open_backend(source: str | Path, runtime: str = "auto", *, max_frames: int |
     if chosen == "onnxruntime":
         graph = source / "model.onnx" if source.is_dir() else source
         try:
-            return OnnxRuntimeBackend(graph, frames, threads=threads)
+            return OnnxRuntimeBackend(graph, frames, threads=threads, exact=ort_exact)
         except ModuleNotFoundError as exc:
             raise MissingDependencyError("onnxruntime", "cpu", "Serving with ONNX Runtime") from exc
     if not source.is_dir():

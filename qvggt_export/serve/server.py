@@ -37,6 +37,7 @@ class ServeConfig:
         max_body_mb: Largest request body in MiB (413 above it).
         device: ``cuda:N`` for engines, ``cpu`` / ``cuda:N`` for pytorch.
         threads: ONNX Runtime intra-op threads per request (0: its default).
+        ort_exact: ONNX Runtime with the parity checker's settings (no integer-kernel fusions), not the fastest form.
         shutdown_timeout_s: How long a shutdown waits for requests in flight.
     """
 
@@ -51,6 +52,7 @@ class ServeConfig:
     max_body_mb: float = 256.0
     device: str | None = None
     threads: int = 0
+    ort_exact: bool = False
     shutdown_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -89,7 +91,7 @@ def build_server(config: ServeConfig, backend: Any = None) -> Any:
         raise MissingDependencyError(exc.name or "uvicorn", "serve", "qvggt-export serve") from exc
     if backend is None:
         backend = open_backend(config.source, config.runtime, max_frames=config.max_frames, device=config.device,
-                               threads=config.threads)
+                               threads=config.threads, ort_exact=config.ort_exact)
     limits = AppLimits(max_concurrency=config.max_concurrency, max_queue=config.max_queue,
                        max_body_bytes=int(config.max_body_mb * (1 << 20)))
     app = create_app(backend, config.model_name, limits)
