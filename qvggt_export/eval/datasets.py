@@ -314,15 +314,10 @@ def preprocess_depth(depth: np.ndarray, intrinsic: np.ndarray | None, image_size
     """
     from PIL import Image
 
-    from qvggt_export.model.preprocess import _round_to_patch
+    from qvggt_export.model.preprocess import resized_size
 
     width, height = image_size
-    if mode == "pad" and height > width:
-        new_height = target_size
-        new_width = _round_to_patch(width * (new_height / height), patch_size)
-    else:
-        new_width = target_size
-        new_height = _round_to_patch(height * (new_width / width), patch_size)
+    new_width, new_height = resized_size(width, height, target_size, mode, patch_size)
     resized = np.asarray(Image.fromarray(np.asarray(depth, dtype=np.float32), mode="F")
                          .resize((new_width, new_height), Image.Resampling.NEAREST))
     out_intrinsic = None

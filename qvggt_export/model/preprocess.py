@@ -30,6 +30,14 @@ def _round_to_patch(value: float, patch_size: int) -> int:
     return round(value / patch_size) * patch_size
 
 
+def resized_size(width: int, height: int, target_size: int, mode: str, patch_size: int) -> tuple[int, int]:
+    """``(new_width, new_height)`` an image of ``width x height`` is resized to before the crop or the padding of
+    :func:`preprocess_image` (the official loader's geometry; ground-truth depth maps follow the same one)."""
+    if mode == "pad" and height > width:
+        return _round_to_patch(width * (target_size / height), patch_size), target_size
+    return target_size, _round_to_patch(height * (target_size / width), patch_size)
+
+
 def preprocess_image(image: object, target_size: int = 518, mode: str = "crop", patch_size: int = 14) -> torch.Tensor:
     """One PIL image -> float tensor [3, H, W] in [0, 1], sized as the official loader sizes it."""
     from PIL import Image
@@ -43,12 +51,7 @@ def preprocess_image(image: object, target_size: int = 518, mode: str = "crop", 
         image = Image.alpha_composite(white, image)
     image = image.convert("RGB")
     width, height = image.size
-    if mode == "pad" and height > width:
-        new_height = target_size
-        new_width = _round_to_patch(width * (new_height / height), patch_size)
-    else:
-        new_width = target_size
-        new_height = _round_to_patch(height * (new_width / width), patch_size)
+    new_width, new_height = resized_size(width, height, target_size, mode, patch_size)
     if new_width < patch_size or new_height < patch_size:
         raise QVGGTError(f"image of {width}x{height} is too thin to resize to a {patch_size}-pixel patch grid")
     image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
