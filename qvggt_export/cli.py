@@ -81,6 +81,15 @@ _unit_interval = _number(float, minimum=0.0, maximum=1.0)
 _image_size = _number(int, minimum=14, multiple_of=14)
 
 
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_SHORT_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def _configure_logging(verbose: bool, quiet: int = logging.WARNING) -> None:
+    """The CLI's log handler (library code only logs): debug with -v, else ``quiet`` and above."""
+    logging.basicConfig(level=logging.DEBUG if verbose else quiet, format=_LOG_FORMAT, datefmt="%H:%M:%S")
+
+
 def _device(text: str) -> str:
     """An argparse type for --device: its form only (whether the GPU exists is checked when the run starts)."""
     from qvggt_export.device import check_device_spec
@@ -227,8 +236,7 @@ def build_check_parser() -> argparse.ArgumentParser:
 def check_main(argv: list[str]) -> int:
     """``qvggt-export check ...``: one call to :func:`qvggt_export.parity.check.check_export`."""
     args = build_check_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    _configure_logging(args.verbose)
     from qvggt_export.parity.check import CheckConfig, check_export, summarize
 
     try:
@@ -347,8 +355,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
 def eval_main(argv: list[str]) -> int:
     """``qvggt-export eval ...``: one call to :func:`qvggt_export.eval.evaluate.evaluate`."""
     args = build_eval_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    _configure_logging(args.verbose)
     from qvggt_export.eval.evaluate import EvalConfig, evaluate, summarize
 
     try:
@@ -380,7 +387,7 @@ def report_main(argv: list[str]) -> int:
                                                  "output folder from its saved artifacts.")
     parser.add_argument("out_dir", type=Path, help="output folder of a qvggt-export run")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=_SHORT_LOG_FORMAT)
     from qvggt_export.report import write_report
 
     try:
@@ -416,8 +423,7 @@ def _with_config_file(args: argparse.Namespace, argv: list[str], settings: dict[
 def serve_main(argv: list[str]) -> int:
     """``qvggt-export serve ...``: one call to :func:`qvggt_export.serve.serve`."""
     args = build_serve_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    _configure_logging(args.verbose)
     from qvggt_export.serve import ServeConfig, serve
 
     try:
@@ -458,7 +464,7 @@ def build_serve_repo_parser() -> argparse.ArgumentParser:
 def serve_repo_main(argv: list[str]) -> int:
     """``qvggt-export serve-repo ...``: one call to :func:`qvggt_export.serve.triton_repo.write_model_repository`."""
     args = build_serve_repo_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=_SHORT_LOG_FORMAT)
     from qvggt_export.serve.triton_repo import TritonRepoConfig, write_model_repository
 
     try:
@@ -497,8 +503,7 @@ def _main(argv: list[str] | None = None) -> int:
         return SUBCOMMANDS[argv[0]](argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    _configure_logging(args.verbose, quiet=logging.INFO)
     from qvggt_export.pipeline import run_pipeline
 
     try:
