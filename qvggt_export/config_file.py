@@ -64,6 +64,9 @@ def _accepts(annotation: Any, value: Any) -> bool:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if annotation in (str, Path):
         return isinstance(value, str)
+    if origin is tuple:  # tuple[X, ...]: a TOML / JSON array of X
+        (item, *_) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, list | tuple) and all(_accepts(item, v) for v in value)
     return True
 
 
