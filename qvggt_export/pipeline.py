@@ -268,6 +268,7 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["out_dir"] = str(self.out_dir)
+        data["auto_methods"] = list(self.auto_methods)  # as JSON / TOML hold it
         return data
 
 
