@@ -519,6 +519,16 @@ def _block_outputs(model: nn.Module, block: str, swaps: dict[str, nn.Module],
         return [module(*_onto(calls[-1].args, device), **_onto(calls[-1].kwargs, device)).detach() for calls in chain]
 
 
+@torch.no_grad()
+def _recompute_outputs(model: nn.Module, block: str, chain: Sequence[Sequence[BlockCall]], pinned: bool) -> None:
+    """Replace every call's recorded ``output`` by the block's current output on that call's inputs (in place)."""
+    module = model.get_submodule(block)
+    device = _device_of(module)
+    for calls in chain:
+        for call in calls:
+            call.output = _stash(module(*_onto(call.args, device), **_onto(call.kwargs, device)), pinned)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Learning one block.
 
@@ -820,10 +830,19 @@ def _reconstruct(model: nn.Module, targets: list[QuantTarget], groups: dict[str,
                     q_call.output = fp_call.output
         else:  # nothing upstream is quantized yet: both chains feed the block the same input
             quant_chain = float_chain
-        if not runner.replays:
-            del float_chain
         if chooser is not None:
             methods.update(chooser.choose(block, block_targets, quant_chain))
+            if learn:
+                # The targets were captured through the block's untransformed linears; learn against the outputs
+                # of the chosen (equivalent) float layers instead, exactly as a single-method walk captures them,
+                # so that auto with one candidate learns bit for bit what that method learns.
+                _recompute_outputs(model, block, float_chain, runner.pinned)
+                if quant_chain is not float_chain:
+                    for fp_calls, q_calls in zip(float_chain, quant_chain, strict=True):
+                        for fp_call, q_call in zip(fp_calls, q_calls, strict=True):
+                            q_call.output = fp_call.output
+        if not runner.replays:
+            del float_chain
         if learn:
             result = _learn_block(model, block, block_targets, quant_chain, config,
                                   {t.name: smoothing_space(methods[t.name]) for t in block_targets})

@@ -179,3 +179,13 @@ def test_auto_settings_are_validated():
     with pytest.raises(QVGGTError, match="auto"):
         QuantConfig(method="best")
     assert QuantConfig(method="auto", auto_methods=["rtn", "dsfq"]).auto_methods == ("rtn", "dsfq")
+
+
+@pytest.mark.parametrize("method", ["rotate", "smooth_rotate"])
+def test_auto_with_one_candidate_learns_what_that_method_learns(method, batches):
+    """With reconstruction too: the walk learns the chosen layers against the same targets, bit for bit."""
+    single, single_result = _quantized(QuantConfig(bits="w4a4", method=method, recon_iters=3), batches)
+    auto, result = _quantized(QuantConfig(bits="w4a4", method="auto", recon_iters=3, auto_methods=(method,)), batches)
+    assert _same_state(single, auto)
+    assert {b: r["loss_after"] for b, r in result.reconstruction.items()} == {
+        b: r["loss_after"] for b, r in single_result.reconstruction.items()}
