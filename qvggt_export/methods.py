@@ -3,7 +3,8 @@
 A method is one :class:`MethodSpec` in :data:`METHODS`: what it rotates and smooths, in which space, and
 which calibration statistics it needs. The surgery (:mod:`qvggt_export.quant.dsfq`), the calibration driver
 (:mod:`qvggt_export.quant.calibrate`), block reconstruction (:mod:`qvggt_export.quant.reconstruct`), the
-pipeline report and the CLI read these rows instead of spelling method names out. Like
+pipeline report and the CLI read these rows instead of spelling method names out. :data:`AUTO` is not a row:
+it picks one of the rows per block (or per layer) by measured error (:mod:`qvggt_export.quant.select`). Like
 :mod:`qvggt_export.formats`, this module imports no torch, so the CLI can build its parser without it.
 """
 
@@ -15,7 +16,8 @@ from types import MappingProxyType
 
 from qvggt_export.errors import QVGGTError
 
-__all__ = ["METHODS", "MethodSpec", "get_method", "method_names"]
+__all__ = ["AUTO", "AUTO_GRANULARITIES", "METHODS", "MethodSpec", "check_method", "get_method", "method_choices",
+           "method_names"]
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,31 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType({spec.name: spec for spec i
 )})
 
 
+# ``--method auto``: per block (or per layer), the row among its candidates whose quantized block output is
+# closest to the float block output on the calibration set (qvggt_export.quant.select).
+AUTO = "auto"
+AUTO_GRANULARITIES = ("block", "layer")
+
+
 def method_names() -> tuple[str, ...]:
+    """The registry's transforms (what ``auto`` chooses among)."""
     return tuple(METHODS)
+
+
+def method_choices() -> tuple[str, ...]:
+    """Every ``--method`` spelling: the transforms, then ``auto``."""
+    return (*METHODS, AUTO)
+
+
+def check_method(name: str) -> str:
+    """``name`` if it is a transform or ``auto``.
+
+    Raises:
+        QVGGTError: anything else, naming the choices.
+    """
+    if name != AUTO and name not in METHODS:
+        raise QVGGTError(f"unknown quantization method {name!r}; available: {', '.join(method_choices())}")
+    return name
 
 
 def get_method(name: str) -> MethodSpec:

@@ -34,6 +34,9 @@ class CalibrationResult:
     calibration_tokens: int = 0
     reconstruction: dict[str, dict[str, float]] = field(default_factory=dict)
     input_amax: dict[str, float] = field(default_factory=dict)
+    # --method auto: settings, per-method layer counts and each block's measured errors and choice
+    # (qvggt_export.quant.select.MethodChooser.summary); empty for the single methods.
+    method_selection: dict[str, Any] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -79,8 +82,8 @@ def calibrate(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Ten
 
     Args:
         model: a float VGGT (eval mode).
-        config: format, method (``rtn``/``smooth``/``rotate``/``smooth_rotate``/``dsfq``), roles, alpha, seed,
-            reconstruction settings.
+        config: format, method (``rtn``/``smooth``/``rotate``/``smooth_rotate``/``dsfq``, or ``auto``: chosen per
+            block by measured error, :mod:`qvggt_export.quant.select`), roles, alpha, seed, reconstruction settings.
         batches: calibration images, each [B, S, 3, H, W] in [0, 1]; required by the smoothing methods and
             by reconstruction.
         progress: wraps long loops (e.g. a tqdm factory).
@@ -90,27 +93,41 @@ def calibrate(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Ten
             to bf16, :func:`qvggt_export.device.autocast`); reconstruction and quantization never run in it.
     """
     targets = find_targets(model, config.roles)
-    method = get_method(config.method)
-    if method.rotates:
+    candidates = [get_method(name) for name in config.candidate_methods]
+    if not config.is_auto and candidates[0].rotates:  # (auto skips a rotation where it cannot apply)
         check_rotatable(targets, model)
     stats = None
     tokens = 0
     if config.needs_calibration:
         if len(batches) == 0:
             raise QVGGTError(f"method {config.method} needs calibration data, but the calibration set is empty")
-        with statistics_context() if statistics_context is not None else contextlib.nullcontext():
-            stats = collect_channel_stats(model, targets, batches, config.seed,
-                                          raw=method.statistics == "raw",
-                                          rotated=method.statistics == "rotated", progress=progress)
-        tokens = next(iter(stats.values())).tokens
-    transformed = apply_transforms(model, targets, config.method, stats, config.alpha, config.seed)
+        raw = any(spec.statistics == "raw" for spec in candidates)
+        rotated = any(spec.statistics == "rotated" for spec in candidates)
+        if raw or rotated:
+            with statistics_context() if statistics_context is not None else contextlib.nullcontext():
+                stats = collect_channel_stats(model, targets, batches, config.seed, raw=raw, rotated=rotated,
+                                              progress=progress)
+            tokens = next(iter(stats.values())).tokens
     weight_steps = None
     recon_report: dict[str, dict[str, float]] = {}
-    if config.recon_iters > 0:
+    selection: dict[str, Any] = {}
+    if config.is_auto:
         from qvggt_export.quant.reconstruct import reconstruct_blocks
+        from qvggt_export.quant.select import MethodChooser
 
+        # One walk over the blocks: each is chosen on the quantized chain's inputs, then learned (recon_iters > 0).
+        chooser = MethodChooser(model, config, stats)
         weight_steps, recon_report = reconstruct_blocks(model, targets, config, batches, progress,
-                                                        checkpoint=recon_checkpoint)
+                                                        checkpoint=recon_checkpoint, chooser=chooser)
+        transformed = chooser.transformed
+        selection = chooser.summary()
+    else:
+        transformed = apply_transforms(model, targets, config.method, stats, config.alpha, config.seed)
+        if config.recon_iters > 0:
+            from qvggt_export.quant.reconstruct import reconstruct_blocks
+
+            weight_steps, recon_report = reconstruct_blocks(model, targets, config, batches, progress,
+                                                            checkpoint=recon_checkpoint)
     input_amax: dict[str, float] = {}
     if config.family == "nvfp4":
         input_amax = collect_input_amax(model, targets, batches, progress)
@@ -119,4 +136,4 @@ def calibrate(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Ten
             raise QVGGTError(f"the calibration data never activates {zero[:3]} (max |input| = 0): no NVFP4 "
                              "activation scale can be set; use other calibration data")
     layers = quantize_model(model, config, weight_steps, input_amax)
-    return CalibrationResult(layers, transformed, tokens, recon_report, input_amax)
+    return CalibrationResult(layers, transformed, tokens, recon_report, input_amax, selection)

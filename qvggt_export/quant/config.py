@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from qvggt_export.errors import QVGGTError
 from qvggt_export.formats import format_names, get_format
-from qvggt_export.methods import METHODS, get_method  # noqa: F401 (METHODS re-exported)
+from qvggt_export.methods import AUTO, AUTO_GRANULARITIES, METHODS, check_method, get_method
 from qvggt_export.quant.roles import ALL_ROLES, DEFAULT_ROLES
 
 # Derived from the format and method registries (qvggt_export.formats, qvggt_export.methods), the one place
@@ -56,8 +56,13 @@ class QuantConfig:
             activations in blocks of 16 input channels with E4M3 block scales (dynamic for activations) and
             one fp32 global scale per tensor (static for activations, from the calibration maximum).
         method: the transform before quantization (paper Tab. 4): ``"rtn"`` (Base: none), ``"smooth"``
-            (SmoothQuant scales), ``"rotate"`` (random Hadamard), ``"smooth_rotate"`` (scale, then rotate)
-            or ``"dsfq"`` (rotate, then scale in the rotated space).
+            (SmoothQuant scales), ``"rotate"`` (random Hadamard), ``"smooth_rotate"`` (scale, then rotate),
+            ``"dsfq"`` (rotate, then scale in the rotated space), or ``"auto"``: per block (or per layer) the
+            one of ``auto_methods`` whose quantized block output is closest to the float block's on the
+            calibration set (:mod:`qvggt_export.quant.select`), then block reconstruction as usual.
+        auto_methods: the candidates of ``"auto"`` (default: every transform).
+        auto_granularity: ``"block"`` (one method per transformer block) or ``"layer"`` (then each linear of
+            the block may switch to another candidate when that lowers the block's output error).
         roles: layer roles to quantize (see :mod:`qvggt_export.quant.roles`); default the 192
             aggregator linears of VGGT-1B (qkv, proj, fc1, fc2 of frame and global blocks).
         alpha: smoothing strength (eq. 7), 0.5 in the paper.
@@ -68,6 +73,8 @@ class QuantConfig:
 
     bits: str = "w4a4"
     method: str = "dsfq"
+    auto_methods: tuple[str, ...] = tuple(METHODS)
+    auto_granularity: str = "block"
     roles: tuple[str, ...] = field(default=DEFAULT_ROLES)
     alpha: float = 0.5
     seed: int = 0
@@ -77,7 +84,15 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", check_format(self.bits))
-        get_method(self.method)  # raises naming the known methods
+        check_method(self.method)  # raises naming the known methods
+        object.__setattr__(self, "auto_methods", tuple(self.auto_methods))
+        unknown_candidates = [m for m in self.auto_methods if m not in METHODS]
+        if unknown_candidates or not self.auto_methods or len(set(self.auto_methods)) != len(self.auto_methods):
+            raise QVGGTError(f"auto_methods must be distinct names among {', '.join(METHODS)}, got "
+                             f"{list(self.auto_methods)}")
+        if self.auto_granularity not in AUTO_GRANULARITIES:
+            raise QVGGTError(f"auto_granularity must be one of {', '.join(AUTO_GRANULARITIES)}, got "
+                             f"{self.auto_granularity!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise QVGGTError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.recon_iters < 0:
@@ -100,7 +115,18 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         # NVFP4's activation global scale is static (TensorRT takes it as a build-time constant): calibrated.
-        return get_method(self.method).needs_calibration or self.recon_iters > 0 or self.family == "nvfp4"
+        # auto measures every candidate on the calibration data.
+        return (self.is_auto or get_method(self.method).needs_calibration or self.recon_iters > 0
+                or self.family == "nvfp4")
+
+    @property
+    def is_auto(self) -> bool:
+        return self.method == AUTO
+
+    @property
+    def candidate_methods(self) -> tuple[str, ...]:
+        """The transforms this config may apply: ``auto_methods`` for ``auto``, else the one method."""
+        return self.auto_methods if self.is_auto else (self.method,)
 
     @property
     def weight_bits(self) -> int:

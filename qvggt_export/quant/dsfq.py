@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -97,44 +97,61 @@ def collect_channel_stats(model: nn.Module, targets: Sequence[QuantTarget], batc
     return stats
 
 
-def apply_transforms(model: nn.Module, targets: Sequence[QuantTarget], method: str,
+def transform_linear(name: str, module: nn.Module, method: str, entry: ChannelStats | None, alpha: float = 0.5,
+                     seed: int = 0) -> nn.Module:
+    """The float layer of ``method`` for one target ``nn.Linear`` called ``name``: a :class:`TransformedLinear`
+    (exact equivalence), or ``module`` itself for ``rtn``. ``entry``: its calibration statistics (methods that
+    smooth need them)."""
+    spec = METHODS.get(method)
+    if spec is None:
+        raise QVGGTError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    if not spec.rotates and not spec.smooths:
+        return module
+    if not isinstance(module, nn.Linear):
+        raise QVGGTError(f"{name} is a {type(module).__name__}; transforms apply to float nn.Linear")
+    if spec.needs_calibration and entry is None:
+        raise QVGGTError(f"method {method} needs calibration statistics for {name}")
+    weight = module.weight.detach()
+    rotate = spec.rotates
+    signs = layer_signs(name, module.in_features, seed).to(weight.device, torch.float64) if rotate else None
+    pre = signs
+    post = None
+    if spec.statistics == "raw":
+        c = smoothing_scales(entry.raw_absmax, weight.abs().amax(dim=0), alpha)
+        pre = 1.0 / c if signs is None else signs / c
+    elif spec.statistics == "rotated":
+        # DSFQ: smoothing in the rotated space, from the rotated weight's column maxima (not the raw
+        # weight's, which the published code uses by mistake).
+        c = smoothing_scales(entry.rotated_absmax, weight_column_absmax(weight, signs, rotate=True), alpha)
+        post = 1.0 / c
+    folded = fold_weight(weight, pre, post, rotate)
+    transformed = TransformedLinear(folded, module.bias, None if pre is None else pre.float(),
+                                    None if post is None else post.float(), rotate)
+    return transformed.to(weight.device)
+
+
+def apply_transforms(model: nn.Module, targets: Sequence[QuantTarget], method: str | Mapping[str, str],
                      stats: dict[str, ChannelStats] | None, alpha: float = 0.5, seed: int = 0) -> int:
     """Replace each target ``nn.Linear`` by the :class:`TransformedLinear` of ``method`` (in place).
 
+    Args:
+        method: one method for every target, or target name -> method (what ``auto`` chose).
+
     Returns the number of transformed layers (0 for ``rtn``).
     """
-    if method not in METHODS:
-        raise QVGGTError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-    spec = METHODS[method]
-    if not spec.rotates and not spec.smooths:
-        return 0
-    rotate = spec.rotates
-    if rotate:
-        check_rotatable(targets, model)
+    per_target = (dict.fromkeys((t.name for t in targets), method) if isinstance(method, str) else dict(method))
+    for name in set(per_target.values()):
+        if name not in METHODS:
+            raise QVGGTError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    rotating = [t for t in targets if METHODS[per_target[t.name]].rotates]
+    if rotating:
+        check_rotatable(rotating, model)
     count = 0
     for target, module in iter_modules(model, targets):
-        if not isinstance(module, nn.Linear):
-            raise QVGGTError(f"{target.name} is a {type(module).__name__}; transforms apply to float nn.Linear")
-        weight = module.weight.detach()
-        signs = layer_signs(target.name, module.in_features, seed).to(weight.device, torch.float64) if rotate else None
-        pre = signs
-        post = None
-        if spec.needs_calibration:
-            entry = (stats or {}).get(target.name)
-            if entry is None:
-                raise QVGGTError(f"method {method} needs calibration statistics for {target.name}")
-        if spec.statistics == "raw":
-            c = smoothing_scales(entry.raw_absmax, weight.abs().amax(dim=0), alpha)
-            pre = 1.0 / c if signs is None else signs / c
-        elif spec.statistics == "rotated":
-            # DSFQ: smoothing in the rotated space, from the rotated weight's column maxima (not the raw
-            # weight's, which the published code uses by mistake).
-            c = smoothing_scales(entry.rotated_absmax, weight_column_absmax(weight, signs, rotate=True), alpha)
-            post = 1.0 / c
-        folded = fold_weight(weight, pre, post, rotate)
-        transformed = TransformedLinear(folded, module.bias, None if pre is None else pre.float(),
-                                        None if post is None else post.float(), rotate)
-        replace_module(model, target.name, transformed.to(weight.device))
-        count += 1
-    logger.info("applied %s transforms to %d linears", method, count)
+        layer = transform_linear(target.name, module, per_target[target.name], (stats or {}).get(target.name), alpha,
+                                 seed)
+        if layer is not module:
+            replace_module(model, target.name, layer)
+            count += 1
+    logger.info("applied %s transforms to %d linears", method if isinstance(method, str) else "per-layer", count)
     return count

@@ -85,10 +85,10 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -468,7 +468,7 @@ class _Runner:
             embeddings.append(_stash(output, self.pinned))
 
         result = []
-        with _swapped(self.model, stand_ins):
+        with swapped_modules(self.model, stand_ins):
             handles = self._hooks(make)
             if with_output:
                 handles.append(self.model.get_submodule(block).register_forward_hook(output_hook, with_kwargs=True))
@@ -497,7 +497,7 @@ class _Runner:
 
 
 @contextlib.contextmanager
-def _swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
+def swapped_modules(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
     """Temporarily put ``modules`` (dotted path -> module) into the model."""
     originals = {name: model.get_submodule(name) for name in modules}
     try:
@@ -513,7 +513,7 @@ def _swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
 def _block_outputs(model: nn.Module, block: str, swaps: dict[str, nn.Module],
                    chain: Sequence[Sequence[BlockCall]]) -> list[torch.Tensor]:
     """A finished block's output on one chain's inputs, exactly as a full pass of that chain computes it."""
-    with _swapped(model, swaps):
+    with swapped_modules(model, swaps):
         module = model.get_submodule(block)
         device = _device_of(module)
         return [module(*_onto(calls[-1].args, device), **_onto(calls[-1].kwargs, device)).detach() for calls in chain]
@@ -535,7 +535,9 @@ def _block_loss(block: nn.Module, calls: Sequence[BlockCall]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _mean_loss(block: nn.Module, batches: Sequence[Sequence[BlockCall]]) -> float:
+def mean_block_loss(block: nn.Module, batches: Sequence[Sequence[BlockCall]]) -> float:
+    """Mean over ``batches`` of the MSE between the block's output on each captured call and that call's target
+    ``output`` (the float chain's)."""
     return float(sum(float(_block_loss(block, calls)) for calls in batches) / len(batches))
 
 
@@ -560,22 +562,23 @@ class _BlockResult:
 
 
 def _learn_block(model: nn.Module, block: str, targets: Sequence[QuantTarget], batches: Sequence[Sequence[BlockCall]],
-                 config: QuantConfig) -> _BlockResult:
+                 config: QuantConfig, spaces: Mapping[str, str | None]) -> _BlockResult:
     module = model.get_submodule(block)
-    space = smoothing_space(config.method)
-    wrappers = {t.name: _LearnableQuantLinear(model.get_submodule(t.name), config.weight_bits, config.act_bits, space)
+    wrappers = {t.name: _LearnableQuantLinear(model.get_submodule(t.name), config.weight_bits, config.act_bits,
+                                              spaces[t.name])
                 for t in targets}
-    with _swapped(model, wrappers):
+    with swapped_modules(model, wrappers):
         if any(t.is_inference() for t in (*module.parameters(), *module.buffers())):
             raise QVGGTError(f"{block} holds tensors created under torch.inference_mode(), which cannot take part "
                              "in learning; build the model outside inference mode (torch.no_grad() is fine)")
-        loss_before = _mean_loss(module, batches)
+        loss_before = mean_block_loss(module, batches)
         if not math.isfinite(loss_before):
             raise QVGGTError(f"reconstruction of {block}: the initial loss is {loss_before} (non-finite inputs or "
                              "targets; check the calibration images and the checkpoint)")
         groups = [{"params": [w.log_step for w in wrappers.values()], "lr": config.lr_step}]
-        if space is not None:
-            groups.insert(0, {"params": [w.log_smooth for w in wrappers.values()], "lr": config.lr_smooth})
+        smoothing = [w.log_smooth for w in wrappers.values() if w.space is not None]
+        if smoothing:
+            groups.insert(0, {"params": smoothing, "lr": config.lr_smooth})
         optimizer = torch.optim.Adam(groups)
         with torch.enable_grad():
             for iteration, index in enumerate(_batch_order(config.seed, block, len(batches), config.recon_iters)):
@@ -592,7 +595,7 @@ def _learn_block(model: nn.Module, block: str, targets: Sequence[QuantTarget], b
             if not math.isfinite(worst) or worst > _LOG_LIMIT:
                 raise QVGGTError(f"reconstruction of {block} diverged: {name} learned a factor of exp({worst:.1f}); "
                                  f"lower lr_smooth/lr_step ({config.lr_smooth}, {config.lr_step})")
-        loss_after = _mean_loss(module, batches)
+        loss_after = mean_block_loss(module, batches)
         if not math.isfinite(loss_after):
             raise QVGGTError(f"reconstruction of {block} diverged: final loss {loss_after}")
         smooth = {name: w.smooth().detach().float() for name, w in wrappers.items()}
@@ -618,6 +621,8 @@ def _fingerprint(model: nn.Module, targets: Sequence[QuantTarget], config: Quant
     """What a checkpoint's learned values depend on: settings, target weights and calibration data (summaries)."""
     settings = {k: getattr(config, k) for k in ("bits", "method", "alpha", "seed", "recon_iters", "lr_smooth",
                                                   "lr_step")}
+    if config.is_auto:  # (only then: checkpoints of the other methods keep their fingerprints)
+        settings.update(auto_methods=list(config.auto_methods), auto_granularity=config.auto_granularity)
     with torch.no_grad():
         weights = [(t.name, repr(float(model.get_submodule(t.name).weight.double().sum())),
                     repr(float(model.get_submodule(t.name).weight.double().abs().sum()))) for t in targets]
@@ -627,7 +632,8 @@ def _fingerprint(model: nn.Module, targets: Sequence[QuantTarget], config: Quant
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _load_checkpoint(path: Path, fingerprint: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+def _load_checkpoint(path: Path, fingerprint: str
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]], dict[str, str]]:
     from safetensors import safe_open
 
     try:
@@ -642,18 +648,19 @@ def _load_checkpoint(path: Path, fingerprint: str) -> tuple[dict[str, torch.Tens
     if metadata.get("fingerprint") != fingerprint:
         raise QVGGTError(f"the reconstruction checkpoint {path} was made with other settings, weights or calibration "
                          "data; delete it, or give this run its own file with --recon-checkpoint PATH")
-    return tensors, json.loads(metadata.get("report", "{}"))
+    return tensors, json.loads(metadata.get("report", "{}")), json.loads(metadata.get("methods", "{}"))
 
 
 def _save_checkpoint(path: Path, fingerprint: str, tensors: dict[str, torch.Tensor],
-                     report: dict[str, dict[str, float]]) -> None:
+                     report: dict[str, dict[str, float]], methods: dict[str, str]) -> None:
     """Write atomically (:func:`qvggt_export.io.atomic_write`)."""
     from safetensors.torch import save_file
 
     from qvggt_export.io import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "report": json.dumps(report)}
+    metadata = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "report": json.dumps(report),
+                "methods": json.dumps(methods)}
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata))
 
@@ -662,9 +669,26 @@ def _save_checkpoint(path: Path, fingerprint: str, tensors: dict[str, torch.Tens
 # The stage.
 
 
+class BlockChooser(Protocol):
+    """Chooses each block's transforms when the walk over blocks reaches it (``--method auto``; implemented by
+    :class:`qvggt_export.quant.select.MethodChooser`). Declared here so that this module needs no import of it."""
+
+    def choose(self, block: str, targets: Sequence[QuantTarget], calls: Sequence[Sequence[BlockCall]]
+               ) -> dict[str, str]:
+        """Measure the candidates on the block's quantized-chain ``calls`` (outputs: the float targets), put the
+        chosen float layers into the model, return target name -> method."""
+
+    def install(self, block: str, targets: Sequence[QuantTarget], methods: Mapping[str, str]) -> None:
+        """Put the float layers of ``methods`` (a resumed block's saved choice) into the model."""
+
+    def quantize(self, module: nn.Module, name: str, weight_step: torch.Tensor | None) -> nn.Module:
+        """The quantized layer that ``quantize_model`` will build from the finished float ``module``."""
+
+
 def reconstruct_blocks(model: nn.Module, targets: Sequence[QuantTarget], config: QuantConfig,
                        batches: Sequence[torch.Tensor], progress: Callable[[Iterable], Iterable] = lambda x: x,
-                       *, checkpoint: str | Path | None = None, replay: bool = True, offload: bool | None = None
+                       *, checkpoint: str | Path | None = None, replay: bool = True, offload: bool | None = None,
+                       chooser: BlockChooser | None = None
                        ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
     """Learn per-channel smoothing corrections and weight steps block by block (in place; DSFQ step 4).
 
@@ -687,6 +711,11 @@ def reconstruct_blocks(model: nn.Module, targets: Sequence[QuantTarget], config:
             False runs every pass from the images (slower; for comparison).
         offload: keep captured tensors in pinned CPU memory (module docstring, *Memory*); ``None`` (default):
             on when the model is on a CUDA device. No effect on the CPU.
+        chooser: ``--method auto``: the targets arrive as plain ``nn.Linear``; as the walk reaches a block, the
+            chooser measures the candidate methods on the same captured inputs (the quantized chain's, so upstream
+            error counts) and installs its choice, which is then learned (or, with ``recon_iters == 0``, only
+            quantized for the chain: the walk then chooses without learning and returns no steps). A checkpoint
+            keeps the choices, so a resumed run applies the same ones.
 
     Returns:
         ``(weight_steps, report)``: the learned step ``D`` [out] (float32) per target name, and per block
@@ -703,11 +732,12 @@ def reconstruct_blocks(model: nn.Module, targets: Sequence[QuantTarget], config:
     if len(batches) == 0:
         raise QVGGTError("block reconstruction needs calibration data, but the calibration set is empty")
     targets = list(targets)
-    if not targets or config.recon_iters == 0:
+    if not targets or (config.recon_iters == 0 and chooser is None):
         return {}, {}
     for target in targets:
         module = model.get_submodule(target.name)
-        if not isinstance(module, TransformedLinear | nn.Linear):
+        if not isinstance(module, TransformedLinear | nn.Linear) or (chooser is not None
+                                                                      and type(module) is not nn.Linear):
             raise QVGGTError(f"{target.name} is a {type(module).__name__}; reconstruction runs on float linears, "
                              "before quantize_model")
     groups = group_by_block(targets)
@@ -721,7 +751,7 @@ def reconstruct_blocks(model: nn.Module, targets: Sequence[QuantTarget], config:
     # runs under torch.inference_mode().
     with torch.inference_mode(False):
         try:
-            return _reconstruct(model, targets, groups, config, batches, progress, path, replay, offload)
+            return _reconstruct(model, targets, groups, config, batches, progress, path, replay, offload, chooser)
         finally:
             for parameter in frozen:
                 parameter.requires_grad_(True)
@@ -729,37 +759,51 @@ def reconstruct_blocks(model: nn.Module, targets: Sequence[QuantTarget], config:
 
 def _reconstruct(model: nn.Module, targets: list[QuantTarget], groups: dict[str, list[QuantTarget]],
                  config: QuantConfig, batches: Sequence[torch.Tensor], progress: Callable[[Iterable], Iterable],
-                 path: Path | None, replay: bool, offload: bool | None
+                 path: Path | None, replay: bool, offload: bool | None, chooser: BlockChooser | None
                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
-    fingerprint = _fingerprint(model, targets, config, batches) if path is not None else ""
-    saved, report = ({}, {})
-    if path is not None and path.exists():
-        saved, report = _load_checkpoint(path, fingerprint)
+    learn = config.recon_iters > 0  # else a chooser's walk only: choose, quantize the chain, learn nothing
+    fingerprint = _fingerprint(model, targets, config, batches) if path is not None and learn else ""
+    saved, report, saved_methods = ({}, {}, {})
+    if fingerprint and path.exists():
+        saved, report, saved_methods = _load_checkpoint(path, fingerprint)
     runner = _Runner(model, list(groups), batches, replay, offload)
-    space = smoothing_space(config.method)
+    methods = {} if chooser is not None else dict.fromkeys((t.name for t in targets), config.method)
     steps: dict[str, torch.Tensor] = {}
-    quantized: dict[str, QuantLinear] = {}  # finished targets as quantize_model will build them
+    quantized: dict[str, nn.Module] = {}  # finished targets as quantize_model will build them
     learned: dict[str, torch.Tensor] = {}  # what the checkpoint holds
 
-    def finish(block_targets: Sequence[QuantTarget], smooth: dict[str, torch.Tensor],
-               block_steps: dict[str, torch.Tensor]) -> None:
+    def quantize(module: nn.Module, name: str, step: torch.Tensor | None) -> nn.Module:
+        if chooser is not None:
+            return chooser.quantize(module, name, step)
+        return QuantLinear.from_linear(module, config.weight_bits, config.act_bits, name, weight_step=step)
+
+    def finish(block_targets: Sequence[QuantTarget], smooth: dict[str, torch.Tensor] | None,
+               block_steps: dict[str, torch.Tensor] | None) -> None:
         for target in block_targets:
             module = model.get_submodule(target.name)
+            space = smoothing_space(methods[target.name])
             # s == 1 exactly when the method has no smoothing factor: nothing to bake (keeps nn.Linear for Base).
-            baked = (module if space is None
+            baked = (module if space is None or smooth is None
                      else bake_smoothing(module, smooth[target.name], space))
             replace_module(model, target.name, baked)
+            if block_steps is None:  # nothing learned: round-to-nearest steps
+                quantized[target.name] = quantize(baked, target.name, None)
+                continue
             step = block_steps[target.name].to(device=baked.weight.device, dtype=torch.float32)
             steps[target.name] = step
-            quantized[target.name] = QuantLinear.from_linear(baked, config.weight_bits, config.act_bits, target.name,
-                                                             weight_step=step)
+            quantized[target.name] = quantize(baked, target.name, step)
             learned[f"{target.name}.smooth"] = smooth[target.name]
             learned[f"{target.name}.weight_step"] = step
 
     for block in progress(runner.order()):
         block_targets = groups[block]
         keys = [f"{t.name}.{kind}" for t in block_targets for kind in ("smooth", "weight_step")]
-        if block in report and all(k in saved for k in keys):
+        resumable = chooser is None or all(t.name in saved_methods for t in block_targets)
+        if block in report and all(k in saved for k in keys) and resumable:
+            if chooser is not None:
+                chosen = {t.name: saved_methods[t.name] for t in block_targets}
+                chooser.install(block, block_targets, chosen)
+                methods.update(chosen)
             finish(block_targets, {t.name: saved[f"{t.name}.smooth"] for t in block_targets},
                    {t.name: saved[f"{t.name}.weight_step"] for t in block_targets})
             report[block] = {**report[block], "resumed": 1.0}
@@ -769,7 +813,7 @@ def _reconstruct(model: nn.Module, targets: list[QuantTarget], groups: dict[str,
         float_chain = runner.capture(block, with_output=True)
         replayed = runner.replayed
         if quantized:
-            with _swapped(model, quantized):
+            with swapped_modules(model, quantized):
                 quant_chain = runner.capture(block, with_output=False)
             for fp_calls, q_calls in zip(float_chain, quant_chain, strict=True):
                 for fp_call, q_call in zip(fp_calls, q_calls, strict=True):
@@ -778,13 +822,21 @@ def _reconstruct(model: nn.Module, targets: list[QuantTarget], groups: dict[str,
             quant_chain = float_chain
         if not runner.replays:
             del float_chain
-        result = _learn_block(model, block, block_targets, quant_chain, config)
-        finish(block_targets, result.smooth, result.steps)
+        if chooser is not None:
+            methods.update(chooser.choose(block, block_targets, quant_chain))
+        if learn:
+            result = _learn_block(model, block, block_targets, quant_chain, config,
+                                  {t.name: smoothing_space(methods[t.name]) for t in block_targets})
+            finish(block_targets, result.smooth, result.steps)
+        else:
+            finish(block_targets, None, None)
         if runner.replays:  # the next block's passes start here: this block's outputs, baked float and quantized
             runner.remember(block, _block_outputs(model, block, {}, float_chain),
                             _block_outputs(model, block, quantized, quant_chain))
             del float_chain
         del quant_chain
+        if not learn:
+            continue
         report[block] = {**result.report, "seconds": time.perf_counter() - started, "resumed": 0.0,
                          "replayed": float(replayed)}
         before, after = report[block]["loss_before"], report[block]["loss_after"]
@@ -795,5 +847,8 @@ def _reconstruct(model: nn.Module, targets: list[QuantTarget], groups: dict[str,
         if path is not None:
             run_only = ("resumed", "replayed")  # how this run got the block, not what was learned
             _save_checkpoint(path, fingerprint, learned, {b: {k: v for k, v in report[b].items() if k not in run_only}
-                                                          for b in report if b in groups})
+                                                          for b in report if b in groups},
+                             methods if chooser is not None else {})
+    if not learn:
+        return {}, {}
     return steps, {block: report[block] for block in runner.order()}

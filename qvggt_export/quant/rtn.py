@@ -27,6 +27,19 @@ class QuantizedLayer:
     weight_rel_error: float  # ||W - W_q||_F / ||W||_F
 
 
+def quantize_linear(module: nn.Module, config: QuantConfig, name: str, weight_step: torch.Tensor | None = None,
+                    input_amax: float | None = None) -> QuantLinear | FloatQuantLinear:
+    """Round-to-nearest quantization of one float (or transformed) linear in ``config``'s format: a
+    :class:`QuantLinear` (integer formats; ``weight_step`` optional learned steps) or a :class:`FloatQuantLinear`
+    (fp8, nvfp4; nvfp4 needs ``input_amax``, its calibrated max |transformed input|)."""
+    family = config.family
+    if family == "int":
+        return QuantLinear.from_linear(module, config.weight_bits, config.act_bits, name, weight_step=weight_step)
+    if family == "nvfp4" and input_amax is None:
+        raise QVGGTError(f"{name}: nvfp4 needs its calibrated input amax (run calibrate() with calibration batches)")
+    return FloatQuantLinear.from_linear(module, family, name, input_amax=input_amax)
+
+
 def quantize_model(model: nn.Module, config: QuantConfig,
                    weight_steps: dict[str, torch.Tensor] | None = None,
                    input_amax: dict[str, float] | None = None) -> list[QuantizedLayer]:
@@ -54,15 +67,8 @@ def quantize_model(model: nn.Module, config: QuantConfig,
             raise QVGGTError(f"{target.name} is already quantized; build a fresh model to quantize again")
         if not isinstance(module, nn.Linear | TransformedLinear):
             raise QVGGTError(f"{target.name} (role {target.role}) is a {type(module).__name__}, not a linear")
-        if family == "int":
-            quantized: nn.Module = QuantLinear.from_linear(module, config.weight_bits, config.act_bits, target.name,
-                                                           weight_step=(weight_steps or {}).get(target.name))
-        else:
-            amax = (input_amax or {}).get(target.name)
-            if family == "nvfp4" and amax is None:
-                raise QVGGTError(f"{target.name}: nvfp4 needs its calibrated input amax (run calibrate() with "
-                                 "calibration batches)")
-            quantized = FloatQuantLinear.from_linear(module, family, target.name, input_amax=amax)
+        quantized = quantize_linear(module, config, target.name, (weight_steps or {}).get(target.name),
+                                    (input_amax or {}).get(target.name))
         weight = module.weight.detach().float()
         error = float((weight - quantized.dequantized_weight()).norm() / weight.norm().clamp_min(1e-12))
         replace_module(model, target.name, quantized)

@@ -1,0 +1,237 @@
+"""``--method auto``: per block (or per layer), the transform whose quantized block output stays closest to the float.
+
+Which transform wins depends on the model: on our planted-outlier testbeds Scale-then-Rotate beats DSFQ, the paper
+reports the opposite on trained VGGT-1B, and a block whose inputs carry no outliers may do best with none. So
+``auto`` measures instead of guessing. :class:`MethodChooser` plugs into the walk over blocks of
+:func:`~qvggt_export.quant.reconstruct.reconstruct_blocks` (which captures every block's inputs anyway), and for
+each block in execution order:
+
+1. builds every candidate's float layers for the block's targets (:func:`~qvggt_export.quant.dsfq.transform_linear`:
+   exact equivalences, from the calibration statistics), and quantizes each round-to-nearest in the run's format
+   (NVFP4's activation global scale from the block's own calibration inputs);
+2. runs the block with each candidate's quantized layers on the *quantized chain's* inputs (earlier blocks already
+   quantized with their choices, and learned when reconstruction is on) and measures the mean squared error
+   against the float block's output on the float chain: the quantity block reconstruction minimises next;
+3. keeps the candidate with the lowest error (ties: the earlier in ``auto_methods``); with
+   ``auto_granularity="layer"`` it then tries, linear by linear, every other candidate for that one linear and keeps
+   a switch when the block's error drops (one coordinate-descent sweep: 1 + 4 x (candidates - 1) block passes);
+4. puts the chosen float layers into the model. Block reconstruction, when on, then learns that choice: each layer
+   learns its own method's smoothing factor (:func:`~qvggt_export.quant.reconstruct.smoothing_space`).
+
+Errors are reported relative to the float output's mean square (``errors``: each candidate on the whole block;
+``error``: the choice). The choice is greedy: each block is chosen given the blocks before it, which is what
+reconstruction does too. Cost per block: one block pass over the calibration set per candidate (and per trial
+with ``layer``), on top of the two capture passes the walk makes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from qvggt_export.errors import QVGGTError
+from qvggt_export.methods import METHODS
+from qvggt_export.quant.config import QuantConfig
+from qvggt_export.quant.dsfq import ChannelStats, transform_linear
+from qvggt_export.quant.hadamard import hadamard_factors
+from qvggt_export.quant.modules import TransformedLinear
+from qvggt_export.quant.reconstruct import BlockCall, mean_block_loss, swapped_modules
+from qvggt_export.quant.roles import QuantTarget, replace_module
+from qvggt_export.quant.rtn import quantize_linear
+
+logger = logging.getLogger(__name__)
+
+# A candidate must beat the current choice by more than this relative margin to replace it: float noise in the
+# block pass must not flip a choice between methods that are equal (rtn and rotate on a block whose targets
+# cannot differ, say).
+_TIE_MARGIN = 1e-6
+
+
+def _rotatable(width: int) -> bool:
+    try:
+        hadamard_factors(width)
+    except QVGGTError:
+        return False
+    return True
+
+
+def _local(block: str, name: str) -> str:
+    return name[len(block) + 1:]
+
+
+class MethodChooser:
+    """Chooses and installs each block's transforms during the walk of ``reconstruct_blocks`` (module docstring).
+
+    Args:
+        model: the float VGGT (its targets still plain ``nn.Linear``).
+        config: ``auto`` settings (``auto_methods``, ``auto_granularity``), format, alpha, seed.
+        stats: per-target calibration channel maxima (raw and/or rotated, as the candidates need).
+    """
+
+    def __init__(self, model: nn.Module, config: QuantConfig, stats: Mapping[str, ChannelStats] | None) -> None:
+        self.model = model
+        self.config = config
+        self.stats = dict(stats or {})
+        self.methods: dict[str, str] = {}
+        self.blocks: dict[str, dict[str, Any]] = {}
+        self.input_amax: dict[str, float] = {}  # nvfp4: each chosen layer's max |transformed input| on its block
+
+    # -- the walk's interface (reconstruct.BlockChooser) ---------------------------------------------------------
+
+    def choose(self, block: str, targets: Sequence[QuantTarget], calls: Sequence[Sequence[BlockCall]]
+               ) -> dict[str, str]:
+        candidates, unavailable = self._available(block, targets)
+        floats = {t.name: {m: self._float_layer(t.name, m) for m in candidates[t.name]} for t in targets}
+        amax = self._transformed_amax(block, floats, calls) if self.config.family == "nvfp4" else {}
+        quantized = {name: {m: quantize_linear(layer, self.config, name, None, amax.get((name, m)))
+                            for m, layer in layers.items()} for name, layers in floats.items()}
+        module = self.model.get_submodule(block)
+        power = self._output_power(calls)
+
+        def error(assignment: Mapping[str, str]) -> float:
+            with swapped_modules(self.model, {name: quantized[name][m] for name, m in assignment.items()}):
+                return mean_block_loss(module, calls) / power
+
+        block_methods = [m for m in self.config.auto_methods if all(m in candidates[t.name] for t in targets)]
+        if not block_methods:
+            raise QVGGTError(f"--method auto: no candidate of {list(self.config.auto_methods)} applies to every "
+                             f"linear of {block} ({unavailable}); add rtn or smooth to the candidates")
+        errors: dict[str, float] = {}
+        for method in block_methods:
+            errors[method] = error(dict.fromkeys(candidates, method))
+        best = block_methods[0]
+        for method in block_methods[1:]:
+            if errors[method] < errors[best] * (1 - _TIE_MARGIN):
+                best = method
+        assignment = dict.fromkeys(candidates, best)
+        chosen_error = errors[best]
+        trials = 0
+        if self.config.auto_granularity == "layer":
+            for target in targets:
+                for method in candidates[target.name]:
+                    if method == assignment[target.name]:
+                        continue
+                    trial = {**assignment, target.name: method}
+                    value = error(trial)
+                    trials += 1
+                    if value < chosen_error * (1 - _TIE_MARGIN):
+                        assignment, chosen_error = trial, value
+        self.install(block, targets, assignment, floats)
+        for name, method in assignment.items():
+            if (name, method) in amax:
+                self.input_amax[name] = amax[(name, method)]
+        record: dict[str, Any] = {"method": best, "error": chosen_error, "errors": errors,
+                                  "layers": {_local(block, n): m for n, m in assignment.items()}}
+        if trials:
+            record["layer_trials"] = trials
+        if unavailable:
+            record["unavailable"] = unavailable
+        self.blocks[block] = record
+        switched = {k: v for k, v in record["layers"].items() if v != best}
+        logger.info("auto: %s -> %s%s (relative error %.4g; %s)", block, best,
+                    f", switched {switched}" if switched else "", chosen_error,
+                    ", ".join(f"{m} {e:.4g}" for m, e in errors.items()))
+        return assignment
+
+    def install(self, block: str, targets: Sequence[QuantTarget], methods: Mapping[str, str],
+                floats: Mapping[str, Mapping[str, nn.Module]] | None = None) -> None:
+        for target in targets:
+            method = methods[target.name]
+            if method not in METHODS:
+                raise QVGGTError(f"{target.name}: unknown method {method!r} (a damaged reconstruction checkpoint?)")
+            layer = floats[target.name][method] if floats is not None else self._float_layer(target.name, method)
+            replace_module(self.model, target.name, layer)
+            self.methods[target.name] = method
+        if floats is None:  # a resumed block: the choice was measured by an earlier run
+            counts = [methods[t.name] for t in targets]
+            self.blocks[block] = {"method": max(set(counts), key=counts.count),
+                                  "layers": {_local(block, t.name): methods[t.name] for t in targets},
+                                  "resumed": True}
+
+    def quantize(self, module: nn.Module, name: str, weight_step: torch.Tensor | None) -> nn.Module:
+        return quantize_linear(module, self.config, name, weight_step, self.input_amax.get(name))
+
+    # -- results -------------------------------------------------------------------------------------------------
+
+    @property
+    def transformed(self) -> int:
+        """How many targets got a transform (not ``rtn``)."""
+        return sum(isinstance(self.model.get_submodule(name), TransformedLinear) for name in self.methods)
+
+    def summary(self) -> dict[str, Any]:
+        """What the report records: settings, per-method counts over the layers, and every block's measurements."""
+        counts = {m: sum(v == m for v in self.methods.values()) for m in self.config.auto_methods}
+        return {"candidates": list(self.config.auto_methods), "granularity": self.config.auto_granularity,
+                "criterion": "block-output MSE vs float (relative), round-to-nearest, quantized-chain inputs",
+                "layer_counts": counts, "blocks": self.blocks}
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+
+    def _available(self, block: str, targets: Sequence[QuantTarget]
+                   ) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """Per target, the candidates that apply (a rotating method needs a width the Hadamard code supports)."""
+        candidates: dict[str, list[str]] = {}
+        unavailable: dict[str, str] = {}
+        for target in targets:
+            module = self.model.get_submodule(target.name)
+            if type(module) is not nn.Linear:
+                raise QVGGTError(f"{target.name} is a {type(module).__name__}; --method auto starts from float "
+                                 "nn.Linear layers")
+            usable = []
+            for method in self.config.auto_methods:
+                if METHODS[method].rotates and not _rotatable(module.in_features):
+                    unavailable[f"{_local(block, target.name)}:{method}"] = (
+                        f"no Hadamard matrix of order {module.in_features}")
+                    continue
+                usable.append(method)
+            if not usable:
+                raise QVGGTError(f"--method auto: no candidate of {list(self.config.auto_methods)} applies to "
+                                 f"{target.name} ({module.in_features} input channels cannot be rotated)")
+            candidates[target.name] = usable
+        return candidates, unavailable
+
+    def _float_layer(self, name: str, method: str) -> nn.Module:
+        original = self.model.get_submodule(name)
+        if isinstance(original, TransformedLinear):  # installing again (a resumed block): start from the float one
+            raise QVGGTError(f"{name} already has a transform; --method auto starts from float nn.Linear layers")
+        return transform_linear(name, original, method, self.stats.get(name), self.config.alpha, self.config.seed)
+
+    @staticmethod
+    def _output_power(calls: Sequence[Sequence[BlockCall]]) -> float:
+        """Mean square of the float block outputs (the error's scale), as :func:`mean_block_loss` averages."""
+        total = sum(float(torch.stack([c.output.float().pow(2).mean() for c in batch]).mean()) for batch in calls)
+        return max(total / len(calls), 1e-30)
+
+    @torch.no_grad()
+    def _transformed_amax(self, block: str, floats: Mapping[str, Mapping[str, nn.Module]],
+                          calls: Sequence[Sequence[BlockCall]]) -> dict[tuple[str, str], float]:
+        """NVFP4: max |candidate-transformed input| of every (target, candidate) over the block's calibration inputs.
+
+        The float block runs once; every candidate is an exact equivalence of the float layer, so each target's raw
+        input is the same whichever candidates its neighbours use."""
+        amax: dict[tuple[str, str], float] = {}
+
+        def make_hook(name: str) -> Any:
+            def hook(module: nn.Module, args: tuple) -> None:
+                x = args[0].detach().float()
+                for method, layer in floats[name].items():
+                    value = layer.transform(x) if isinstance(layer, TransformedLinear) else x
+                    key = (name, method)
+                    amax[key] = max(amax.get(key, 0.0), float(value.abs().amax()))
+            return hook
+
+        handles = [self.model.get_submodule(name).register_forward_pre_hook(make_hook(name)) for name in floats]
+        try:
+            mean_block_loss(self.model.get_submodule(block), calls)
+        finally:
+            for handle in handles:
+                handle.remove()
+        zero = sorted(f"{name}:{method}" for (name, method), value in amax.items() if not value > 0)
+        if zero:
+            raise QVGGTError(f"the calibration data never activates {zero[:3]} (max |input| = 0): no NVFP4 activation "
+                             "scale can be set; use other calibration data")
+        return amax
