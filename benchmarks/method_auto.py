@@ -244,7 +244,12 @@ def run_testbed(testbed: Testbed, methods: Sequence[str], seeds: int, recon_iter
                    "calibrate_s": round(seconds, 2), **evaluate(model, references, testbed.held_out),
                    "abs_rel": depth_abs_rel(model, references, testbed.held_out)}
             if method == AUTO:
-                run["selection"] = getattr(result, "method_selection", {})
+                selection = result.method_selection
+                # Per block: the choice and every candidate's error (its per-layer map repeats the choice at
+                # granularity "block").
+                run["selection"] = {**{k: v for k, v in selection.items() if k != "blocks"}, "blocks": {
+                    block: {k: v for k, v in entry.items() if k != "layers"}
+                    for block, entry in selection.get("blocks", {}).items()}}
                 run["selection_counts"] = selection_counts(run["selection"])
             runs.append(run)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in run.items() if k != "selection"},
@@ -324,6 +329,14 @@ def render(result: dict) -> str:
             for testbed, entry in testbeds.items():
                 choices = entry.get("auto_choices", {})
                 lines.append(f"| {testbed} | " + " | ".join(str(choices.get(m, 0)) for m in SINGLE) + " |")
+            # Where auto chose one method in every block of every seed, it should equal that method up to what
+            # the two code paths do differently (nothing without reconstruction).
+            same = [(t, next(iter(e["auto_choices"])), e["medians"]) for t, e in testbeds.items()
+                    if len(e.get("auto_choices", {})) == 1]
+            if same:
+                lines += ["", "Where auto chose one method for every block in every seed, auto vs that method (rot / "
+                          "depth medians): " + "; ".join(f"{t}: {_pair(med[AUTO])} vs {label[m]} {_pair(med[m])}"
+                                                         for t, m, med in same) + "."]
             lines.append("")
     real = result["meta"].get("real_clips")
     lines += ["## Data", "", "- planted testbeds: generated sequences as in `dsfq_ablation.py` "
@@ -335,6 +348,25 @@ def render(result: dict) -> str:
     else:
         lines.append(f"- real clips: skipped ({result['meta'].get('real_clips_skipped', 'not run')}).")
     return "\n".join(lines) + "\n"
+
+
+def _rounded(value: object) -> object:
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def dump(result: dict) -> str:
+    """The results JSON: floats to 6 significant digits, one line per run (252 runs with auto's per-block errors
+    would be a 300 kB file indented)."""
+    result = _rounded(result)
+    head = json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2)
+    runs = ",\n    ".join(json.dumps(run) for run in result["runs"])
+    return head[:-2] + ',\n  "runs": [\n    ' + runs + "\n  ]\n}\n"
 
 
 def main() -> int:
@@ -391,7 +423,7 @@ def main() -> int:
         meta["real_clips_skipped"] = f"{args.data} has no sequences/ and videos/"
     result = {"meta": meta, "summary": summarise(runs, methods), "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.out}.json").write_text(dump(result))
     text = render(result)
     (RESULTS / f"{args.out}.md").write_text(text)
     print(text)
