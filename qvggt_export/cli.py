@@ -22,6 +22,8 @@ examples:
       tiny VGGT, generated calibration sequences, W4A4 DSFQ, ONNX, parity, TensorRT-RTX engine
   qvggt-export --bits w4a4 --method rtn --model tiny-outliers --out out/rtn
       the paper's "Base" on a small model with VGGT-like planted outliers
+  qvggt-export --bits w4a4 --method auto --model tiny-outliers --out out/auto
+      per block, the transform with the lowest measured error (choices and errors in report.html)
   qvggt-export --bits w8a8 --model tiny-dino --frames 4 --recon-iters 50 --out out/w8a8
   qvggt-export --bits w4a4 --model vggt-1b --checkpoint facebook/VGGT-1B --calib-data co3d/ \
       --calib-strategy nfds --calib-pool 400 --calib-size 40 --frames 10 --out out/1b
@@ -100,9 +102,19 @@ def _device(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _method_list(text: str) -> tuple[str, ...]:
+    from qvggt_export.methods import METHODS
+
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct names among {','.join(METHODS)}, got {text!r}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qvggt_export.formats import ENGINE_LOWERINGS, format_names
-    from qvggt_export.methods import METHODS
+    from qvggt_export.methods import AUTO_GRANULARITIES, METHODS, method_choices
     from qvggt_export.model.config import preset_names
 
     parser = argparse.ArgumentParser(
@@ -123,9 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "arguments (default tiny)")
     parser.add_argument("--checkpoint", help="model.pt / .safetensors / folder / cached HF repo id "
                                              "(default: seeded random weights)")
-    parser.add_argument("--method", default="dsfq", choices=list(METHODS),
+    parser.add_argument("--method", default="dsfq", choices=list(method_choices()),
                         help="transform before quantization (paper Tab. 4): dsfq = Hadamard rotation then "
-                             "smoothing in the rotated space; rtn = none (default dsfq)")
+                             "smoothing in the rotated space; rtn = none; auto = per block, the candidate with the "
+                             "lowest measured block-output error on the calibration set (default dsfq)")
+    parser.add_argument("--auto-methods", type=_method_list, default=tuple(METHODS), metavar="M1,M2,...",
+                        help=f"--method auto: the candidates, comma-separated (default {','.join(METHODS)})")
+    parser.add_argument("--auto-granularity", default="block", choices=list(AUTO_GRANULARITIES),
+                        help="--method auto: one method per block (default), or per layer (each linear of a block "
+                             "may switch when that lowers the block's error)")
     parser.add_argument("--alpha", type=_unit_interval, default=0.5, help="smoothing strength (default 0.5)")
     parser.add_argument("--recon-iters", type=_non_negative, default=0,
                         help="block-reconstruction steps per block, learning smoothing factors and weight steps "
@@ -509,6 +527,7 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         settings = dict(
             out_dir=args.out, bits=args.bits, model=args.model, checkpoint=args.checkpoint, method=args.method,
+            auto_methods=args.auto_methods, auto_granularity=args.auto_granularity,
             alpha=args.alpha, recon_iters=args.recon_iters, recon_checkpoint=args.recon_checkpoint,
             quantize_scope=args.quantize_scope,
             calib_data=args.calib_data, calib_size=args.calib_size, calib_pool=args.calib_pool,

@@ -46,6 +46,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Keys a run's config.json carries beside the settings (qvggt_export.rundir stamps the run id into it), skipped
+# so that the file reproduces the run.
+RUN_RECORD_KEYS = ("run_id",)
+
+
 def _accepts(annotation: Any, value: Any) -> bool:
     """Whether ``value`` (from TOML / JSON) fits a field annotated ``annotation`` (str, int, float, bool, Path,
     ``X | None``)."""
@@ -64,6 +69,9 @@ def _accepts(annotation: Any, value: Any) -> bool:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if annotation in (str, Path):
         return isinstance(value, str)
+    if origin is tuple:  # tuple[X, ...]: a TOML / JSON array of X
+        (item, *_) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, list | tuple) and all(_accepts(item, v) for v in value)
     return True
 
 
@@ -80,6 +88,8 @@ def validate_settings(data: dict[str, Any], config_type: type, source: str) -> d
     errors, settings = [], {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        if name in RUN_RECORD_KEYS:  # a run's config.json names its run; not a setting of the next one
+            continue
         if name not in fields:
             close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6)
             errors.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))

@@ -24,7 +24,7 @@ from qvggt_export import __version__
 from qvggt_export.errors import QVGGTError
 from qvggt_export.formats import DEFAULT_ENGINE_PROFILE, ENGINE_LOWERINGS, format_names, get_format
 from qvggt_export.io import write_json_atomic
-from qvggt_export.methods import get_method
+from qvggt_export.methods import METHODS
 from qvggt_export.rundir import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,11 @@ class PipelineConfig:
             constructor arguments per submodule.
         checkpoint: weights (``model.pt``, ``*.safetensors``, a folder, or a cached HF repo id); ``None``
             keeps the seeded random initialisation (fine for testing the toolchain, not for accuracy).
-        method: ``"dsfq"`` (default), ``"rtn"``, ``"smooth"``, ``"rotate"`` or ``"smooth_rotate"`` (paper Tab. 4).
+        method: ``"dsfq"`` (default), ``"rtn"``, ``"smooth"``, ``"rotate"`` or ``"smooth_rotate"`` (paper Tab. 4), or
+            ``"auto"``: per block, the one of ``auto_methods`` with the lowest measured block-output error on the
+            calibration set (:mod:`qvggt_export.quant.select`; the report records every choice and error).
+        auto_methods: the candidates of ``auto`` (default: all five).
+        auto_granularity: ``"block"`` (one method per block, default) or ``"layer"`` (then per linear).
         alpha: smoothing strength (eq. 7).
         recon_iters: block-reconstruction steps per block (0 = off).
         quantize_scope: which linears are quantized (:data:`qvggt_export.quant.roles.QUANTIZE_SCOPES`):
@@ -105,6 +109,8 @@ class PipelineConfig:
     model: str = "tiny"
     checkpoint: str | None = None
     method: str = "dsfq"
+    auto_methods: tuple[str, ...] = tuple(METHODS)
+    auto_granularity: str = "block"
     alpha: float = 0.5
     recon_iters: int = 0
     quantize_scope: str = "aggregator"
@@ -140,6 +146,7 @@ class PipelineConfig:
         from qvggt_export.quant import check_format
 
         object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "auto_methods", tuple(self.auto_methods))  # a list from config.json
         check_device_spec(self.device)
         if self.calib_dtype not in CALIB_DTYPES:
             raise QVGGTError(f"calib_dtype must be one of {', '.join(CALIB_DTYPES)}, got {self.calib_dtype!r}")
@@ -251,7 +258,8 @@ class PipelineConfig:
         from qvggt_export.quant.roles import scope_roles
 
         return QuantConfig(bits=self.bits, method=self.method, alpha=self.alpha, seed=self.seed,
-                           recon_iters=self.recon_iters, roles=scope_roles(self.quantize_scope, model))
+                           recon_iters=self.recon_iters, roles=scope_roles(self.quantize_scope, model),
+                           auto_methods=self.auto_methods, auto_granularity=self.auto_granularity)
 
     @property
     def quantized(self) -> bool:
@@ -260,6 +268,7 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["out_dir"] = str(self.out_dir)
+        data["auto_methods"] = list(self.auto_methods)  # as JSON / TOML hold it
         return data
 
 
@@ -432,6 +441,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                     "weight_rel_error": {layer.name: round(layer.weight_rel_error, 6) for layer in layers},
                     "reconstruction": result.reconstruction,
                 }
+                if result.method_selection:
+                    report["quantization"]["method_selection"] = result.method_selection
                 if result.input_amax:
                     report["quantization"]["input_amax"] = {k: round(v, 6) for k, v in result.input_amax.items()}
             with timer.stage("quant_error"), out_of_memory_guard("the quantized-vs-float error pass", device, knobs):
@@ -466,10 +477,12 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             with timer.stage("export_track"):
                 report["track"] = _track_stage(config, model, float_model, batches, opset)
 
-        report["engine"] = _engine_stage(config, onnx_path, timer, float_model or model, batches)
+        # Online rotations as quantized (--method auto may have chosen none), for the engine report.
+        rotates = any(getattr(module, "rotate", False) for module in model.modules())
+        report["engine"] = _engine_stage(config, onnx_path, timer, float_model or model, batches, rotates=rotates)
         if config.export_track:
             report["track"]["engine"] = _engine_stage(config, Path(report["track"]["path"]), timer, None, batches,
-                                                      track=True)
+                                                      track=True, rotates=rotates)
         report["timings_s"] = dict(timer.seconds, total=round(time.perf_counter() - started, 3))
         if config.quantized:
             # All calibration work: reading the pool, NFDS, loading the selection (calibration_data) + quantize.
@@ -540,27 +553,30 @@ def _parity_stage(config: PipelineConfig, model: torch.nn.Module, float_model: t
     return parity
 
 
-def engine_target(config: PipelineConfig) -> Any:
+def engine_target(config: PipelineConfig, rotates: bool | None = None) -> Any:
     """The :class:`~qvggt_export.engine.EngineTarget` a run's configuration asks for (profile and lowering
-    resolved per format)."""
+    resolved per format). ``rotates``: whether the quantized model has online rotations; ``None`` derives it from
+    the method (for ``auto``: whether any candidate rotates, since the choice is not known yet)."""
     from qvggt_export.engine.stage import EngineTarget
 
+    if rotates is None:
+        rotates = config.quantized and any(METHODS[m].rotates for m in config.quant_config().candidate_methods)
     return EngineTarget(bits=config.bits, profile=config.resolved_engine_profile(),
                         lowering=config.resolved_engine_lowering(), backend=config.backend,
                         hadamard=config.resolved_engine_hadamard(), float16=config.engine_fp16,
-                        rotates=config.quantized and get_method(config.method).rotates, seed=config.seed)
+                        rotates=rotates, seed=config.seed)
 
 
 def _engine_stage(config: PipelineConfig, onnx_path: Path, timer: StageTimer,
                   reference_model: torch.nn.Module | None, batches: list[torch.Tensor],
-                  track: bool = False) -> dict[str, Any]:
+                  track: bool = False, rotates: bool | None = None) -> dict[str, Any]:
     """``model.engine`` (or ``track.engine``) from the canonical graph, through
     :func:`qvggt_export.engine.build_engine_for_target` (lowering, Hadamard form, build)."""
     if not config.engine:
         return {"path": None, "reason": "engine build disabled (--no-engine)"}
     from qvggt_export.engine.stage import build_engine_for_target
 
-    target = engine_target(config)
+    target = engine_target(config, rotates)
     result = build_engine_for_target(onnx_path, config.out_dir / ("track.engine" if track else "model.engine"),
                                      target, calibration_inputs=batches, reference_model=reference_model,
                                      stage=timer.stage)

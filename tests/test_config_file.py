@@ -21,7 +21,8 @@ def test_config_json_of_a_run_reproduces_it(tmp_path, capsys):
     original = PipelineConfig(out_dir=tmp_path / "run", bits="w8a8", method="smooth_rotate", alpha=0.35,
                               calib_size=3, calib_pool=9, frames=4, seed=7, engine=False, preprocess="pad",
                               progress=False)
-    (tmp_path / "config.json").write_text(json.dumps(original.to_dict()))
+    # As a run writes it: the settings plus the run id that qvggt_export.rundir stamps in (not a setting).
+    (tmp_path / "config.json").write_text(json.dumps({**original.to_dict(), "run_id": "9f3c"}))
     assert _printed(capsys, ["--config", str(tmp_path / "config.json"), "--print-config"]) == original.to_dict()
 
 

@@ -122,7 +122,7 @@ def test_no_engine_rerun_leaves_no_stale_engine(tmp_path, monkeypatch) -> None:
     rerun: the folder holds exactly the second run, and `check`'s verification accepts it."""
     import qvggt_export.pipeline as pipeline
 
-    def fake_engine(config, onnx_path, timer, reference_model, batches, track=False):
+    def fake_engine(config, onnx_path, timer, reference_model, batches, track=False, rotates=None):
         path = config.out_dir / ("track.engine" if track else "model.engine")
         path.write_bytes(b"engine of the first run")
         return {"path": str(path), "size_bytes": path.stat().st_size}

@@ -19,7 +19,7 @@ from torch import nn
 
 from qvggt_export.errors import QVGGTError
 from qvggt_export.methods import METHODS
-from qvggt_export.quant.hadamard import fwht, hadamard_factors, random_signs
+from qvggt_export.quant.hadamard import fwht, hadamard_factors, is_rotatable, random_signs
 from qvggt_export.quant.modules import TransformedLinear
 from qvggt_export.quant.roles import QuantTarget, calibration_forward, iter_modules, replace_module
 from qvggt_export.quant.transforms import fold_weight, smoothing_scales, weight_column_absmax
@@ -65,7 +65,9 @@ def collect_channel_stats(model: nn.Module, targets: Sequence[QuantTarget], batc
     batch_index = 0
 
     def make_hook(name: str, in_features: int) -> Callable:
-        signs = layer_signs(name, in_features, seed) if rotated else None
+        # (A width with no Hadamard matrix gets no rotated statistics: --method auto then leaves rotations out
+        # for that layer; the single rotating methods refuse such a model before this pass.)
+        signs = layer_signs(name, in_features, seed) if rotated and is_rotatable(in_features) else None
 
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
@@ -77,7 +79,7 @@ def collect_channel_stats(model: nn.Module, targets: Sequence[QuantTarget], batc
             if raw:
                 value = x.abs().amax(dim=0)
                 entry.raw_absmax = value if entry.raw_absmax is None else torch.maximum(entry.raw_absmax, value)
-            if rotated:
+            if signs is not None:
                 value = fwht(x, signs=signs.to(x.device)).abs().amax(dim=0)
                 entry.rotated_absmax = (value if entry.rotated_absmax is None
                                         else torch.maximum(entry.rotated_absmax, value))

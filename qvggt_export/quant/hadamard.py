@@ -158,6 +158,15 @@ def _paley_kind(m: int) -> tuple[int, int] | None:
 # Public matrices.
 
 
+def is_rotatable(n: int) -> bool:
+    """Whether a Hadamard matrix of order ``n`` is available (:func:`hadamard_factors` succeeds)."""
+    try:
+        hadamard_factors(n)
+    except QVGGTError:
+        return False
+    return True
+
+
 def hadamard_factors(n: int) -> tuple[int, int]:
     """Split a Hadamard size into ``(2^k, m)`` with ``n = 2^k * m`` (see the module docstring).
 

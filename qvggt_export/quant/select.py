@@ -37,7 +37,7 @@ from qvggt_export.errors import QVGGTError
 from qvggt_export.methods import METHODS
 from qvggt_export.quant.config import QuantConfig
 from qvggt_export.quant.dsfq import ChannelStats, transform_linear
-from qvggt_export.quant.hadamard import hadamard_factors
+from qvggt_export.quant.hadamard import is_rotatable
 from qvggt_export.quant.modules import TransformedLinear
 from qvggt_export.quant.reconstruct import BlockCall, mean_block_loss, swapped_modules
 from qvggt_export.quant.roles import QuantTarget, replace_module
@@ -49,14 +49,6 @@ logger = logging.getLogger(__name__)
 # block pass must not flip a choice between methods that are equal (rtn and rotate on a block whose targets
 # cannot differ, say).
 _TIE_MARGIN = 1e-6
-
-
-def _rotatable(width: int) -> bool:
-    try:
-        hadamard_factors(width)
-    except QVGGTError:
-        return False
-    return True
 
 
 def _local(block: str, name: str) -> str:
@@ -112,9 +104,7 @@ class MethodChooser:
         trials = 0
         if self.config.auto_granularity == "layer":
             for target in targets:
-                for method in candidates[target.name]:
-                    if method == assignment[target.name]:
-                        continue
+                for method in [m for m in candidates[target.name] if m != assignment[target.name]]:
                     trial = {**assignment, target.name: method}
                     value = error(trial)
                     trials += 1
@@ -183,7 +173,7 @@ class MethodChooser:
                                  "nn.Linear layers")
             usable = []
             for method in self.config.auto_methods:
-                if METHODS[method].rotates and not _rotatable(module.in_features):
+                if METHODS[method].rotates and not is_rotatable(module.in_features):
                     unavailable[f"{_local(block, target.name)}:{method}"] = (
                         f"no Hadamard matrix of order {module.in_features}")
                     continue

@@ -4,7 +4,8 @@
 ``eval.json`` and ``check.json`` when present. :func:`write_report` is what ``qvggt-export report OUT_DIR`` and the
 end of a pipeline run call.
 
-Sections: per-layer weight quantization error (worst first), activation histograms and channel saliency of chosen
+Sections: per-layer weight quantization error (worst first), ``--method auto``'s choice per block with every
+candidate's measured error, activation histograms and channel saliency of chosen
 layers before rotation / after rotation / after rotation + smoothing, the calibration selection (NFDS clusters),
 parity per output, sizes and timings, and the eval table when ``qvggt-export eval`` ran.
 """
@@ -68,6 +69,26 @@ def plot_layer_errors(weight_errors: dict[str, float], path: Path, worst: int = 
     ax.set_xlabel("weight relative error ||W_q - W|| / ||W||")
     ax.set_title(f"Per-layer weight quantization error, worst {len(items)} of {len(weight_errors)}")
     ax.tick_params(axis="y", labelsize=7)
+    return _save(fig, path)
+
+
+def plot_method_selection(selection: dict[str, Any], path: Path) -> Path:
+    """``--method auto``: every candidate's relative block-output error per block (log scale), the choice ringed."""
+    plt = _plt()
+    blocks = [b for b, record in selection["blocks"].items() if record.get("errors")]
+    candidates = list(selection.get("candidates") or [])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(blocks) + 2), 3.6))
+    x = np.arange(len(blocks))
+    for method in candidates:
+        values = [selection["blocks"][b]["errors"].get(method, np.nan) for b in blocks]
+        ax.plot(x, values, marker=".", linewidth=1, label=method)
+    chosen = [selection["blocks"][b]["errors"][selection["blocks"][b]["method"]] for b in blocks]
+    ax.scatter(x, chosen, s=90, facecolors="none", edgecolors="black", linewidths=1.2, label="chosen", zorder=3)
+    ax.set_yscale("log")
+    ax.set_xticks(x, [b.replace("aggregator.", "").replace("_blocks.", ".") for b in blocks], rotation=90, fontsize=6)
+    ax.set_ylabel("block-output MSE / mean square")
+    ax.set_title("--method auto: each candidate's error per block (round-to-nearest, calibration set)")
+    ax.legend(fontsize=7, ncol=3)
     return _save(fig, path)
 
 
@@ -239,6 +260,10 @@ def write_report(out_dir: str | Path) -> dict[str, Path]:
             doc.table(["output", "rel. L2 vs float (mean)", "rel. L2 vs float (worst)"],
                       [[name, f"{v['rel_l2_mean']:.3e}", f"{v['rel_l2_max']:.3e}"] for name, v in output_error.items()])
 
+    selection = quantization.get("method_selection") or {}
+    if selection.get("blocks"):
+        _method_selection_section(doc, selection, figures)
+
     data = load_report_data(out_dir)
     if data is not None and data.get("layers"):
         doc.heading("Activations before and after the transforms")
@@ -280,6 +305,28 @@ def write_report(out_dir: str | Path) -> dict[str, Path]:
     page = write_text_atomic(out_dir / "report.html", doc.render_html(title))
     logger.info("report: %s", page)
     return {"html": page, "markdown": markdown, "figures": figures}
+
+
+def _method_selection_section(doc: _Doc, selection: dict[str, Any], figures: Path) -> None:
+    counts = ", ".join(f"{m} {n}" for m, n in (selection.get("layer_counts") or {}).items())
+    doc.heading("Method choice (--method auto)")
+    doc.para(f"Per {selection.get('granularity')}, the candidate with the lowest {selection.get('criterion')}; "
+             f"layers per method: {counts}. Errors are each candidate's, on the whole block; 'layers' lists the "
+             "linears that switched to another method (granularity layer).")
+    measured = {b: r for b, r in selection["blocks"].items() if r.get("errors")}
+    if measured:
+        doc.figure(plot_method_selection(selection, figures / "method_selection.png"),
+                   "Relative block-output error of each candidate per block; the chosen one ringed")
+    candidates = list(selection.get("candidates") or [])
+    rows = []
+    for block, record in selection["blocks"].items():
+        errors = record.get("errors") or {}
+        switched = {k: v for k, v in (record.get("layers") or {}).items() if v != record["method"]}
+        note = ("resumed from the reconstruction checkpoint" if record.get("resumed")
+                else ", ".join(f"{k}: {v}" for k, v in switched.items()))
+        rows.append([block, record["method"], *(f"{errors[m]:.3e}" if m in errors else "-" for m in candidates),
+                     note])
+    doc.table(["block", "chosen", *candidates, "layers"], rows)
 
 
 def write_run_report(out_dir: str | Path, float_model: Any, model: Any, batches: list[Any], seed: int,
