@@ -114,7 +114,7 @@ def _method_list(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     from qvggt_export.formats import ENGINE_LOWERINGS, format_names
-    from qvggt_export.methods import AUTO_GRANULARITIES, METHODS, method_choices
+    from qvggt_export.methods import AUTO_CRITERIA, AUTO_GRANULARITIES, METHODS, method_choices
     from qvggt_export.model.config import preset_names
 
     parser = argparse.ArgumentParser(
@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auto-granularity", default="block", choices=list(AUTO_GRANULARITIES),
                         help="--method auto: one method per block (default), or per layer (each linear of a block "
                              "may switch when that lowers the block's error)")
+    parser.add_argument("--auto-criterion", default="quantized", choices=list(AUTO_CRITERIA),
+                        help="--method auto: compare candidates by their round-to-nearest block error, then learn the "
+                             "winner (default), or learn every candidate with --recon-iters and keep the lowest "
+                             "learned error (reconstructed: one learning per candidate and block)")
     parser.add_argument("--alpha", type=_unit_interval, default=0.5, help="smoothing strength (default 0.5)")
     parser.add_argument("--recon-iters", type=_non_negative, default=0,
                         help="block-reconstruction steps per block, learning smoothing factors and weight steps "
@@ -527,7 +531,7 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         settings = dict(
             out_dir=args.out, bits=args.bits, model=args.model, checkpoint=args.checkpoint, method=args.method,
-            auto_methods=args.auto_methods, auto_granularity=args.auto_granularity,
+            auto_methods=args.auto_methods, auto_granularity=args.auto_granularity, auto_criterion=args.auto_criterion,
             alpha=args.alpha, recon_iters=args.recon_iters, recon_checkpoint=args.recon_checkpoint,
             quantize_scope=args.quantize_scope,
             calib_data=args.calib_data, calib_size=args.calib_size, calib_pool=args.calib_pool,

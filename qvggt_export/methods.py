@@ -16,8 +16,8 @@ from types import MappingProxyType
 
 from qvggt_export.errors import QVGGTError
 
-__all__ = ["AUTO", "AUTO_GRANULARITIES", "METHODS", "MethodSpec", "check_method", "get_method", "method_choices",
-           "method_names"]
+__all__ = ["AUTO", "AUTO_CRITERIA", "AUTO_GRANULARITIES", "METHODS", "MethodSpec", "check_method", "get_method",
+           "method_choices", "method_names"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,10 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType({spec.name: spec for spec i
 # closest to the float block output on the calibration set (qvggt_export.quant.select).
 AUTO = "auto"
 AUTO_GRANULARITIES = ("block", "layer")
+# How auto compares candidates: "quantized" (round-to-nearest block error, then reconstruction learns the winner)
+# or "reconstructed" (each candidate is learned, the lowest learned block error wins: costs one learning per
+# candidate and block).
+AUTO_CRITERIA = ("quantized", "reconstructed")
 
 
 def method_names() -> tuple[str, ...]:

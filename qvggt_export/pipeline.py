@@ -52,6 +52,8 @@ class PipelineConfig:
             calibration set (:mod:`qvggt_export.quant.select`; the report records every choice and error).
         auto_methods: the candidates of ``auto`` (default: all five).
         auto_granularity: ``"block"`` (one method per block, default) or ``"layer"`` (then per linear).
+        auto_criterion: ``"quantized"`` (round-to-nearest block error, default) or ``"reconstructed"`` (every
+            candidate learned with ``recon_iters`` steps, the lowest learned error wins).
         alpha: smoothing strength (eq. 7).
         recon_iters: block-reconstruction steps per block (0 = off).
         quantize_scope: which linears are quantized (:data:`qvggt_export.quant.roles.QUANTIZE_SCOPES`):
@@ -111,6 +113,7 @@ class PipelineConfig:
     method: str = "dsfq"
     auto_methods: tuple[str, ...] = tuple(METHODS)
     auto_granularity: str = "block"
+    auto_criterion: str = "quantized"
     alpha: float = 0.5
     recon_iters: int = 0
     quantize_scope: str = "aggregator"
@@ -259,7 +262,8 @@ class PipelineConfig:
 
         return QuantConfig(bits=self.bits, method=self.method, alpha=self.alpha, seed=self.seed,
                            recon_iters=self.recon_iters, roles=scope_roles(self.quantize_scope, model),
-                           auto_methods=self.auto_methods, auto_granularity=self.auto_granularity)
+                           auto_methods=self.auto_methods, auto_granularity=self.auto_granularity,
+                           auto_criterion=self.auto_criterion)
 
     @property
     def quantized(self) -> bool:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from qvggt_export.errors import QVGGTError
 from qvggt_export.formats import format_names, get_format
-from qvggt_export.methods import AUTO, AUTO_GRANULARITIES, METHODS, check_method, get_method
+from qvggt_export.methods import AUTO, AUTO_CRITERIA, AUTO_GRANULARITIES, METHODS, check_method, get_method
 from qvggt_export.quant.roles import ALL_ROLES, DEFAULT_ROLES
 
 # Derived from the format and method registries (qvggt_export.formats, qvggt_export.methods), the one place
@@ -63,6 +63,9 @@ class QuantConfig:
         auto_methods: the candidates of ``"auto"`` (default: every transform).
         auto_granularity: ``"block"`` (one method per transformer block) or ``"layer"`` (then each linear of
             the block may switch to another candidate when that lowers the block's output error).
+        auto_criterion: ``"quantized"`` (compare candidates by their round-to-nearest block error, then learn the
+            winner) or ``"reconstructed"`` (learn every candidate, keep the lowest learned block error; needs
+            ``recon_iters > 0`` and costs one learning per candidate and block).
         roles: layer roles to quantize (see :mod:`qvggt_export.quant.roles`); default the 192
             aggregator linears of VGGT-1B (qkv, proj, fc1, fc2 of frame and global blocks).
         alpha: smoothing strength (eq. 7), 0.5 in the paper.
@@ -75,6 +78,7 @@ class QuantConfig:
     method: str = "dsfq"
     auto_methods: tuple[str, ...] = tuple(METHODS)
     auto_granularity: str = "block"
+    auto_criterion: str = "quantized"
     roles: tuple[str, ...] = field(default=DEFAULT_ROLES)
     alpha: float = 0.5
     seed: int = 0
@@ -95,6 +99,11 @@ class QuantConfig:
                              f"{self.auto_granularity!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise QVGGTError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.auto_criterion not in AUTO_CRITERIA:
+            raise QVGGTError(f"auto_criterion must be one of {', '.join(AUTO_CRITERIA)}, got {self.auto_criterion!r}")
+        if self.auto_criterion == "reconstructed" and self.method == AUTO and self.recon_iters <= 0:
+            raise QVGGTError("auto_criterion 'reconstructed' compares candidates after block reconstruction: it needs "
+                             "recon_iters > 0")
         if self.recon_iters < 0:
             raise QVGGTError(f"recon_iters must be >= 0, got {self.recon_iters}")
         if self.recon_iters > 0 and self.family != "int":

@@ -520,13 +520,21 @@ def _block_outputs(model: nn.Module, block: str, swaps: dict[str, nn.Module],
 
 
 @torch.no_grad()
-def _recompute_outputs(model: nn.Module, block: str, chain: Sequence[Sequence[BlockCall]], pinned: bool) -> None:
-    """Replace every call's recorded ``output`` by the block's current output on that call's inputs (in place)."""
+def _retarget(model: nn.Module, block: str, float_chain: Sequence[Sequence[BlockCall]],
+              quant_chain: Sequence[Sequence[BlockCall]], pinned: bool) -> None:
+    """``--method auto`` with reconstruction: the float targets were captured through the block's untransformed
+    linears; recompute them with the float layers now in the block (an exact equivalence, so they differ only by
+    rounding), exactly as a single-method walk captures them: auto with one candidate then learns bit for bit what
+    that method learns. The quantized chain's calls share the float chain's outputs."""
     module = model.get_submodule(block)
     device = _device_of(module)
-    for calls in chain:
+    for calls in float_chain:
         for call in calls:
             call.output = _stash(module(*_onto(call.args, device), **_onto(call.kwargs, device)), pinned)
+    if quant_chain is not float_chain:
+        for fp_calls, q_calls in zip(float_chain, quant_chain, strict=True):
+            for fp_call, q_call in zip(fp_calls, q_calls, strict=True):
+                q_call.output = fp_call.output
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -632,7 +640,8 @@ def _fingerprint(model: nn.Module, targets: Sequence[QuantTarget], config: Quant
     settings = {k: getattr(config, k) for k in ("bits", "method", "alpha", "seed", "recon_iters", "lr_smooth",
                                                   "lr_step")}
     if config.is_auto:  # (only then: checkpoints of the other methods keep their fingerprints)
-        settings.update(auto_methods=list(config.auto_methods), auto_granularity=config.auto_granularity)
+        settings.update(auto_methods=list(config.auto_methods), auto_granularity=config.auto_granularity,
+                        auto_criterion=config.auto_criterion)
     with torch.no_grad():
         weights = [(t.name, repr(float(model.get_submodule(t.name).weight.double().sum())),
                     repr(float(model.get_submodule(t.name).weight.double().abs().sum()))) for t in targets]
@@ -683,10 +692,17 @@ class BlockChooser(Protocol):
     """Chooses each block's transforms when the walk over blocks reaches it (``--method auto``; implemented by
     :class:`qvggt_export.quant.select.MethodChooser`). Declared here so that this module needs no import of it."""
 
-    def choose(self, block: str, targets: Sequence[QuantTarget], calls: Sequence[Sequence[BlockCall]]
-               ) -> dict[str, str]:
-        """Measure the candidates on the block's quantized-chain ``calls`` (outputs: the float targets), put the
-        chosen float layers into the model, return target name -> method."""
+    def measure(self, block: str, targets: Sequence[QuantTarget], calls: Sequence[Sequence[BlockCall]]
+                ) -> list[dict[str, str]]:
+        """Measure the candidates on the block's quantized-chain ``calls`` (outputs: the float targets); return the
+        options (target name -> method), the measured best first."""
+
+    def try_option(self, block: str, targets: Sequence[QuantTarget], assignment: Mapping[str, str]) -> None:
+        """Put one option's float layers into the model (to learn it)."""
+
+    def commit(self, block: str, targets: Sequence[QuantTarget], assignment: Mapping[str, str],
+               learned: Sequence[tuple[Mapping[str, str], float]] = ()) -> dict[str, str]:
+        """Put the chosen option's float layers into the model, record the choice, return it."""
 
     def install(self, block: str, targets: Sequence[QuantTarget], methods: Mapping[str, str]) -> None:
         """Put the float layers of ``methods`` (a resumed block's saved choice) into the model."""
@@ -830,22 +846,38 @@ def _reconstruct(model: nn.Module, targets: list[QuantTarget], groups: dict[str,
                     q_call.output = fp_call.output
         else:  # nothing upstream is quantized yet: both chains feed the block the same input
             quant_chain = float_chain
+        result = None
         if chooser is not None:
-            methods.update(chooser.choose(block, block_targets, quant_chain))
-            if learn:
-                # The targets were captured through the block's untransformed linears; learn against the outputs
-                # of the chosen (equivalent) float layers instead, exactly as a single-method walk captures them,
-                # so that auto with one candidate learns bit for bit what that method learns.
-                _recompute_outputs(model, block, float_chain, runner.pinned)
-                if quant_chain is not float_chain:
-                    for fp_calls, q_calls in zip(float_chain, quant_chain, strict=True):
-                        for fp_call, q_call in zip(fp_calls, q_calls, strict=True):
-                            q_call.output = fp_call.output
+            options = chooser.measure(block, block_targets, quant_chain)
+            if not learn:
+                methods.update(chooser.commit(block, block_targets, options[0]))
+            else:
+                if config.auto_criterion != "reconstructed":
+                    options = options[:1]
+                trials, failures = [], []
+                for option in options:
+                    chooser.try_option(block, block_targets, option)
+                    _retarget(model, block, float_chain, quant_chain, runner.pinned)
+                    spaces = {t.name: smoothing_space(option[t.name]) for t in block_targets}
+                    try:
+                        trials.append((option, _learn_block(model, block, block_targets, quant_chain, config, spaces)))
+                    except QVGGTError as exc:
+                        if len(options) == 1:
+                            raise
+                        failures.append(exc)  # a candidate whose learning diverges is out of the comparison
+                        logger.warning("auto: %s: %s", block, exc)
+                if not trials:
+                    raise failures[0]
+                option, result = min(trials, key=lambda trial: trial[1].report["loss_after"])  # ties: the first
+                methods.update(chooser.commit(block, block_targets, option,
+                                              [(o, r.report["loss_after"]) for o, r in trials] if len(options) > 1
+                                              else ()))
         if not runner.replays:
             del float_chain
         if learn:
-            result = _learn_block(model, block, block_targets, quant_chain, config,
-                                  {t.name: smoothing_space(methods[t.name]) for t in block_targets})
+            if result is None:
+                result = _learn_block(model, block, block_targets, quant_chain, config,
+                                      {t.name: smoothing_space(methods[t.name]) for t in block_targets})
             finish(block_targets, result.smooth, result.steps)
         else:
             finish(block_targets, None, None)

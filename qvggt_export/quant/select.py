@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,6 +56,23 @@ def _local(block: str, name: str) -> str:
     return name[len(block) + 1:]
 
 
+def _label(assignment: Mapping[str, str]) -> str:
+    """An option's name in the report: its method, or ``mixed`` when its linears differ."""
+    methods = set(assignment.values())
+    return next(iter(methods)) if len(methods) == 1 else "mixed"
+
+
+@dataclass
+class _Pending:
+    """What :meth:`MethodChooser.measure` built for one block, kept until :meth:`MethodChooser.commit`."""
+
+    block: str
+    floats: dict[str, dict[str, nn.Module]]
+    amax: dict[tuple[str, str], float]
+    record: dict[str, Any]
+    power: float
+
+
 class MethodChooser:
     """Chooses and installs each block's transforms during the walk of ``reconstruct_blocks`` (module docstring).
 
@@ -71,11 +89,20 @@ class MethodChooser:
         self.methods: dict[str, str] = {}
         self.blocks: dict[str, dict[str, Any]] = {}
         self.input_amax: dict[str, float] = {}  # nvfp4: each chosen layer's max |transformed input| on its block
+        self._pending: _Pending | None = None  # the block measured and not yet committed
+
+    def _pending_for(self, block: str) -> _Pending:
+        if self._pending is None or self._pending.block != block:
+            raise QVGGTError(f"auto: {block} has not been measured (measure() comes first)")
+        return self._pending
 
     # -- the walk's interface (reconstruct.BlockChooser) ---------------------------------------------------------
 
-    def choose(self, block: str, targets: Sequence[QuantTarget], calls: Sequence[Sequence[BlockCall]]
-               ) -> dict[str, str]:
+    def measure(self, block: str, targets: Sequence[QuantTarget], calls: Sequence[Sequence[BlockCall]]
+                ) -> list[dict[str, str]]:
+        """Measure every candidate on the block (round-to-nearest, module docstring) and return the options,
+        best first: the chosen assignment (target name -> method), then every other block-wide candidate by
+        error. Nothing is put into the model yet (:meth:`try_option`, :meth:`commit`)."""
         candidates, unavailable = self._available(block, targets)
         floats = {t.name: {m: self._float_layer(t.name, m) for m in candidates[t.name]} for t in targets}
         amax = self._transformed_amax(block, floats, calls) if self.config.family == "nvfp4" else {}
@@ -110,22 +137,53 @@ class MethodChooser:
                     trials += 1
                     if value < chosen_error * (1 - _TIE_MARGIN):
                         assignment, chosen_error = trial, value
-        self.install(block, targets, assignment, floats)
-        for name, method in assignment.items():
-            if (name, method) in amax:
-                self.input_amax[name] = amax[(name, method)]
         record: dict[str, Any] = {"method": best, "error": chosen_error, "errors": errors,
                                   "layers": {_local(block, n): m for n, m in assignment.items()}}
         if trials:
             record["layer_trials"] = trials
         if unavailable:
             record["unavailable"] = unavailable
+        options = [assignment] + [dict.fromkeys(candidates, m) for m in sorted(errors, key=errors.get)
+                                  if dict.fromkeys(candidates, m) != assignment]
+        self._pending = _Pending(block, floats, amax, record, power)
+        return options
+
+    def try_option(self, block: str, targets: Sequence[QuantTarget], assignment: Mapping[str, str]) -> None:
+        """Put one measured option's float layers into the model (to learn it; :meth:`commit` decides)."""
+        pending = self._pending_for(block)
+        for target in targets:
+            replace_module(self.model, target.name, pending.floats[target.name][assignment[target.name]])
+
+    def commit(self, block: str, targets: Sequence[QuantTarget], assignment: Mapping[str, str],
+               learned: Sequence[tuple[Mapping[str, str], float]] = ()) -> dict[str, str]:
+        """Put the chosen option's float layers into the model and record the choice. ``learned``: each option
+        tried with reconstruction and its learned block loss (``auto_criterion="reconstructed"``)."""
+        pending = self._pending_for(block)
+        self.install(block, targets, assignment, pending.floats)
+        for name, method in assignment.items():
+            if (name, method) in pending.amax:
+                self.input_amax[name] = pending.amax[(name, method)]
+        record = pending.record
+        record["layers"] = {_local(block, n): m for n, m in assignment.items()}
+        if len(set(assignment.values())) == 1:
+            record["method"] = next(iter(assignment.values()))
+            record["error"] = record["errors"][record["method"]]
+        if learned:
+            record["learned_errors"] = {_label(option): loss / pending.power for option, loss in learned}
         self.blocks[block] = record
-        switched = {k: v for k, v in record["layers"].items() if v != best}
-        logger.info("auto: %s -> %s%s (relative error %.4g; %s)", block, best,
-                    f", switched {switched}" if switched else "", chosen_error,
-                    ", ".join(f"{m} {e:.4g}" for m, e in errors.items()))
-        return assignment
+        self._pending = None
+        switched = {k: v for k, v in record["layers"].items() if v != record["method"]}
+        logger.info("auto: %s -> %s%s (relative error %.4g; %s%s)", block, record["method"],
+                    f", switched {switched}" if switched else "", record["error"],
+                    ", ".join(f"{m} {e:.4g}" for m, e in record["errors"].items()),
+                    "; learned: " + ", ".join(f"{k} {v:.4g}" for k, v in record["learned_errors"].items())
+                    if learned else "")
+        return dict(assignment)
+
+    def choose(self, block: str, targets: Sequence[QuantTarget], calls: Sequence[Sequence[BlockCall]]
+               ) -> dict[str, str]:
+        """:meth:`measure`, then :meth:`commit` the measured best (the ``"quantized"`` criterion)."""
+        return self.commit(block, targets, self.measure(block, targets, calls)[0])
 
     def install(self, block: str, targets: Sequence[QuantTarget], methods: Mapping[str, str],
                 floats: Mapping[str, Mapping[str, nn.Module]] | None = None) -> None:
@@ -155,8 +213,12 @@ class MethodChooser:
     def summary(self) -> dict[str, Any]:
         """What the report records: settings, per-method counts over the layers, and every block's measurements."""
         counts = {m: sum(v == m for v in self.methods.values()) for m in self.config.auto_methods}
+        criterion = ("block-output MSE vs float (relative), round-to-nearest, quantized-chain inputs"
+                     if self.config.auto_criterion == "quantized" or self.config.recon_iters == 0 else
+                     "block-output MSE vs float (relative) after block reconstruction of every candidate, "
+                     "quantized-chain inputs")
         return {"candidates": list(self.config.auto_methods), "granularity": self.config.auto_granularity,
-                "criterion": "block-output MSE vs float (relative), round-to-nearest, quantized-chain inputs",
+                "criterion": criterion,
                 "layer_counts": counts, "blocks": self.blocks}
 
     # -- helpers -------------------------------------------------------------------------------------------------

@@ -73,21 +73,25 @@ def plot_layer_errors(weight_errors: dict[str, float], path: Path, worst: int = 
 
 
 def plot_method_selection(selection: dict[str, Any], path: Path) -> Path:
-    """``--method auto``: every candidate's relative block-output error per block (log scale), the choice ringed."""
+    """``--method auto``: every candidate's relative block-output error per block (log scale), the choice ringed;
+    the errors after learning when the criterion learned every candidate, else the round-to-nearest ones."""
     plt = _plt()
-    blocks = [b for b, record in selection["blocks"].items() if record.get("errors")]
+    learned = any(record.get("learned_errors") for record in selection["blocks"].values())
+    key = "learned_errors" if learned else "errors"
+    blocks = [b for b, record in selection["blocks"].items() if record.get(key)]
     candidates = list(selection.get("candidates") or [])
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(blocks) + 2), 3.6))
     x = np.arange(len(blocks))
     for method in candidates:
-        values = [selection["blocks"][b]["errors"].get(method, np.nan) for b in blocks]
+        values = [selection["blocks"][b][key].get(method, np.nan) for b in blocks]
         ax.plot(x, values, marker=".", linewidth=1, label=method)
-    chosen = [selection["blocks"][b]["errors"][selection["blocks"][b]["method"]] for b in blocks]
+    chosen = [selection["blocks"][b][key].get(selection["blocks"][b]["method"], np.nan) for b in blocks]
     ax.scatter(x, chosen, s=90, facecolors="none", edgecolors="black", linewidths=1.2, label="chosen", zorder=3)
     ax.set_yscale("log")
     ax.set_xticks(x, [b.replace("aggregator.", "").replace("_blocks.", ".") for b in blocks], rotation=90, fontsize=6)
     ax.set_ylabel("block-output MSE / mean square")
-    ax.set_title("--method auto: each candidate's error per block (round-to-nearest, calibration set)")
+    ax.set_title("--method auto: each candidate's error per block ("
+                 + ("after learning" if learned else "round-to-nearest") + ", calibration set)")
     ax.legend(fontsize=7, ncol=3)
     return _save(fig, path)
 
@@ -318,14 +322,19 @@ def _method_selection_section(doc: _Doc, selection: dict[str, Any], figures: Pat
         doc.figure(plot_method_selection(selection, figures / "method_selection.png"),
                    "Relative block-output error of each candidate per block; the chosen one ringed")
     candidates = list(selection.get("candidates") or [])
+    learned = any(record.get("learned_errors") for record in selection["blocks"].values())
     rows = []
     for block, record in selection["blocks"].items():
         errors = record.get("errors") or {}
+        after = record.get("learned_errors") or {}
         switched = {k: v for k, v in (record.get("layers") or {}).items() if v != record["method"]}
         note = ("resumed from the reconstruction checkpoint" if record.get("resumed")
                 else ", ".join(f"{k}: {v}" for k, v in switched.items()))
-        rows.append([block, record["method"], *(f"{errors[m]:.3e}" if m in errors else "-" for m in candidates),
-                     note])
+        cells = [f"{errors[m]:.3e}" + (f" / {after[m]:.3e}" if m in after else "") if m in errors else "-"
+                 for m in candidates]
+        rows.append([block, record["method"], *cells, note])
+    if learned:
+        doc.para("Cells: round-to-nearest error / error after learning the candidate (the criterion).")
     doc.table(["block", "chosen", *candidates, "layers"], rows)
 
 

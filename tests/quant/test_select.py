@@ -189,3 +189,26 @@ def test_auto_with_one_candidate_learns_what_that_method_learns(method, batches)
     assert _same_state(single, auto)
     assert {b: r["loss_after"] for b, r in result.reconstruction.items()} == {
         b: r["loss_after"] for b, r in single_result.reconstruction.items()}
+
+
+def test_reconstructed_criterion_learns_every_candidate_and_keeps_the_lowest(batches):
+    candidates = ("rotate", "smooth_rotate", "dsfq")
+    config = QuantConfig(bits="w4a4", method="auto", recon_iters=2, auto_methods=candidates,
+                         auto_criterion="reconstructed")
+    _, result = _quantized(config, batches)
+    for block, record in result.method_selection["blocks"].items():
+        learned = record["learned_errors"]
+        assert set(learned) == set(candidates)
+        assert record["method"] == min(learned, key=learned.get)
+        assert set(record["layers"].values()) == {record["method"]}
+        assert result.reconstruction[block]["loss_after"] > 0
+    # The first block's trials are exactly the single methods' first-block learning (same inputs, same targets).
+    first = result.method_selection["blocks"][FIRST_BLOCK]["learned_errors"]
+    single = {m: _quantized(QuantConfig(bits="w4a4", method=m, recon_iters=2), batches)[1]
+              .reconstruction[FIRST_BLOCK]["loss_after"] for m in candidates}
+    for method in candidates[1:]:
+        assert first[method] / first[candidates[0]] == pytest.approx(single[method] / single[candidates[0]], rel=1e-9)
+    with pytest.raises(QVGGTError, match="needs recon_iters > 0"):
+        QuantConfig(method="auto", auto_criterion="reconstructed")
+    with pytest.raises(QVGGTError, match="auto_criterion"):
+        QuantConfig(method="auto", auto_criterion="fastest")
