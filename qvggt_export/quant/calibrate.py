@@ -113,10 +113,10 @@ def calibrate(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Ten
     selection: dict[str, Any] = {}
     if config.is_auto:
         from qvggt_export.quant.reconstruct import reconstruct_blocks
-        from qvggt_export.quant.select import MethodChooser
+        from qvggt_export.quant.select import MethodChooser, aggregator_token_layout
 
         # One walk over the blocks: each is chosen on the quantized chain's inputs, then learned (recon_iters > 0).
-        chooser = MethodChooser(model, config, stats)
+        chooser = MethodChooser(model, config, stats, aggregator_token_layout(model, batches))
         weight_steps, recon_report = reconstruct_blocks(model, targets, config, batches, progress,
                                                         checkpoint=recon_checkpoint, chooser=chooser)
         transformed = chooser.transformed

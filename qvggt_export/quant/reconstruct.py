@@ -79,6 +79,7 @@ from a checkpoint use full passes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -310,15 +311,15 @@ def _stash(value: Any, pinned: bool) -> Any:
     return value
 
 
-def _onto(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
     """``value`` with its tensors on ``device`` (no copy for those already there; asynchronous from pinned memory,
     ordered on the current stream before the kernels that read them)."""
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=True)
     if isinstance(value, tuple | list):
-        return type(value)(_onto(v, device) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     if isinstance(value, dict):
-        return {k: _onto(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     return value
 
 
@@ -516,7 +517,23 @@ def _block_outputs(model: nn.Module, block: str, swaps: dict[str, nn.Module],
     with swapped_modules(model, swaps):
         module = model.get_submodule(block)
         device = _device_of(module)
-        return [module(*_onto(calls[-1].args, device), **_onto(calls[-1].kwargs, device)).detach() for calls in chain]
+        return [module(*to_device(calls[-1].args, device), **to_device(calls[-1].kwargs, device)).detach()
+                for calls in chain]
+
+
+@torch.no_grad()
+def _learned_layers(model: nn.Module, targets: Sequence[QuantTarget], learned: _BlockResult,
+                    spaces: Mapping[str, str | None],
+                    quantize: Callable[[nn.Module, str, torch.Tensor | None], nn.Module]) -> dict[str, nn.Module]:
+    """The quantized layers a learned block would get (its smoothing baked into copies of the float layers now in
+    the model, its steps): what ``finish`` builds, without touching the model."""
+    layers = {}
+    for target in targets:
+        module = copy.deepcopy(model.get_submodule(target.name))
+        space = spaces[target.name]
+        baked = module if space is None else bake_smoothing(module, learned.smooth[target.name], space)
+        layers[target.name] = quantize(baked, target.name, learned.steps[target.name].to(baked.weight.device))
+    return layers
 
 
 @torch.no_grad()
@@ -530,7 +547,7 @@ def _retarget(model: nn.Module, block: str, float_chain: Sequence[Sequence[Block
     device = _device_of(module)
     for calls in float_chain:
         for call in calls:
-            call.output = _stash(module(*_onto(call.args, device), **_onto(call.kwargs, device)), pinned)
+            call.output = _stash(module(*to_device(call.args, device), **to_device(call.kwargs, device)), pinned)
     if quant_chain is not float_chain:
         for fp_calls, q_calls in zip(float_chain, quant_chain, strict=True):
             for fp_call, q_call in zip(fp_calls, q_calls, strict=True):
@@ -547,8 +564,8 @@ def _device_of(module: nn.Module) -> torch.device:
 
 def _block_loss(block: nn.Module, calls: Sequence[BlockCall]) -> torch.Tensor:
     device = _device_of(block)
-    losses = [F.mse_loss(block(*_onto(call.args, device), **_onto(call.kwargs, device)).float(),
-                         _onto(call.output, device).float()) for call in calls]
+    losses = [F.mse_loss(block(*to_device(call.args, device), **to_device(call.kwargs, device)).float(),
+                         to_device(call.output, device).float()) for call in calls]
     return torch.stack(losses).mean()
 
 
@@ -703,6 +720,9 @@ class BlockChooser(Protocol):
     def commit(self, block: str, targets: Sequence[QuantTarget], assignment: Mapping[str, str],
                learned: Sequence[tuple[Mapping[str, str], float]] = ()) -> dict[str, str]:
         """Put the chosen option's float layers into the model, record the choice, return it."""
+
+    def score(self, block: str, layers: Mapping[str, nn.Module], calls: Sequence[Sequence[BlockCall]]) -> float:
+        """The block's error with ``layers`` (target name -> quantized layer) in place (lower is better)."""
 
     def install(self, block: str, targets: Sequence[QuantTarget], methods: Mapping[str, str]) -> None:
         """Put the float layers of ``methods`` (a resumed block's saved choice) into the model."""
@@ -860,18 +880,22 @@ def _reconstruct(model: nn.Module, targets: list[QuantTarget], groups: dict[str,
                     _retarget(model, block, float_chain, quant_chain, runner.pinned)
                     spaces = {t.name: smoothing_space(option[t.name]) for t in block_targets}
                     try:
-                        trials.append((option, _learn_block(model, block, block_targets, quant_chain, config, spaces)))
+                        outcome = _learn_block(model, block, block_targets, quant_chain, config, spaces)
                     except QVGGTError as exc:
                         if len(options) == 1:
                             raise
                         failures.append(exc)  # a candidate whose learning diverges is out of the comparison
                         logger.warning("auto: %s: %s", block, exc)
+                        continue
+                    # Compared as the quantized criterion compares, on the layers this option would become.
+                    value = (chooser.score(block, _learned_layers(model, block_targets, outcome, spaces, quantize),
+                                           quant_chain) if len(options) > 1 else 0.0)
+                    trials.append((option, outcome, value))
                 if not trials:
                     raise failures[0]
-                option, result = min(trials, key=lambda trial: trial[1].report["loss_after"])  # ties: the first
+                option, result, _ = min(trials, key=lambda trial: trial[2])  # ties: the first
                 methods.update(chooser.commit(block, block_targets, option,
-                                              [(o, r.report["loss_after"]) for o, r in trials] if len(options) > 1
-                                              else ()))
+                                              [(o, v) for o, _, v in trials] if len(options) > 1 else ()))
         if not runner.replays:
             del float_chain
         if learn:

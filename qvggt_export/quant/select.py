@@ -40,8 +40,8 @@ from qvggt_export.quant.config import QuantConfig
 from qvggt_export.quant.dsfq import ChannelStats, transform_linear
 from qvggt_export.quant.hadamard import is_rotatable
 from qvggt_export.quant.modules import TransformedLinear
-from qvggt_export.quant.reconstruct import BlockCall, mean_block_loss, swapped_modules
-from qvggt_export.quant.roles import QuantTarget, replace_module
+from qvggt_export.quant.reconstruct import BlockCall, mean_block_loss, swapped_modules, to_device
+from qvggt_export.quant.roles import AGGREGATOR_PATH, QuantTarget, replace_module
 from qvggt_export.quant.rtn import quantize_linear
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,63 @@ def _label(assignment: Mapping[str, str]) -> str:
     return next(iter(methods)) if len(methods) == 1 else "mixed"
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the special tokens sit in an aggregator block's tokens: ``tokens_per_frame`` per frame, the first
+    ``special`` of them (camera + registers), frame after frame (frame blocks [B*S, P, C], global [B, S*P, C])."""
+
+    tokens_per_frame: int
+    special: int
+
+    def fits(self, calls: Sequence[Sequence[BlockCall]]) -> bool:
+        output = calls[0][0].output
+        return (isinstance(output, torch.Tensor) and output.dim() == 3
+                and output.shape[1] % self.tokens_per_frame == 0)
+
+    def special_mask(self, tokens: int, device: torch.device) -> torch.Tensor:
+        return (torch.arange(tokens, device=device) % self.tokens_per_frame) < self.special
+
+
+def aggregator_token_layout(model: nn.Module, batches: Sequence[torch.Tensor]) -> TokenLayout | None:
+    """The :class:`TokenLayout` of ``model``'s aggregator blocks at the calibration images' size (None without an
+    aggregator or images)."""
+    aggregator = getattr(model, AGGREGATOR_PATH, None)
+    if aggregator is None or len(batches) == 0:
+        return None
+    height, width = batches[0].shape[-2:]
+    patch = aggregator.patch_size
+    special = aggregator.patch_start_idx
+    return TokenLayout(special + (height // patch) * (width // patch), special)
+
+
+@torch.no_grad()
+def block_error(block: nn.Module, calls: Sequence[Sequence[BlockCall]], layout: TokenLayout | None) -> float:
+    """The block's output error against the calls' float ``output``, relative to the float output's power.
+
+    With a ``layout`` (aggregator blocks): the mean of two relative errors, the special tokens' (camera +
+    registers) and the patch tokens', each over its own power. A plain relative MSE would weigh the camera
+    token, which alone carries the pose, as 1 of ``tokens_per_frame`` tokens (1 in 1,374 for VGGT-1B at 518 px),
+    so a candidate could ruin the cameras at no cost. Without a layout: sum of squared errors over the sum of
+    squared float outputs, over every call."""
+    device = next(block.parameters()).device
+    total_error = total_power = 0.0
+    pairs = []  # with a layout: per call, (special tokens' relative error, patch tokens')
+    for batch in calls:
+        for call in batch:
+            got = block(*to_device(call.args, device), **to_device(call.kwargs, device)).float()
+            want = to_device(call.output, device).float()
+            squared, power = (got - want).pow(2).sum(-1), want.pow(2).sum(-1)  # per token
+            if layout is None:
+                total_error += float(squared.sum())
+                total_power += float(power.sum())
+                continue
+            special = layout.special_mask(want.shape[1], device)
+            pairs.append([float(squared[:, m].sum() / power[:, m].sum().clamp_min(1e-30)) for m in (special, ~special)])
+    if layout is None:
+        return total_error / max(total_power, 1e-30)
+    return sum(sum(pair) / 2 for pair in pairs) / len(pairs)
+
+
 @dataclass
 class _Pending:
     """What :meth:`MethodChooser.measure` built for one block, kept until :meth:`MethodChooser.commit`."""
@@ -70,7 +127,6 @@ class _Pending:
     floats: dict[str, dict[str, nn.Module]]
     amax: dict[tuple[str, str], float]
     record: dict[str, Any]
-    power: float
 
 
 class MethodChooser:
@@ -82,8 +138,10 @@ class MethodChooser:
         stats: per-target calibration channel maxima (raw and/or rotated, as the candidates need).
     """
 
-    def __init__(self, model: nn.Module, config: QuantConfig, stats: Mapping[str, ChannelStats] | None) -> None:
+    def __init__(self, model: nn.Module, config: QuantConfig, stats: Mapping[str, ChannelStats] | None,
+                 token_layout: TokenLayout | None = None) -> None:
         self.model = model
+        self.token_layout = token_layout
         self.config = config
         self.stats = dict(stats or {})
         self.methods: dict[str, str] = {}
@@ -108,12 +166,8 @@ class MethodChooser:
         amax = self._transformed_amax(block, floats, calls) if self.config.family == "nvfp4" else {}
         quantized = {name: {m: quantize_linear(layer, self.config, name, None, amax.get((name, m)))
                             for m, layer in layers.items()} for name, layers in floats.items()}
-        module = self.model.get_submodule(block)
-        power = self._output_power(calls)
-
         def error(assignment: Mapping[str, str]) -> float:
-            with swapped_modules(self.model, {name: quantized[name][m] for name, m in assignment.items()}):
-                return mean_block_loss(module, calls) / power
+            return self.score(block, {name: quantized[name][m] for name, m in assignment.items()}, calls)
 
         block_methods = [m for m in self.config.auto_methods if all(m in candidates[t.name] for t in targets)]
         if not block_methods:
@@ -145,8 +199,14 @@ class MethodChooser:
             record["unavailable"] = unavailable
         options = [assignment] + [dict.fromkeys(candidates, m) for m in sorted(errors, key=errors.get)
                                   if dict.fromkeys(candidates, m) != assignment]
-        self._pending = _Pending(block, floats, amax, record, power)
+        self._pending = _Pending(block, floats, amax, record)
         return options
+
+    def score(self, block: str, layers: Mapping[str, nn.Module], calls: Sequence[Sequence[BlockCall]]) -> float:
+        """:func:`block_error` of ``block`` with ``layers`` (target name -> quantized layer) swapped in."""
+        layout = self.token_layout if self.token_layout is not None and self.token_layout.fits(calls) else None
+        with swapped_modules(self.model, dict(layers)):
+            return block_error(self.model.get_submodule(block), calls, layout)
 
     def try_option(self, block: str, targets: Sequence[QuantTarget], assignment: Mapping[str, str]) -> None:
         """Put one measured option's float layers into the model (to learn it; :meth:`commit` decides)."""
@@ -157,7 +217,7 @@ class MethodChooser:
     def commit(self, block: str, targets: Sequence[QuantTarget], assignment: Mapping[str, str],
                learned: Sequence[tuple[Mapping[str, str], float]] = ()) -> dict[str, str]:
         """Put the chosen option's float layers into the model and record the choice. ``learned``: each option
-        tried with reconstruction and its learned block loss (``auto_criterion="reconstructed"``)."""
+        tried with reconstruction and its :meth:`score` once learned (``auto_criterion="reconstructed"``)."""
         pending = self._pending_for(block)
         self.install(block, targets, assignment, pending.floats)
         for name, method in assignment.items():
@@ -169,7 +229,7 @@ class MethodChooser:
             record["method"] = next(iter(assignment.values()))
             record["error"] = record["errors"][record["method"]]
         if learned:
-            record["learned_errors"] = {_label(option): loss / pending.power for option, loss in learned}
+            record["learned_errors"] = {_label(option): value for option, value in learned}
         self.blocks[block] = record
         self._pending = None
         switched = {k: v for k, v in record["layers"].items() if v != record["method"]}
@@ -213,10 +273,12 @@ class MethodChooser:
     def summary(self) -> dict[str, Any]:
         """What the report records: settings, per-method counts over the layers, and every block's measurements."""
         counts = {m: sum(v == m for v in self.methods.values()) for m in self.config.auto_methods}
-        criterion = ("block-output MSE vs float (relative), round-to-nearest, quantized-chain inputs"
+        error = ("block-output squared error vs float, relative, special (camera + register) and patch tokens "
+                 "weighted equally" if self.token_layout is not None else
+                 "block-output squared error vs float, relative")
+        criterion = (f"{error}; round-to-nearest; quantized-chain inputs"
                      if self.config.auto_criterion == "quantized" or self.config.recon_iters == 0 else
-                     "block-output MSE vs float (relative) after block reconstruction of every candidate, "
-                     "quantized-chain inputs")
+                     f"{error}; after block reconstruction of every candidate; quantized-chain inputs")
         return {"candidates": list(self.config.auto_methods), "granularity": self.config.auto_granularity,
                 "criterion": criterion,
                 "layer_counts": counts, "blocks": self.blocks}
@@ -251,12 +313,6 @@ class MethodChooser:
         if isinstance(original, TransformedLinear):  # installing again (a resumed block): start from the float one
             raise QVGGTError(f"{name} already has a transform; --method auto starts from float nn.Linear layers")
         return transform_linear(name, original, method, self.stats.get(name), self.config.alpha, self.config.seed)
-
-    @staticmethod
-    def _output_power(calls: Sequence[Sequence[BlockCall]]) -> float:
-        """Mean square of the float block outputs (the error's scale), as :func:`mean_block_loss` averages."""
-        total = sum(float(torch.stack([c.output.float().pow(2).mean() for c in batch]).mean()) for batch in calls)
-        return max(total / len(calls), 1e-30)
 
     @torch.no_grad()
     def _transformed_amax(self, block: str, floats: Mapping[str, Mapping[str, nn.Module]],
