@@ -10,16 +10,18 @@ each block in execution order:
    exact equivalences, from the calibration statistics), and quantizes each round-to-nearest in the run's format
    (NVFP4's activation global scale from the block's own calibration inputs);
 2. runs the block with each candidate's quantized layers on the *quantized chain's* inputs (earlier blocks already
-   quantized with their choices, and learned when reconstruction is on) and measures the mean squared error
-   against the float block's output on the float chain: the quantity block reconstruction minimises next;
+   quantized with their choices, and learned when reconstruction is on) and measures the squared error against the
+   float block's output on the float chain (:func:`block_error`: in aggregator blocks the mean of the special
+   tokens' and the patch tokens' relative errors, so that the camera token, which carries the pose, is not one
+   token among ~1,370 per frame);
 3. keeps the candidate with the lowest error (ties: the earlier in ``auto_methods``); with
    ``auto_granularity="layer"`` it then tries, linear by linear, every other candidate for that one linear and keeps
    a switch when the block's error drops (one coordinate-descent sweep: 1 + 4 x (candidates - 1) block passes);
 4. puts the chosen float layers into the model. Block reconstruction, when on, then learns that choice: each layer
    learns its own method's smoothing factor (:func:`~qvggt_export.quant.reconstruct.smoothing_space`).
 
-Errors are reported relative to the float output's mean square (``errors``: each candidate on the whole block;
-``error``: the choice). The choice is greedy: each block is chosen given the blocks before it, which is what
+Errors are relative (``errors``: each candidate on the whole block; ``error``: the choice; ``learned_errors``:
+each candidate after learning, with ``auto_criterion="reconstructed"``). The choice is greedy: each block is chosen given the blocks before it, which is what
 reconstruction does too. Cost per block: one block pass over the calibration set per candidate (and per trial
 with ``layer``), on top of the two capture passes the walk makes.
 """

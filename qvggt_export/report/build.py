@@ -89,7 +89,7 @@ def plot_method_selection(selection: dict[str, Any], path: Path) -> Path:
     ax.scatter(x, chosen, s=90, facecolors="none", edgecolors="black", linewidths=1.2, label="chosen", zorder=3)
     ax.set_yscale("log")
     ax.set_xticks(x, [b.replace("aggregator.", "").replace("_blocks.", ".") for b in blocks], rotation=90, fontsize=6)
-    ax.set_ylabel("block-output MSE / mean square")
+    ax.set_ylabel("relative block-output error")
     ax.set_title("--method auto: each candidate's error per block ("
                  + ("after learning" if learned else "round-to-nearest") + ", calibration set)")
     ax.legend(fontsize=7, ncol=3)
