@@ -91,19 +91,24 @@ def _normalised(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).pow(2).mean().sqrt() / want.std().clamp_min(1e-12))
 
 
+def sequence_metrics(got: dict, tokens: torch.Tensor, want: dict, want_tokens: torch.Tensor) -> dict[str, float]:
+    """The :data:`METRICS` of one held-out sequence: the quantized model's outputs ``got`` and last aggregator
+    tokens vs the float model's ``want`` and ``want_tokens``."""
+    angles = pose_angle_errors(want["pose_enc"], got["pose_enc"])
+    return {"agg": _normalised(tokens, want_tokens), "depth": _normalised(got["depth"], want["depth"]),
+            "points": _normalised(got["world_points"], want["world_points"]),
+            "pose": _normalised(got["pose_enc"], want["pose_enc"]),
+            "rot_deg": float(angles["rotation"].mean()), "trans_deg": float(angles["translation"].mean())}
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, references: list, held_out: list[torch.Tensor]) -> dict[str, float]:
+    """Mean over the held-out sequences of :func:`sequence_metrics`."""
     sums = dict.fromkeys(METRICS, 0.0)
     for images, (want, want_tokens) in zip(held_out, references, strict=True):
-        got = model(images)
-        tokens = model.aggregator(images)[0][-1]
-        sums["agg"] += _normalised(tokens, want_tokens)
-        sums["depth"] += _normalised(got["depth"], want["depth"])
-        sums["points"] += _normalised(got["world_points"], want["world_points"])
-        sums["pose"] += _normalised(got["pose_enc"], want["pose_enc"])
-        angles = pose_angle_errors(want["pose_enc"], got["pose_enc"])
-        sums["rot_deg"] += float(angles["rotation"].mean())
-        sums["trans_deg"] += float(angles["translation"].mean())
+        values = sequence_metrics(model(images), model.aggregator(images)[0][-1], want, want_tokens)
+        for k in METRICS:
+            sums[k] += values[k]
     return {k: v / len(held_out) for k, v in sums.items()}
 
 

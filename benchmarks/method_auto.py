@@ -4,8 +4,8 @@ Testbeds:
 
 * the five planted-outlier testbeds of ``dsfq_ablation.py`` (``preset``, ``vggt-like``, ``massive``,
   ``token-only``, ``channel-only`` on the ``tiny-outliers`` preset), with its generated calibration sequences
-  (``_batches(n, seed)``), its fixed held-out set (6 generated sequences, seed 1000) and its metrics
-  (``evaluate``);
+  (``_batches(n, seed)``), a fixed held-out set (``--held-out`` generated sequences, 16 by default, seed 1000)
+  and its metrics (``sequence_metrics``, kept per held-out sequence);
 * ``real/<planting>``: the real clips of ``../shared/data`` (3 photo sequences, 2 videos), windows of
   ``--frames`` frames read by the project's own pool builder (``qvggt_export.calib.build_candidate_pool``, as
   ``--calib-data`` reads them) at the model's 70 px in ``pad`` mode (one square resolution for clips of
@@ -15,22 +15,34 @@ Testbeds:
   fixed (``--held-out-per-clip`` windows per clip, drawn once). Skipped with a printed reason when
   ``../shared/data`` is absent.
 
-Methods: the five transforms of the registry (rtn, smooth, rotate, smooth_rotate, dsfq) and ``auto`` (per
-block the candidate with the lowest block-output MSE on the calibration set, then block reconstruction), at
+Methods: the five transforms of the registry (rtn, smooth, rotate, smooth_rotate, dsfq) and the variants of
+``auto`` (:data:`VARIANTS`): ``auto`` (per block the candidate with the lowest quantized block-output MSE on the
+calibration set, then block reconstruction), ``auto-layer`` (the same, then each linear may switch candidate) and,
+with reconstruction only, ``auto-recon`` (every candidate is learned, the lowest learned loss wins), at
 ``--recon-iters`` 0 and a small reconstruction (``--small-recon``, 20 steps per block by default). Every seed
-changes the calibration draw and the Hadamard signs; medians over seeds.
+changes the calibration draw and the Hadamard signs; medians over seeds. A variant this tree's ``QuantConfig``
+refuses is skipped with a printed reason.
 
 Metrics (vs the float model, on the held-out set): camera rotation / translation angle (degrees,
 ``pose_angle_errors``), normalised pose_enc, depth, point-map and aggregator RMSE (RMSE / std of the float
 output), and depth AbsRel vs the float depth (no alignment).
 
-**Noise and verdict** (:func:`verdict`): per testbed and metric, the best single method is the one with the
-lowest median over seeds; the noise is the range (max - min) of that method's errors across the seeds; auto is
-"within noise of best" when ``median(auto) <= median(best) + noise``.
+Two verdicts per testbed, metric and auto variant (lower is better):
+
+* **A, seed range** (:func:`verdict`): the best single method is the one with the lowest median over seeds (of
+  the per-seed mean over the held-out set); the noise is the range (max - min) of that method's errors across
+  the seeds; "within noise" when ``median(auto) <= median(best) + noise``. Degenerate where the best method does
+  not depend on the seed (Base): its noise is 0.
+* **B, paired bootstrap** (:func:`bootstrap_verdict`): the best single method is the one with the lowest mean
+  over all (seed, held-out sequence) pairs; ``d[s, q] = auto[s, q] - best[s, q]``; the held-out sequences are
+  resampled with replacement (``--bootstrap-resamples`` 2000, fixed RNG seed), each resampled sequence bringing
+  its pairs of every seed, and the statistic is the mean of ``d``; "within noise" (auto not significantly worse)
+  when the 95 % percentile interval of that mean includes 0 or lies below it (its lower end <= 0). It covers
+  the noise of the held-out sample, not that of the calibration draw (3 seeds are too few to resample).
 
 Writes benchmarks/results/method_auto.{json,md}.
 
-    nice python benchmarks/method_auto.py [--seeds 3] [--small-recon 20]   # about 5-8 min on 2 shared cores
+    nice python benchmarks/method_auto.py [--seeds 3] [--small-recon 20] [--held-out 16]  # about 13 min, 1 core
 """
 
 from __future__ import annotations
@@ -50,7 +62,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dsfq_ablation import LABELS, METRICS, PLANTINGS, _batches, evaluate, model_config  # same testbeds, metrics
+from dsfq_ablation import LABELS, METRICS, PLANTINGS, _batches, model_config, sequence_metrics  # same testbeds
+from scipy import stats
 
 from qvggt_export.errors import QVGGTError
 from qvggt_export.eval.metrics import depth_metrics
@@ -64,10 +77,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT.parent / "shared" / "data"
 SINGLE = tuple(LABELS)  # the registry's transforms, in its order
 AUTO = "auto"
+# auto's variants: name -> (QuantConfig settings besides method="auto", whether they need reconstruction).
+VARIANTS = {
+    AUTO: ({}, False),
+    "auto-layer": ({"auto_granularity": "layer"}, False),
+    "auto-recon": ({"auto_criterion": "reconstructed"}, True),
+}
 ALL_METRICS = (*METRICS, "abs_rel")
 TABLE_METRICS = ("rot_deg", "depth")  # the two columns of the markdown tables
 BITS = "w4a4"
 HELD_OUT_SEED = 1000
+CONFIDENCE = 0.95
 # Frame strides of the real-clip windows (the videos are 30 fps: stride 1 neighbours are near-duplicates, so
 # wider strides are allowed too; the photo sequences only fit the small ones).
 STRIDES = (1, 2, 4, 8, 16)
@@ -109,6 +129,44 @@ def verdict(single: Mapping[str, Sequence[float]], auto: Sequence[float]) -> dic
     gap = auto_median - medians[best]
     return {"best": best, "best_median": medians[best], "noise": noise, "auto_median": auto_median, "gap": gap,
             "within": gap <= noise}
+
+
+def bootstrap_verdict(single: Mapping[str, Sequence[Sequence[float]]], auto: Sequence[Sequence[float]],
+                      resamples: int = 2000, seed: int = 0, confidence: float = CONFIDENCE) -> dict:
+    """Whether auto is significantly worse than the best single method, for one testbed and one metric (lower is
+    better), by a paired bootstrap over the held-out sequences.
+
+    Args:
+        single: per method, its error ``[seed][held-out sequence]``.
+        auto: auto's error ``[seed][held-out sequence]`` (same seeds and sequences).
+        resamples: bootstrap resamples.
+        seed: seeds the resampling.
+        confidence: of the two-sided percentile interval.
+
+    Returns:
+        ``best`` (the method with the lowest mean over all (seed, sequence) pairs), ``best_mean``, ``auto_mean``,
+        ``diff`` (mean of ``auto - best`` over the pairs), ``low`` / ``high`` (the percentile interval of that mean
+        when the sequences are resampled with replacement, each with its pairs of every seed) and ``within``
+        (``low <= 0``: the interval includes 0 or lies below it).
+    """
+    want = np.asarray(auto, dtype=float)
+    if want.ndim != 2 or want.shape[1] < 2 or not single:
+        raise ValueError("bootstrap_verdict needs [seed][sequence] errors with at least 2 held-out sequences")
+    errors = {method: np.asarray(values, dtype=float) for method, values in single.items()}
+    if any(values.shape != want.shape for values in errors.values()):
+        raise ValueError(f"every method needs the same [seed][sequence] shape as auto {want.shape}")
+    means = {method: float(values.mean()) for method, values in errors.items()}
+    best = min(means, key=means.get)
+    # Pairs of one sequence travel together, so resampling sequences of the seed-averaged difference is the same.
+    per_sequence = (want - errors[best]).mean(axis=0)
+    if np.all(per_sequence == per_sequence[0]):  # every resample has the same mean (scipy warns on such data)
+        low = high = float(per_sequence[0])
+    else:
+        interval = stats.bootstrap((per_sequence,), np.mean, n_resamples=resamples, confidence_level=confidence,
+                                   method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+        low, high = float(interval.low), float(interval.high)
+    return {"best": best, "best_mean": means[best], "auto_mean": float(want.mean()),
+            "diff": float(per_sequence.mean()), "low": low, "high": high, "within": low <= 0}
 
 
 def split_windows_by_time(ids: Sequence[str]) -> dict[str, dict[str, list[int]]]:
@@ -153,11 +211,11 @@ def round_robin(groups: Mapping[str, Sequence[int]], count: int, rng: np.random.
 # --------------------------------------------------------------------------------------------------
 
 
-def planted_testbed(planting: str, calib_sequences: int) -> Testbed:
+def planted_testbed(planting: str, calib_sequences: int, held_out: int) -> Testbed:
     return Testbed(planting, model_config(planting), lambda seed: _batches(calib_sequences, seed=seed),
-                   _batches(6, seed=HELD_OUT_SEED),
+                   _batches(held_out, seed=HELD_OUT_SEED),
                    {"data": "generated (calib.synthetic), 4 frames, 70x70", "calibration_sequences": calib_sequences,
-                    "held_out": f"6 generated sequences, seed {HELD_OUT_SEED}"})
+                    "held_out": f"{held_out} generated sequences, seed {HELD_OUT_SEED}"})
 
 
 def real_testbeds(plantings: Sequence[str], data: Path, frames: int, calib_sequences: int,
@@ -203,7 +261,7 @@ def real_testbeds(plantings: Sequence[str], data: Path, frames: int, calib_seque
             "frames, held-out windows in the second half",
             "calibration_windows_available": {clip: len(v) for clip, v in calibration.items()},
             "calibration_sequences": calib_sequences, "calibration_draws": draws,
-            "held_out": [ids[i] for i in held_out_indices]}
+            "held_out_per_clip": held_out_per_clip, "held_out": [ids[i] for i in held_out_indices]}
     return [Testbed(f"real/{planting}", model_config(planting), calibration_batches, held_out, info)
             for planting in plantings]
 
@@ -214,16 +272,43 @@ def real_testbeds(plantings: Sequence[str], data: Path, frames: int, calib_seque
 
 
 @torch.no_grad()
-def depth_abs_rel(model: torch.nn.Module, references: list, held_out: list[torch.Tensor]) -> float:
-    """Mean over the held-out sequences of AbsRel of the quantized depth vs the float depth (no alignment)."""
-    values = [depth_metrics(model(images)["depth"].numpy(), want["depth"].numpy(), align="none")["abs_rel"]
-              for images, (want, _) in zip(held_out, references, strict=True)]
-    return float(np.mean(values))
+def evaluate_per_sequence(model: torch.nn.Module, references: list, held_out: list[torch.Tensor]
+                          ) -> dict[str, list[float]]:
+    """Per metric of :data:`ALL_METRICS`, its value on each held-out sequence: ``dsfq_ablation``'s metrics (their
+    mean is what its ``evaluate`` returns) and AbsRel of the quantized depth vs the float depth (no alignment)."""
+    values: dict[str, list[float]] = {k: [] for k in ALL_METRICS}
+    for images, (want, want_tokens) in zip(held_out, references, strict=True):
+        got = model(images)
+        row = sequence_metrics(got, model.aggregator(images)[0][-1], want, want_tokens)
+        row["abs_rel"] = depth_metrics(got["depth"].numpy(), want["depth"].numpy(), align="none")["abs_rel"]
+        for k in ALL_METRICS:
+            values[k].append(float(row[k]))
+    return values
 
 
-def selection_counts(selection: Mapping) -> dict[str, int]:
-    """How many blocks auto gave each method (from ``CalibrationResult.method_selection``)."""
-    return dict(collections.Counter(block["method"] for block in selection.get("blocks", {}).values()))
+def layer_counts(selection: Mapping) -> dict[str, int]:
+    """How many linears auto gave each method (from ``CalibrationResult.method_selection``), nonzero only."""
+    return {m: n for m, n in selection.get("layer_counts", {}).items() if n}
+
+
+def variant_config(variant: str, seed: int, recon_iters: int) -> QuantConfig:
+    settings, _ = VARIANTS[variant]
+    return QuantConfig(bits=BITS, method=AUTO, auto_methods=SINGLE, seed=seed, recon_iters=recon_iters, **settings)
+
+
+def available_variants(variants: Sequence[str], recon_iters: int) -> list[str]:
+    """The variants that apply to this setting and that this tree's ``QuantConfig`` accepts (others: printed)."""
+    usable = []
+    for variant in variants:
+        if VARIANTS[variant][1] and not recon_iters:
+            continue
+        try:
+            variant_config(variant, 0, recon_iters)
+        except (QVGGTError, TypeError) as exc:  # TypeError: a QuantConfig field this tree does not have yet
+            print(f"{variant} skipped at recon_iters={recon_iters}: {exc}", flush=True)
+            continue
+        usable.append(variant)
+    return usable
 
 
 def run_testbed(testbed: Testbed, methods: Sequence[str], seeds: int, recon_iters: int) -> list[dict]:
@@ -234,44 +319,56 @@ def run_testbed(testbed: Testbed, methods: Sequence[str], seeds: int, recon_iter
     for seed in range(seeds):
         batches = testbed.calibration(seed)
         for method in methods:
-            extra = {"auto_methods": SINGLE} if method == AUTO else {}
-            quant = QuantConfig(bits=BITS, method=method, seed=seed, recon_iters=recon_iters, **extra)
+            if method in VARIANTS:
+                quant = variant_config(method, seed, recon_iters)
+            else:
+                quant = QuantConfig(bits=BITS, method=method, seed=seed, recon_iters=recon_iters)
             model = build_vggt(testbed.config)
             started = time.perf_counter()
             result = calibrate(model, quant, batches)
             seconds = time.perf_counter() - started
+            per_sequence = evaluate_per_sequence(model, references, testbed.held_out)
             run = {"testbed": testbed.name, "recon_iters": recon_iters, "method": method, "seed": seed,
-                   "calibrate_s": round(seconds, 2), **evaluate(model, references, testbed.held_out),
-                   "abs_rel": depth_abs_rel(model, references, testbed.held_out)}
-            if method == AUTO:
+                   "calibrate_s": round(seconds, 2), **{k: sum(v) / len(v) for k, v in per_sequence.items()}}
+            if method in VARIANTS:
                 selection = result.method_selection
-                # Per block: the choice and every candidate's error (its per-layer map repeats the choice at
-                # granularity "block").
+                # Per block: the choice and every candidate's error; the per-linear map only where it differs
+                # from the block's choice (granularity "layer").
                 run["selection"] = {**{k: v for k, v in selection.items() if k != "blocks"}, "blocks": {
-                    block: {k: v for k, v in entry.items() if k != "layers"}
+                    block: {**{k: v for k, v in entry.items() if k != "layers"},
+                            **({"switched": switched} if (switched := {
+                                name: m for name, m in entry.get("layers", {}).items() if m != entry["method"]})
+                               else {})}
                     for block, entry in selection.get("blocks", {}).items()}}
-                run["selection_counts"] = selection_counts(run["selection"])
-            runs.append(run)
+                run["layer_counts"] = layer_counts(selection)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in run.items() if k != "selection"},
                   flush=True)
+            run["per_sequence"] = per_sequence
+            runs.append(run)
     return runs
 
 
-def summarise(runs: list[dict], methods: Sequence[str]) -> dict:
-    """Per setting and testbed: medians per method and metric, the verdict per metric, auto's choices."""
+def summarise(runs: list[dict], resamples: int, bootstrap_seed: int) -> dict:
+    """Per setting and testbed: medians per method and metric; per auto variant, verdicts A and B per metric and
+    the linears it gave each method (summed over seeds)."""
     summary: dict = {}
+    order = [*SINGLE, *VARIANTS]
     for (recon, testbed) in dict.fromkeys((r["recon_iters"], r["testbed"]) for r in runs):
         rows = [r for r in runs if r["recon_iters"] == recon and r["testbed"] == testbed]
-        per = {m: [r for r in rows if r["method"] == m] for m in methods}
-        entry = {"medians": {m: {k: statistics.median(r[k] for r in per[m]) for k in ALL_METRICS}
-                             for m in methods if per[m]}}
-        if AUTO in methods and per[AUTO]:
-            entry["verdicts"] = {k: verdict({m: [r[k] for r in per[m]] for m in SINGLE}, [r[k] for r in per[AUTO]])
-                                 for k in ALL_METRICS}
+        per = {m: sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"]) for m in order}
+        per = {m: v for m, v in per.items() if v}
+        entry: dict = {"medians": {m: {k: statistics.median(r[k] for r in per[m]) for k in ALL_METRICS} for m in per}}
+        singles = [m for m in SINGLE if m in per]
+        for variant in (v for v in VARIANTS if v in per):
+            entry.setdefault("verdicts", {})[variant] = {k: verdict(
+                {m: [r[k] for r in per[m]] for m in singles}, [r[k] for r in per[variant]]) for k in ALL_METRICS}
+            entry.setdefault("bootstrap", {})[variant] = {k: bootstrap_verdict(
+                {m: [r["per_sequence"][k] for r in per[m]] for m in singles},
+                [r["per_sequence"][k] for r in per[variant]], resamples, bootstrap_seed) for k in ALL_METRICS}
             counts: collections.Counter = collections.Counter()
-            for r in per[AUTO]:
-                counts.update(r["selection_counts"])
-            entry["auto_choices"] = dict(counts.most_common())
+            for r in per[variant]:
+                counts.update(r["layer_counts"])
+            entry.setdefault("choices", {})[variant] = dict(counts.most_common())
         summary.setdefault(f"recon{recon}", {})[testbed] = entry
     return summary
 
@@ -285,68 +382,111 @@ def _pair(values: Mapping[str, float]) -> str:
     return f"{values['rot_deg']:.2f} / {values['depth']:.4f}"
 
 
+LABEL = {**LABELS, **{v: v for v in VARIANTS}}
+_DIGITS = {"rot_deg": 2, "trans_deg": 2}  # degrees; the relative errors get 4 decimals
+
+
+def _num(metric: str, value: float, sign: bool = False) -> str:
+    return f"{value:{'+' if sign else ''}.{_DIGITS.get(metric, 4)}f}"
+
+
+def _cell_a(metric: str, v: Mapping) -> str:
+    mark = "yes" if v["within"] else "**no**"
+    return f"{_num(metric, v['gap'], True)} vs {LABEL[v['best']]} (noise {_num(metric, v['noise'])}): {mark}"
+
+
+def _cell_b(metric: str, v: Mapping) -> str:
+    mark = "yes" if v["within"] else "**no**"
+    return (f"{_num(metric, v['diff'], True)} [{_num(metric, v['low'], True)}, {_num(metric, v['high'], True)}] "
+            f"vs {LABEL[v['best']]}: {mark}")
+
+
 def render(result: dict) -> str:
     meta = result["meta"]
-    methods = meta["methods"]
-    label = {**LABELS, AUTO: "auto"}
+    confidence = round(100 * meta.get("confidence", CONFIDENCE))
     lines = [f"# `--method auto` vs every single method ({BITS.upper()}, error vs the float model)", "",
              f"`nice python benchmarks/method_auto.py` ({meta['command']}): `{meta['preset']}` with planted outliers "
              "(random weights: this compares methods on one model and says nothing about trained VGGT-1B), "
              f"{meta['seeds']} seeds (calibration draw + Hadamard signs), medians. Wall time {meta['wall_s']} s, "
              f"torch {meta['torch']}, {meta['threads']} thread(s), load average {meta['load_before']} before, "
              f"{meta['load_after']} after (shared 2-core machine).", "",
-             "Cells: camera-rotation error (deg) / depth RMSE over the float depth's std, on the held-out set. "
-             "**Noise** (per testbed and metric): the range (max - min) across seeds of the best single method's "
-             "error, the best single method being the one with the lowest median. **Within noise**: "
-             "median(auto) <= median(best) + noise.", ""]
+             "Cells: camera-rotation error (deg) / depth RMSE over the float depth's std: per seed the mean over the "
+             "held-out set, then the median over seeds. Auto variants: `auto` (per block, the lowest quantized "
+             "block-output error), `auto-layer` (then per linear), `auto-recon` (with reconstruction only: every "
+             "candidate learned, the lowest learned loss wins).", "",
+             "Two verdicts per testbed, metric and variant (lower is better):", "",
+             "- **A (seed range)**: best = the single method with the lowest median over seeds; noise = the range "
+             "(max - min) across seeds of the best method's error; within noise when median(auto) <= median(best) "
+             "+ noise. Cell: median(auto) - median(best) vs best (noise): verdict. Degenerate where the best "
+             "method does not depend on the seed (Base: noise exactly 0).",
+             "- **B (paired bootstrap)**: best = the single method with the lowest mean over all (seed, held-out "
+             "sequence) pairs; d = auto - best per pair; the held-out sequences are resampled with replacement "
+             f"({meta['bootstrap_resamples']} resamples, RNG seed {meta['bootstrap_seed']}), each bringing its "
+             f"pairs of every seed; statistic mean(d); within noise (not significantly worse) when the "
+             f"{confidence} % percentile interval includes 0 or lies below it (lower end <= 0). Cell: mean(d) "
+             "[interval] vs best: verdict. It covers the noise of the held-out sample, not of the calibration "
+             "draw (seeds are not resampled).", ""]
     for setting, testbeds in result["summary"].items():
         recon = int(setting.removeprefix("recon"))
+        methods = list(next(iter(testbeds.values()))["medians"])
+        variants = [m for m in methods if m in VARIANTS]
         lines += [f"## recon_iters = {recon}" + (" (no block reconstruction)" if recon == 0 else " per block"), "",
-                  "| testbed | " + " | ".join(label[m] for m in methods)
-                  + " | best rot / depth | noise rot / depth | auto within noise: rot | depth |",
-                  "|---|" + "---|" * len(methods) + "---|---|---|---|"]
-        others = []
+                  "| testbed | " + " | ".join(LABEL[m] for m in methods) + " |", "|---|" + "---|" * len(methods)]
+        lines += [f"| {t} | " + " | ".join(_pair(e["medians"][m]) for m in methods) + " |" for t, e in testbeds.items()]
+        if not variants:
+            continue
+        lines += ["", "Within noise, testbeds out of " + str(len(testbeds)) + ":", "",
+                  "| variant | rot A | rot B | depth A | depth B | other metrics not within noise (A / B) |",
+                  "|---|---|---|---|---|---|"]
+        for variant in variants:
+            a = {t: e["verdicts"][variant] for t, e in testbeds.items()}
+            b = {t: e["bootstrap"][variant] for t, e in testbeds.items()}
+            others = []
+            for k in ALL_METRICS:
+                if k in TABLE_METRICS:
+                    continue
+                fails_a = [t for t in testbeds if not a[t][k]["within"]]
+                fails_b = [t for t in testbeds if not b[t][k]["within"]]
+                if fails_a or fails_b:
+                    others.append(f"{k}: {', '.join(fails_a) or '-'} / {', '.join(fails_b) or '-'}")
+            lines.append(f"| {variant} | " + " | ".join(
+                str(sum(x[t][k]["within"] for t in testbeds)) for k in TABLE_METRICS for x in (a, b))
+                + f" | {'; '.join(others) or 'none'} |")
+        lines += ["", "| testbed | variant | rot A | rot B | depth A | depth B |", "|---|---|---|---|---|---|"]
         for testbed, entry in testbeds.items():
-            cells = [_pair(entry["medians"][m]) for m in methods]
-            v = entry.get("verdicts")
-            if v is None:
-                lines.append(f"| {testbed} | " + " | ".join(cells) + " | n/a | n/a | n/a | n/a |")
-                continue
-            lines.append(f"| {testbed} | " + " | ".join(cells)
-                         + f" | {label[v['rot_deg']['best']]} / {label[v['depth']['best']]}"
-                         + f" | {v['rot_deg']['noise']:.2f} / {v['depth']['noise']:.4f}"
-                         + "".join(f" | {'yes' if v[k]['within'] else '**no**'}" for k in TABLE_METRICS) + " |")
-            failed = [k for k in ALL_METRICS if k not in TABLE_METRICS and not v[k]["within"]]
-            if failed:
-                others.append(f"{testbed}: " + ", ".join(
-                    f"{k} (auto {v[k]['auto_median']:.4g}, best {label[v[k]['best']]} {v[k]['best_median']:.4g}, "
-                    f"noise {v[k]['noise']:.4g})" for k in failed))
-        lines += ["", "Other metrics (agg, points, pose_enc, trans deg, AbsRel) where auto is not within noise: "
-                  + ("; ".join(others) if others else "none") + ".", ""]
-        if any("auto_choices" in e for e in testbeds.values()):
-            lines += ["Blocks auto gave each method (summed over seeds):", "",
-                      "| testbed | " + " | ".join(label[m] for m in SINGLE) + " |", "|---|" + "---|" * len(SINGLE)]
-            for testbed, entry in testbeds.items():
-                choices = entry.get("auto_choices", {})
-                lines.append(f"| {testbed} | " + " | ".join(str(choices.get(m, 0)) for m in SINGLE) + " |")
-            # Where auto chose one method in every block of every seed, it should equal that method up to what
-            # the two code paths do differently (nothing without reconstruction).
-            same = [(t, next(iter(e["auto_choices"])), e["medians"]) for t, e in testbeds.items()
-                    if len(e.get("auto_choices", {})) == 1]
-            if same:
-                lines += ["", "Where auto chose one method for every block in every seed, auto vs that method (rot / "
-                          "depth medians): " + "; ".join(f"{t}: {_pair(med[AUTO])} vs {label[m]} {_pair(med[m])}"
-                                                         for t, m, med in same) + "."]
-            lines.append("")
-    real = result["meta"].get("real_clips")
+            for variant in variants:
+                a, b = entry["verdicts"][variant], entry["bootstrap"][variant]
+                lines.append(f"| {testbed} | {variant} | " + " | ".join(
+                    f"{_cell_a(k, a[k])} | {_cell_b(k, b[k])}" for k in TABLE_METRICS) + " |")
+        lines += ["", "Linears each variant gave each method (summed over seeds):", "",
+                  "| testbed | variant | " + " | ".join(LABELS[m] for m in SINGLE) + " |",
+                  "|---|---|" + "---|" * len(SINGLE)]
+        same = []
+        for testbed, entry in testbeds.items():
+            for variant in variants:
+                choices = entry["choices"][variant]
+                lines.append(f"| {testbed} | {variant} | " + " | ".join(str(choices.get(m, 0)) for m in SINGLE) + " |")
+                if len(choices) == 1:
+                    only = next(iter(choices))
+                    same.append(f"{testbed} {variant}: {_pair(entry['medians'][variant])} vs {LABELS[only]} "
+                                f"{_pair(entry['medians'][only])}")
+        if same:
+            # auto with one candidate everywhere is bit-identical to that method (tests/quant), so these must match.
+            lines += ["", "Where a variant chose one method for every linear in every seed, it vs that method (rot / "
+                      "depth medians): " + "; ".join(same) + "."]
+        lines.append("")
+    real = meta.get("real_clips")
     lines += ["## Data", "", "- planted testbeds: generated sequences as in `dsfq_ablation.py` "
-              f"({meta['calib_sequences']} calibration sequences per seed, 6 held-out, seed {HELD_OUT_SEED});"]
+              f"({meta['calib_sequences']} calibration sequences per seed, {meta['held_out']} held-out, seed "
+              f"{HELD_OUT_SEED});"]
     if real:
         lines.append(f"- real clips: {', '.join(real['data'])}, {real['frames']}-frame windows at "
                      f"{real['resolution'][0]}x{real['resolution'][1]} (`pad`), strides {real['strides']}; split "
-                     f"{real['split']}; {len(real['held_out'])} held-out windows: {', '.join(real['held_out'])}.")
+                     f"{real['split']}; up to {real['held_out_per_clip']} held-out windows per clip, "
+                     f"{len(real['held_out'])} in all (windows of one clip overlap in time, so they are not "
+                     f"independent samples): {', '.join(real['held_out'])}.")
     else:
-        lines.append(f"- real clips: skipped ({result['meta'].get('real_clips_skipped', 'not run')}).")
+        lines.append(f"- real clips: skipped ({meta.get('real_clips_skipped', 'not run')}).")
     return "\n".join(lines) + "\n"
 
 
@@ -361,8 +501,8 @@ def _rounded(value: object) -> object:
 
 
 def dump(result: dict) -> str:
-    """The results JSON: floats to 6 significant digits, one line per run (252 runs with auto's per-block errors
-    would be a 300 kB file indented)."""
+    """The results JSON: floats to 6 significant digits, one line per run (hundreds of runs with per-sequence
+    metrics and auto's per-block errors would be a file of megabytes indented)."""
     result = _rounded(result)
     head = json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2)
     runs = ",\n    ".join(json.dumps(run) for run in result["runs"])
@@ -380,48 +520,62 @@ def main() -> int:
                         help="model plantings evaluated on the real clips (none: skip the real clips)")
     parser.add_argument("--data", type=Path, default=DATA, help="folder with sequences/ and videos/")
     parser.add_argument("--frames", type=int, default=4, help="frames per real-clip window")
-    parser.add_argument("--held-out-per-clip", type=int, default=2)
-    parser.add_argument("--methods", nargs="+", default=[*SINGLE, AUTO], choices=[*SINGLE, AUTO])
+    parser.add_argument("--held-out", type=int, default=16, help="held-out generated sequences (planted testbeds)")
+    parser.add_argument("--held-out-per-clip", type=int, default=4,
+                        help="held-out windows per real clip (fewer where a clip's second half has fewer)")
+    parser.add_argument("--bootstrap-resamples", type=int, default=2000)
+    parser.add_argument("--bootstrap-seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", default=[*SINGLE, *VARIANTS], choices=[*SINGLE, *VARIANTS])
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads (1: these tensors are tiny; more only spin on a shared machine)")
     parser.add_argument("--out", default="method_auto", help="results file stem under benchmarks/results")
-    parser.add_argument("--render", type=Path, help="only re-render the markdown of an existing results JSON")
+    parser.add_argument("--render", type=Path,
+                        help="only recompute the verdicts and re-render the markdown of an existing results JSON")
     args = parser.parse_args()
     if args.render is not None:
-        args.render.with_suffix(".md").write_text(render(json.loads(args.render.read_text())))
+        result = json.loads(args.render.read_text())
+        result["summary"] = summarise(result["runs"], result["meta"]["bootstrap_resamples"],
+                                      result["meta"]["bootstrap_seed"])
+        args.render.write_text(dump(result))
+        args.render.with_suffix(".md").write_text(render(result))
         return 0
-    methods = [m for m in (*SINGLE, AUTO) if m in args.methods]
-    if AUTO in methods:
-        try:
-            QuantConfig(bits=BITS, method=AUTO)
-        except QVGGTError as exc:
-            print(f"auto skipped: this tree has no --method auto ({exc})", flush=True)
-            methods.remove(AUTO)
+    if args.held_out < 2 or args.held_out_per_clip < 1 or args.bootstrap_resamples < 1:
+        parser.error("--held-out needs >= 2 (the bootstrap resamples sequences), --held-out-per-clip and "
+                     "--bootstrap-resamples >= 1")
+    singles = [m for m in SINGLE if m in args.methods]
+    settings = [0] + ([args.small_recon] if args.small_recon else [])
+    methods = {recon: singles + available_variants([v for v in VARIANTS if v in args.methods], recon)
+               for recon in settings}
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_before = os.getloadavg()
     started = time.perf_counter()
-    testbeds = [planted_testbed(p, args.calib_sequences) for p in args.plantings]
+    testbeds = [planted_testbed(p, args.calib_sequences, args.held_out) for p in args.plantings]
     real = real_testbeds(args.real_plantings, args.data, args.frames, args.calib_sequences,
                          args.held_out_per_clip) if args.real_plantings else []
     testbeds += real
-    settings = [0] + ([args.small_recon] if args.small_recon else [])
     runs = [run for recon in settings for testbed in testbeds
-            for run in run_testbed(testbed, methods, args.seeds, recon)]
+            for run in run_testbed(testbed, methods[recon], args.seeds, recon)]
     meta = {"command": " ".join(sys.argv[1:]) or "defaults", "preset": "tiny-outliers", "bits": BITS,
-            "methods": methods, "seeds": args.seeds, "recon_settings": settings,
-            "calib_sequences": args.calib_sequences, "wall_s": round(time.perf_counter() - started, 1),
+            "methods": {f"recon{recon}": m for recon, m in methods.items()}, "seeds": args.seeds,
+            "recon_settings": settings, "calib_sequences": args.calib_sequences, "held_out": args.held_out,
+            "bootstrap_resamples": args.bootstrap_resamples, "bootstrap_seed": args.bootstrap_seed,
+            "confidence": CONFIDENCE, "wall_s": round(time.perf_counter() - started, 1),
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in os.getloadavg()],
-            "noise": "per testbed and metric: max - min across seeds of the best single method (lowest median)",
-            "within_noise": "median(auto) <= median(best) + noise",
+            "verdict_a": "best = lowest median over seeds; noise = max - min across seeds of the best method; "
+            "within when median(auto) <= median(best) + noise",
+            "verdict_b": "best = lowest mean over (seed, sequence) pairs; paired bootstrap of mean(auto - best) "
+            "resampling held-out sequences (all seeds' pairs together); within when the percentile interval's "
+            "lower end <= 0",
             "testbeds": {t.name: t.info for t in testbeds}}
     if real:
         meta["real_clips"] = real[0].info
     elif args.real_plantings:
         meta["real_clips_skipped"] = f"{args.data} has no sequences/ and videos/"
-    result = {"meta": meta, "summary": summarise(runs, methods), "runs": runs}
+    runs = _rounded(runs)  # the verdicts from the numbers the JSON keeps, so that --render reproduces them
+    result = {"meta": meta, "summary": summarise(runs, args.bootstrap_resamples, args.bootstrap_seed), "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(dump(result))
     text = render(result)
