@@ -54,6 +54,13 @@ After learning, ``s`` is baked into the float module (:func:`bake_smoothing`) an
 ``quantize_model`` runs. On an error the block being learned is restored, earlier blocks stay baked
 (still float-equivalent).
 
+**``--method auto``.** The same walk chooses each block's transforms (``chooser``,
+:class:`qvggt_export.quant.select.MethodChooser`): the targets arrive untransformed; when the walk reaches a block,
+the chooser measures every candidate on the block's quantized-chain inputs, the chosen float layers go into the
+model, the targets are recomputed through them (so one candidate learns bit for bit what that single method
+learns), and learning proceeds as above (with ``auto_criterion="reconstructed"``, every candidate is learned and
+the lowest learned error wins). With ``recon_iters == 0`` the walk only chooses.
+
 **Memory.** One block at a time: its inputs and float targets for all calibration batches are cached
 (two token tensors per batch and call, plus the small ``pos`` tensors), plus the int8 ``QuantLinear``
 copies of the finished targets (a quarter of their float weights). On a CUDA model these captures (and the
