@@ -21,9 +21,9 @@ each block in execution order:
    learns its own method's smoothing factor (:func:`~qvggt_export.quant.reconstruct.smoothing_space`).
 
 Errors are relative (``errors``: each candidate on the whole block; ``error``: the choice; ``learned_errors``:
-each candidate after learning, with ``auto_criterion="reconstructed"``). The choice is greedy: each block is chosen given the blocks before it, which is what
-reconstruction does too. Cost per block: one block pass over the calibration set per candidate (and per trial
-with ``layer``), on top of the two capture passes the walk makes.
+each candidate after learning, with ``auto_criterion="reconstructed"``). The choice is greedy: each block is
+chosen given the blocks before it, which is what reconstruction does too. Cost per block: one block pass over the
+calibration set per candidate (and per trial with ``layer``), on top of the two capture passes the walk makes.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from qvggt_export.quant.dsfq import ChannelStats, transform_linear
 from qvggt_export.quant.hadamard import is_rotatable
 from qvggt_export.quant.modules import TransformedLinear
 from qvggt_export.quant.reconstruct import BlockCall, mean_block_loss, swapped_modules, to_device
-from qvggt_export.quant.roles import AGGREGATOR_PATH, QuantTarget, replace_module
+from qvggt_export.quant.roles import AGGREGATOR_PATH, QuantTarget, in_aggregator, in_patch_embed, replace_module
 from qvggt_export.quant.rtn import quantize_linear
 
 logger = logging.getLogger(__name__)
@@ -205,8 +205,12 @@ class MethodChooser:
         return options
 
     def score(self, block: str, layers: Mapping[str, nn.Module], calls: Sequence[Sequence[BlockCall]]) -> float:
-        """:func:`block_error` of ``block`` with ``layers`` (target name -> quantized layer) swapped in."""
-        layout = self.token_layout if self.token_layout is not None and self.token_layout.fits(calls) else None
+        """:func:`block_error` of ``block`` with ``layers`` (target name -> quantized layer) swapped in; the token
+        layout applies to the aggregator's frame and global blocks only (not the DINOv2 embedding's, not the camera
+        trunk's)."""
+        aggregator_block = in_aggregator(block) and not in_patch_embed(block)
+        layout = (self.token_layout if aggregator_block and self.token_layout is not None
+                  and self.token_layout.fits(calls) else None)
         with swapped_modules(self.model, dict(layers)):
             return block_error(self.model.get_submodule(block), calls, layout)
 
