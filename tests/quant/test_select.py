@@ -217,3 +217,16 @@ def test_reconstructed_criterion_learns_every_candidate_and_keeps_the_lowest(bat
         QuantConfig(method="auto", auto_criterion="reconstructed")
     with pytest.raises(QVGGTError, match="auto_criterion"):
         QuantConfig(method="auto", auto_criterion="fastest")
+
+
+def test_auto_over_every_scope(batches):
+    """--quantize-scope all: the camera trunk's blocks (called once per refinement iteration) are chosen too, with
+    the plain relative error (the token layout is the aggregator's)."""
+    from qvggt_export.quant.roles import scope_roles
+
+    model = build_vggt("tiny-dino")
+    result = calibrate(model, QuantConfig(bits="w8a8", method="auto", roles=scope_roles("all", model)), batches)
+    blocks = result.method_selection["blocks"]
+    assert any(b.startswith("camera_head.trunk.") for b in blocks)
+    assert any(b.startswith("aggregator.patch_embed.") for b in blocks)
+    assert sum(result.method_selection["layer_counts"].values()) == len(result.layers)
