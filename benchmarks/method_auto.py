@@ -169,6 +169,28 @@ def bootstrap_verdict(single: Mapping[str, Sequence[Sequence[float]]], auto: Seq
             "diff": float(per_sequence.mean()), "low": low, "high": high, "within": low <= 0}
 
 
+def miss_diagnostics(auto_runs: Sequence[Mapping], winner: str) -> dict:
+    """Where auto trails ``winner`` (a single method) on camera rotation: in auto's own walks (every seed), how
+    often did ``winner`` measure a lower block error than auto's choice, on the special tokens (camera +
+    registers), on the patch tokens and on the criterion (their mean)? Aggregator blocks only (where the error is
+    split); ``chose_winner`` counts the blocks where auto picked ``winner`` itself."""
+    counts = {"blocks": 0, "chose_winner": 0, "special": 0, "patch": 0, "criterion": 0}
+    for run in auto_runs:
+        for record in run.get("selection", {}).get("blocks", {}).values():
+            parts = record.get("token_errors") or {}
+            if winner not in parts or record["method"] not in parts:
+                continue
+            counts["blocks"] += 1
+            if record["method"] == winner:
+                counts["chose_winner"] += 1
+                continue
+            mine, theirs = parts[record["method"]], parts[winner]
+            counts["special"] += theirs["special"] < mine["special"]
+            counts["patch"] += theirs["patch"] < mine["patch"]
+            counts["criterion"] += record["errors"][winner] < record["errors"][record["method"]]
+    return counts
+
+
 def split_windows_by_time(ids: Sequence[str]) -> dict[str, dict[str, list[int]]]:
     """Sort window ids ``clip[start:stop:stride]`` (the pool's) into ``{clip: {"calibration": [...],
     "held_out": [...]}}`` (indices into ``ids``): calibration windows end in the first half of the clip's frames,
@@ -369,6 +391,11 @@ def summarise(runs: list[dict], resamples: int, bootstrap_seed: int) -> dict:
             for r in per[variant]:
                 counts.update(r["layer_counts"])
             entry.setdefault("choices", {})[variant] = dict(counts.most_common())
+            if variant == AUTO:  # where it misses rotation: did its block error see the winner coming?
+                misses = {v["best"] for v in (entry["verdicts"][variant]["rot_deg"],
+                                              entry["bootstrap"][variant]["rot_deg"]) if not v["within"]}
+                if misses:
+                    entry["rotation_misses"] = {w: miss_diagnostics(per[variant], w) for w in sorted(misses)}
         summary.setdefault(f"recon{recon}", {})[testbed] = entry
     return summary
 
@@ -474,6 +501,16 @@ def render(result: dict) -> str:
             # auto with one candidate everywhere is bit-identical to that method (tests/quant), so these must match.
             lines += ["", "Where a variant chose one method for every linear in every seed, it vs that method (rot / "
                       "depth medians): " + "; ".join(same) + "."]
+        misses = [(t, w, c) for t, e in testbeds.items() for w, c in e.get("rotation_misses", {}).items()]
+        if misses:
+            lines += ["", "Where `auto` misses camera rotation (verdict A or B): in auto's own walks (aggregator "
+                      "blocks x seeds), the blocks where the rotation winner measured a lower error than auto's "
+                      "choice, on the special tokens (camera + registers), on the patch tokens and on the criterion "
+                      "(their mean). Where these are 0, no block-output error of this kind points at the winner.",
+                      "", "| testbed | rotation winner | blocks | chose it | lower special | lower patch | "
+                      "lower criterion |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {t} | {LABEL[w]} | {c['blocks']} | {c['chose_winner']} | {c['special']} | {c['patch']} | "
+                      f"{c['criterion']} |" for t, w, c in misses]
         lines.append("")
     real = meta.get("real_clips")
     lines += ["## Data", "", "- planted testbeds: generated sequences as in `dsfq_ablation.py` "

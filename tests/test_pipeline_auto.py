@@ -50,7 +50,11 @@ def test_auto_choices_in_the_visual_report(auto_run):
     markdown = (auto_run / "report.md").read_text()
     assert "## Method choice (--method auto)" in markdown
     assert "report/method_selection.png" in markdown and (auto_run / "report" / "method_selection.png").is_file()
-    assert "| block | chosen | rtn | smooth_rotate | dsfq | layers |" in markdown
+    assert "| block | chosen | rtn | smooth_rotate | dsfq | chosen: special / patch tokens | layers |" in markdown
+    chosen = json.loads((auto_run / "report.json").read_text())["quantization"]["method_selection"]["blocks"]
+    first = chosen["aggregator.frame_blocks.0"]
+    parts = first["token_errors"][first["method"]]
+    assert f"{parts['special']:.3e} / {parts['patch']:.3e}" in markdown
     assert "method_selection.png" not in (auto_run / "report.html").read_text()  # embedded, not linked
 
 

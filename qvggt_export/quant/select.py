@@ -20,8 +20,9 @@ each block in execution order:
 4. puts the chosen float layers into the model. Block reconstruction, when on, then learns that choice: each layer
    learns its own method's smoothing factor (:func:`~qvggt_export.quant.reconstruct.smoothing_space`).
 
-Errors are relative (``errors``: each candidate on the whole block; ``error``: the choice; ``learned_errors``:
-each candidate after learning, with ``auto_criterion="reconstructed"``). The choice is greedy: each block is
+Errors are relative (``errors``: each candidate on the whole block; ``token_errors``: in aggregator blocks, the
+special and patch tokens' parts of ``errors``; ``error``: the choice; ``learned_errors``: each candidate after
+learning, with ``auto_criterion="reconstructed"``). The choice is greedy: each block is
 chosen given the blocks before it, which is what reconstruction does too. Cost per block: one block pass over the
 calibration set per candidate (and per trial with ``layer``), on top of the two capture passes the walk makes.
 """
@@ -94,14 +95,13 @@ def aggregator_token_layout(model: nn.Module, batches: Sequence[torch.Tensor]) -
 
 
 @torch.no_grad()
-def block_error(block: nn.Module, calls: Sequence[Sequence[BlockCall]], layout: TokenLayout | None) -> float:
+def block_error_parts(block: nn.Module, calls: Sequence[Sequence[BlockCall]], layout: TokenLayout | None
+                      ) -> dict[str, float]:
     """The block's output error against the calls' float ``output``, relative to the float output's power.
 
-    With a ``layout`` (aggregator blocks): the mean of two relative errors, the special tokens' (camera +
-    registers) and the patch tokens', each over its own power. A plain relative MSE would weigh the camera
-    token, which alone carries the pose, as 1 of ``tokens_per_frame`` tokens (1 in 1,374 for VGGT-1B at 518 px),
-    so a candidate could ruin the cameras at no cost. Without a layout: sum of squared errors over the sum of
-    squared float outputs, over every call."""
+    With a ``layout`` (aggregator blocks): ``{"special": ..., "patch": ...}``, the special tokens' (camera +
+    registers) and the patch tokens' relative squared errors, each over its own power, averaged over the calls.
+    Without: ``{"all": ...}``, the sum of squared errors over the sum of squared float outputs, over every call."""
     device = next(block.parameters()).device
     total_error = total_power = 0.0
     pairs = []  # with a layout: per call, (special tokens' relative error, patch tokens')
@@ -117,8 +117,21 @@ def block_error(block: nn.Module, calls: Sequence[Sequence[BlockCall]], layout: 
             special = layout.special_mask(want.shape[1], device)
             pairs.append([float(squared[:, m].sum() / power[:, m].sum().clamp_min(1e-30)) for m in (special, ~special)])
     if layout is None:
-        return total_error / max(total_power, 1e-30)
-    return sum(sum(pair) / 2 for pair in pairs) / len(pairs)
+        return {"all": total_error / max(total_power, 1e-30)}
+    return {"special": sum(p[0] for p in pairs) / len(pairs), "patch": sum(p[1] for p in pairs) / len(pairs)}
+
+
+def combined_error(parts: Mapping[str, float]) -> float:
+    """The one number auto minimises: the mean of :func:`block_error_parts`' parts. In aggregator blocks a plain
+    relative MSE would weigh the camera token, which alone carries the pose, as 1 of ``tokens_per_frame`` tokens
+    (1 in 1,374 for VGGT-1B at 518 px), so a candidate could ruin the cameras at no cost; the mean of the special
+    and patch tokens' errors weighs the two groups equally."""
+    return sum(parts.values()) / len(parts)
+
+
+def block_error(block: nn.Module, calls: Sequence[Sequence[BlockCall]], layout: TokenLayout | None) -> float:
+    """:func:`combined_error` of :func:`block_error_parts`."""
+    return combined_error(block_error_parts(block, calls, layout))
 
 
 @dataclass
@@ -168,16 +181,23 @@ class MethodChooser:
         amax = self._transformed_amax(block, floats, calls) if self.config.family == "nvfp4" else {}
         quantized = {name: {m: quantize_linear(layer, self.config, name, None, amax.get((name, m)))
                             for m, layer in layers.items()} for name, layers in floats.items()}
+        def error_parts(assignment: Mapping[str, str]) -> dict[str, float]:
+            return self.score_parts(block, {name: quantized[name][m] for name, m in assignment.items()}, calls)
+
         def error(assignment: Mapping[str, str]) -> float:
-            return self.score(block, {name: quantized[name][m] for name, m in assignment.items()}, calls)
+            return combined_error(error_parts(assignment))
 
         block_methods = [m for m in self.config.auto_methods if all(m in candidates[t.name] for t in targets)]
         if not block_methods:
             raise QVGGTError(f"--method auto: no candidate of {list(self.config.auto_methods)} applies to every "
                              f"linear of {block} ({unavailable}); add rtn or smooth to the candidates")
         errors: dict[str, float] = {}
+        token_errors: dict[str, dict[str, float]] = {}  # aggregator blocks: each candidate's special / patch parts
         for method in block_methods:
-            errors[method] = error(dict.fromkeys(candidates, method))
+            parts = error_parts(dict.fromkeys(candidates, method))
+            errors[method] = combined_error(parts)
+            if "all" not in parts:
+                token_errors[method] = parts
         best = block_methods[0]
         for method in block_methods[1:]:
             if errors[method] < errors[best] * (1 - _TIE_MARGIN):
@@ -195,6 +215,8 @@ class MethodChooser:
                         assignment, chosen_error = trial, value
         record: dict[str, Any] = {"method": best, "error": chosen_error, "errors": errors,
                                   "layers": {_local(block, n): m for n, m in assignment.items()}}
+        if token_errors:
+            record["token_errors"] = token_errors
         if trials:
             record["layer_trials"] = trials
         if unavailable:
@@ -205,14 +227,18 @@ class MethodChooser:
         return options
 
     def score(self, block: str, layers: Mapping[str, nn.Module], calls: Sequence[Sequence[BlockCall]]) -> float:
-        """:func:`block_error` of ``block`` with ``layers`` (target name -> quantized layer) swapped in; the token
-        layout applies to the aggregator's frame and global blocks only (not the DINOv2 embedding's, not the camera
-        trunk's)."""
+        """:func:`block_error` of ``block`` with ``layers`` (target name -> quantized layer) swapped in."""
+        return combined_error(self.score_parts(block, layers, calls))
+
+    def score_parts(self, block: str, layers: Mapping[str, nn.Module], calls: Sequence[Sequence[BlockCall]]
+                    ) -> dict[str, float]:
+        """:func:`block_error_parts` of ``block`` with ``layers`` swapped in; the token layout applies to the
+        aggregator's frame and global blocks only (not the DINOv2 embedding's, not the camera trunk's)."""
         aggregator_block = in_aggregator(block) and not in_patch_embed(block)
         layout = (self.token_layout if aggregator_block and self.token_layout is not None
                   and self.token_layout.fits(calls) else None)
         with swapped_modules(self.model, dict(layers)):
-            return block_error(self.model.get_submodule(block), calls, layout)
+            return block_error_parts(self.model.get_submodule(block), calls, layout)
 
     def try_option(self, block: str, targets: Sequence[QuantTarget], assignment: Mapping[str, str]) -> None:
         """Put one measured option's float layers into the model (to learn it; :meth:`commit` decides)."""

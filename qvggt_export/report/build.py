@@ -323,6 +323,8 @@ def _method_selection_section(doc: _Doc, selection: dict[str, Any], figures: Pat
                    "Relative block-output error of each candidate per block; the chosen one ringed")
     candidates = list(selection.get("candidates") or [])
     learned = any(record.get("learned_errors") for record in selection["blocks"].values())
+    # Aggregator blocks: the error is the mean of the special (camera + register) tokens' and the patch tokens'.
+    by_tokens = any(record.get("token_errors") for record in selection["blocks"].values())
     rows = []
     for block, record in selection["blocks"].items():
         errors = record.get("errors") or {}
@@ -332,10 +334,13 @@ def _method_selection_section(doc: _Doc, selection: dict[str, Any], figures: Pat
                 else ", ".join(f"{k}: {v}" for k, v in switched.items()))
         cells = [f"{errors[m]:.3e}" + (f" / {after[m]:.3e}" if m in after else "") if m in errors else "-"
                  for m in candidates]
-        rows.append([block, record["method"], *cells, note])
+        parts = (record.get("token_errors") or {}).get(record["method"])
+        split = [f"{parts['special']:.3e} / {parts['patch']:.3e}" if parts else "-"] if by_tokens else []
+        rows.append([block, record["method"], *cells, *split, note])
     if learned:
         doc.para("Cells: round-to-nearest error / error after learning the candidate (the criterion).")
-    doc.table(["block", "chosen", *candidates, "layers"], rows)
+    doc.table(["block", "chosen", *candidates, *(["chosen: special / patch tokens"] if by_tokens else []), "layers"],
+              rows)
 
 
 def write_run_report(out_dir: str | Path, float_model: Any, model: Any, batches: list[Any], seed: int,

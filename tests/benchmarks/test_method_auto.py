@@ -135,3 +135,24 @@ def test_round_robin_takes_one_per_group_before_seconds_and_stops_when_empty():
     assert sorted(everything) == [0, 1, 2, 10, 20, 21]
     assert method_auto.round_robin(groups, 4, np.random.default_rng(5)) == \
         method_auto.round_robin(groups, 4, np.random.default_rng(5))
+
+
+def _walk(*blocks: tuple[str, dict[str, tuple[float, float]]]) -> dict:
+    """One auto run's selection: per block, the chosen method and each candidate's (special, patch) errors."""
+    return {"selection": {"blocks": {
+        f"aggregator.frame_blocks.{i}": {
+            "method": chosen, "errors": {m: (s + p) / 2 for m, (s, p) in parts.items()},
+            "token_errors": {m: {"special": s, "patch": p} for m, (s, p) in parts.items()}}
+        for i, (chosen, parts) in enumerate(blocks)}}}
+
+
+def test_miss_diagnostics_counts_where_the_winner_measured_lower():
+    runs = [
+        _walk(("smooth_rotate", {"rtn": (0.1, 0.9), "smooth_rotate": (0.2, 0.3)}),  # winner lower on special only
+              ("rtn", {"rtn": (0.1, 0.1), "smooth_rotate": (0.2, 0.3)})),  # auto chose the winner here
+        _walk(("smooth_rotate", {"rtn": (0.3, 0.2), "smooth_rotate": (0.2, 0.3)}),  # lower on patch; a tie overall
+              ("smooth_rotate", {"smooth_rotate": (0.2, 0.3)})),  # the winner was not measured: not counted
+    ]
+    counts = method_auto.miss_diagnostics(runs, "rtn")
+    assert counts == {"blocks": 3, "chose_winner": 1, "special": 1, "patch": 1, "criterion": 0}
+    assert method_auto.miss_diagnostics([{"selection": {"blocks": {}}}], "rtn")["blocks"] == 0

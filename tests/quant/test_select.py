@@ -60,10 +60,10 @@ TOKENS_PER_FRAME, SPECIAL = 5 + (70 // 14) ** 2, 5  # camera + 4 registers, then
 
 
 @torch.no_grad()
-def _first_block_error(method: str, batches, recon_iters: int = 0) -> float:
-    """The first block's quantized-vs-float output error, measured here independently: the whole model quantized
-    with ``method``, the block fed the float model's inputs (the first block's chains coincide); per call, the mean
-    of the special tokens' and the patch tokens' relative squared errors."""
+def _first_block_errors(method: str, batches, recon_iters: int = 0) -> tuple[float, float]:
+    """The first block's quantized-vs-float output errors, measured here independently: the whole model quantized
+    with ``method``, the block fed the float model's inputs (the first block's chains coincide); the special tokens'
+    and the patch tokens' relative squared errors, each averaged over the calls."""
     float_model = build_vggt(PRESET)
     quantized, _ = _quantized(QuantConfig(bits="w4a4", method=method, recon_iters=recon_iters), batches)
     calls = []
@@ -74,11 +74,17 @@ def _first_block_error(method: str, batches, recon_iters: int = 0) -> float:
     handle.remove()
     block = quantized.get_submodule(FIRST_BLOCK)
     special = torch.arange(TOKENS_PER_FRAME) < SPECIAL  # frame block: [frames, tokens, channels]
-    errors = []
+    sums = [0.0, 0.0]
     for args, kwargs, out in calls:
         squared = (block(*args, **kwargs) - out).pow(2)
-        errors += [float(squared[:, group].sum() / out[:, group].pow(2).sum()) / 2 for group in (special, ~special)]
-    return sum(errors) / len(calls)
+        for i, group in enumerate((special, ~special)):
+            sums[i] += float(squared[:, group].sum() / out[:, group].pow(2).sum())
+    return sums[0] / len(calls), sums[1] / len(calls)
+
+
+def _first_block_error(method: str, batches, recon_iters: int = 0) -> float:
+    """The criterion: the mean of the two parts."""
+    return sum(_first_block_errors(method, batches, recon_iters)) / 2
 
 
 def test_auto_measures_every_candidate_truthfully_and_keeps_the_lowest(batches):
@@ -95,9 +101,14 @@ def test_auto_measures_every_candidate_truthfully_and_keeps_the_lowest(batches):
         assert set(record["layers"].values()) == {record["method"]}
     assert sum(selection["layer_counts"].values()) == 32
     # The recorded numbers are the real block errors: recomputed from a model quantized with each method.
-    first = selection["blocks"][FIRST_BLOCK]["errors"]
+    first = selection["blocks"][FIRST_BLOCK]
     for method in METHODS:
-        assert first[method] == pytest.approx(_first_block_error(method, batches), rel=1e-4)
+        special, patch = _first_block_errors(method, batches)
+        assert first["token_errors"][method] == pytest.approx({"special": special, "patch": patch}, rel=1e-4)
+        assert first["errors"][method] == pytest.approx((special + patch) / 2, rel=1e-4)
+    for record in selection["blocks"].values():  # every block records the parts its error is the mean of
+        assert record["errors"] == pytest.approx({m: sum(parts.values()) / 2
+                                                  for m, parts in record["token_errors"].items()}, rel=1e-12)
     # The planted outliers are what the transforms are for: round-to-nearest alone is never the best here.
     assert all(record["method"] != "rtn" for record in selection["blocks"].values())
 
@@ -230,3 +241,7 @@ def test_auto_over_every_scope(batches):
     assert any(b.startswith("camera_head.trunk.") for b in blocks)
     assert any(b.startswith("aggregator.patch_embed.") for b in blocks)
     assert sum(result.method_selection["layer_counts"].values()) == len(result.layers)
+    # The special / patch split is the aggregator's frame and global blocks' only.
+    for block, record in blocks.items():
+        split = block.startswith(("aggregator.frame_blocks.", "aggregator.global_blocks."))
+        assert ("token_errors" in record) == split, block
