@@ -2,14 +2,15 @@
 reference evaluator), judged per output by :func:`~qvggt_export.parity.compare.tolerance_for`.
 
 :func:`compare_runs` serves the main job (:func:`qvggt_export.parity.compare.check_parity`, called by
-:func:`qvggt_export.pipeline.run_pipeline`) and ``qvggt-export check``
-(:func:`qvggt_export.parity.check.check_export`), so both report the same numbers on the same inputs.
+:func:`qvggt_export.pipeline.run_pipeline`), ``qvggt-export check``
+(:func:`qvggt_export.parity.check.check_export`), so both report the same numbers on the same inputs, and the
+track graph (:func:`qvggt_export.parity.track.check_track_parity`, inputs ``images`` and ``query_points``).
 The tolerances live in one place, :func:`~qvggt_export.parity.compare.tolerance_for`.
 
 Runner names: ``"pytorch"`` is the reference (the model the graph was exported from, float or fake-quant),
-``"pytorch-noise"`` (optional) the model that sets the noise scale of relative criteria (the float model for a
-quantized graph, the float16 copy for an fp16 graph); every other runner is a runtime judged against the
-reference.
+``"pytorch-noise"`` (optional) the model that sets the noise scale of the criteria (the float model for a
+quantized graph, the float16 copy for an fp16 graph, the float64 copy for a float track graph); every other
+runner is a runtime judged against the reference.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ NOISE = "pytorch-noise"
 
 
 def compare_runs(runners: Sequence[Any], inputs: Sequence[Any], kind: str, labels: Sequence[str], *,
-                 input_name: str = "images") -> dict[str, Any]:
+                 input_name: str = "images", input_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Run every runner on ``inputs`` through Polygraphy's ``Comparator`` and judge each runtime against the
     reference.
 
@@ -38,10 +39,14 @@ def compare_runs(runners: Sequence[Any], inputs: Sequence[Any], kind: str, label
         runners: Polygraphy runners; the first is the reference (named ``"pytorch"``); one named
             ``"pytorch-noise"`` sets the noise scale of relative criteria (required for ``"quantized"`` and
             ``"fp16"``).
-        inputs: image batches ``[1, S, 3, H, W]`` (torch tensors or arrays).
-        kind: ``"fp32"``, ``"fp16"`` or ``"quantized"`` (:func:`~qvggt_export.parity.compare.tolerance_for`).
+        inputs: image batches ``[1, S, 3, H, W]`` (torch tensors or arrays); with ``input_names``, one tuple per
+            case holding a value for each name (the track graph: ``(images, query_points)``).
+        kind: ``"fp32"``, ``"fp16"``, ``"quantized"`` or ``"track"``
+            (:func:`~qvggt_export.parity.compare.tolerance_for`; for ``"track"`` the optional noise runner is the
+            float64 model and the noise is its ``max_abs`` distance from the float32 reference).
         labels: one description per input, for the report.
-        input_name: the graph's input name.
+        input_name: the graph's input name (a single input).
+        input_names: the graph's input names, in the order of each case's values (several inputs).
 
     Returns:
         Per runtime (every runner but the reference and the noise model):
@@ -55,10 +60,12 @@ def compare_runs(runners: Sequence[Any], inputs: Sequence[Any], kind: str, label
         raise MissingDependencyError("polygraphy", "cpu", "The parity check") from exc
     if not inputs:
         raise QVGGTError("parity needs at least one input batch")
-    quantized = kind == "quantized"
     runners = list(runners)
     graph_runtimes = [r.name for r in runners if r.name not in (REFERENCE, NOISE)]
-    feeds = [{input_name: _as_array(x)} for x in inputs]
+    if input_names is None:
+        feeds = [{input_name: _as_array(x)} for x in inputs]
+    else:
+        feeds = [{n: _as_array(v) for n, v in zip(input_names, case, strict=True)} for case in inputs]
     with G_LOGGER.verbosity(G_LOGGER.ERROR):  # Polygraphy logs each run and comparison; the report says it all
         results = Comparator.run(runners, data_loader=feeds)
     by_name = dict(results.items())
@@ -67,8 +74,7 @@ def compare_runs(runners: Sequence[Any], inputs: Sequence[Any], kind: str, label
     # PyTorch float16 vs float32.
     noise: dict[int, dict[str, float]] = {}
     for index, (ref, other) in enumerate(zip(reference, by_name.get(NOISE, []), strict=False)):
-        noise[index] = {name: output_metrics(ref[name], other[name])["rel_l2"] if quantized
-                        else output_metrics(other[name], ref[name])["rel_l2"] for name in ref}
+        noise[index] = {name: _noise(kind, ref[name], other[name]) for name in ref}
     ref_index = {id(it): i for i, it in enumerate(reference)}
     position = {runner.name: i for i, runner in enumerate(runners)}
     runtimes: dict[str, Any] = {}
@@ -82,6 +88,16 @@ def compare_runs(runners: Sequence[Any], inputs: Sequence[Any], kind: str, label
         outputs = _runtime_metrics(kind, reference, by_name[runtime], verdicts, noise, list(labels))
         runtimes[runtime] = {"outputs": outputs, "passed": all(o["passed"] for o in outputs.values())}
     return runtimes
+
+
+def _noise(kind: str, reference: np.ndarray, other: np.ndarray) -> float:
+    """The noise scale of one output: fake-quant vs float (``quantized``, relative to the float model), PyTorch
+    float16 vs float32 (``fp16``), float64 vs float32 (``track``: the tracker's float32 rounding, max_abs)."""
+    if kind == "quantized":
+        return output_metrics(reference, other)["rel_l2"]
+    if kind == "track":
+        return output_metrics(reference, other)["max_abs"]
+    return output_metrics(other, reference)["rel_l2"]
 
 
 def _as_array(images: Any) -> np.ndarray:
@@ -109,7 +125,7 @@ def _metric_compare(kind: str, noise: dict[int, dict[str, float]], ref_index: di
             if name not in candidate:
                 verdicts[name] = False
                 continue
-            metric, tolerance, _ = tolerance_for(kind, noise.get(index, {}).get(name))
+            metric, tolerance, _ = tolerance_for(kind, noise.get(index, {}).get(name), name)
             verdicts[name] = output_metrics(candidate[name], reference[name])[metric] <= tolerance
         return verdicts
 
@@ -128,10 +144,10 @@ def _runtime_metrics(kind: str, reference: list[Any], candidate: list[Any], verd
             if got[name].shape != ref[name].shape:
                 raise QVGGTError(f"output {name}: runtime shape {got[name].shape} vs PyTorch {ref[name].shape}")
             scale = noise.get(index, {}).get(name)
-            metric, tolerance, criterion = tolerance_for(kind, scale)
+            metric, tolerance, criterion = tolerance_for(kind, scale, name)
             values = output_metrics(got[name], ref[name])
             entry = {**values, "tolerance": tolerance, "judged_metric": metric, "criterion": criterion,
-                     "noise_rel_l2": scale, "input": labels[index],
+                     "noise": scale, "noise_rel_l2": scale if kind != "track" else None, "input": labels[index],
                      "passed": bool(verdicts[index].get(name, False)),
                      "ratio": values[metric] / tolerance if np.isfinite(values[metric]) else float("inf")}
             if name == "pose_enc":

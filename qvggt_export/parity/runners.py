@@ -29,6 +29,7 @@ from typing import Any
 from qvggt_export.errors import MissingDependencyError, QVGGTError
 
 INPUT_NAME = "images"
+EXTRA_INPUT_SHAPES = {"query_points": (None, None, 2)}  # the track graph's second input [B, N, 2]
 
 
 def _polygraphy() -> Any:
@@ -43,12 +44,17 @@ def _base_runner() -> type:
     return _polygraphy().BaseRunner
 
 
-def torch_runner(model: Any, output_names: list[str], name: str = "pytorch") -> Any:
-    """A Polygraphy runner over a VGGT (float or fake-quantized): ``images`` in, the named outputs out."""
+def torch_runner(model: Any, output_names: list[str], name: str = "pytorch", *,
+                 input_names: tuple[str, ...] = (INPUT_NAME,), dtype: str = "float32") -> Any:
+    """A Polygraphy runner over a VGGT (float or fake-quantized): the named inputs in (the first positional, the
+    others by keyword: ``images``, or ``images`` and ``query_points`` for the track graph's model), the named
+    outputs out. ``dtype="float64"``: inputs and outputs in float64 (a float64 copy of the model measuring the
+    float32 rounding noise of the tracker)."""
     import numpy as np
     import torch
 
     base = _base_runner()
+    torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
 
     class TorchRunner(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -60,20 +66,25 @@ def torch_runner(model: Any, output_names: list[str], name: str = "pytorch") -> 
         def get_input_metadata_impl(self) -> Any:
             from polygraphy.common import TensorMetadata
 
-            return TensorMetadata().add(INPUT_NAME, np.float32, (1, None, 3, None, None))
+            # The feeds are float32 whatever the model's dtype (Polygraphy checks them against this).
+            metadata = TensorMetadata().add(input_names[0], np.float32, (None, None, 3, None, None))
+            for extra in input_names[1:]:
+                metadata.add(extra, np.float32, EXTRA_INPUT_SHAPES.get(extra))
+            return metadata
 
         def infer_impl(self, feed_dict: dict[str, Any]) -> OrderedDict[str, Any]:
             device = next(model.parameters()).device
-            images = torch.from_numpy(np.ascontiguousarray(feed_dict[INPUT_NAME])).to(device)
+            tensors = [torch.from_numpy(np.ascontiguousarray(feed_dict[n])).to(device, torch_dtype)
+                       for n in input_names]
             started = time.perf_counter()
             with torch.no_grad():
-                predictions = model(images)
+                predictions = model(tensors[0], **dict(zip(input_names[1:], tensors[1:], strict=True)))
             self.inference_time = time.perf_counter() - started
             missing = [n for n in output_names if n not in predictions]
             if missing:
                 raise QVGGTError(f"ONNX output(s) {missing} have no counterpart in the PyTorch outputs")
             # contiguous: Polygraphy's comparator views outputs in place (permuted heads' outputs are not)
-            return OrderedDict((n, np.ascontiguousarray(predictions[n].detach().float().cpu().numpy()))
+            return OrderedDict((n, np.ascontiguousarray(predictions[n].detach().to(torch_dtype).cpu().numpy()))
                                for n in output_names)
 
         def deactivate_impl(self) -> None:
@@ -83,14 +94,16 @@ def torch_runner(model: Any, output_names: list[str], name: str = "pytorch") -> 
 
 
 def onnxrt_runner(onnx_path: str | os.PathLike[str], providers: list[str] | None = None,
-                  name: str = "onnxruntime") -> Any:
-    """Polygraphy's ``OnnxrtRunner`` over the parity-safe ONNX Runtime session."""
+                  name: str = "onnxruntime", session: Any = None) -> Any:
+    """Polygraphy's ``OnnxrtRunner`` over the parity-safe ONNX Runtime session (``session``: one already made by
+    :func:`~qvggt_export.parity.compare.onnxruntime_session`)."""
     _polygraphy()
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     from qvggt_export.parity.compare import onnxruntime_session
 
-    session = onnxruntime_session(onnx_path, providers)  # loads now: a bad graph fails before any run
+    if session is None:
+        session = onnxruntime_session(onnx_path, providers)  # loads now: a bad graph fails before any run
     return OnnxrtRunner(session, name=name)
 
 

@@ -10,6 +10,7 @@ fixtures' weights (not used here, to run without ../shared): track
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -130,9 +131,18 @@ def test_track_export_is_deterministic(tmp_path):
     assert first.onnx_path.read_bytes() == second.onnx_path.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first.onnx", "second.onnx"]  # no temporaries left
     # The default float criterion, with the float32 noise measured by a float64 copy of the model.
-    report = check_track_parity(model, first.onnx_path, [_case(3, 4, 1)])
+    images, points = _case(3, 4, 1)
+    report = check_track_parity(model, first.onnx_path, [(images, points)])
     assert report.passed, report.to_dict()
     assert all(o.noise is not None and o.noise_metric == "float32_max_abs" for o in report.outputs)
+    # That noise, recomputed here: max |float64 model - float32 model| per output; the tolerance follows from it.
+    with torch.no_grad():
+        want = model(images, query_points=points)
+        wide = copy.deepcopy(model).double()(images.double(), query_points=points.double())
+    for out in report.outputs:
+        noise = float((wide[out.name] - want[out.name].double()).abs().max())
+        assert out.noise == pytest.approx(noise, rel=1e-6, abs=1e-12)
+        assert out.tolerance == max(ABS_TOL[out.name], 2 * out.noise)
 
 
 def test_quantized_w4a4_track_graph(tmp_path):
