@@ -325,7 +325,7 @@ def check_export(config: CheckConfig) -> dict[str, Any]:
 
         runners.append(torch_runner(half_precision_model(float_model), output_names, name="pytorch-noise"))
     kind = "quantized" if quantized else resolved.bits
-    runtimes = compare_runs(runners, inputs, kind, labels, input_name=input_name)
+    runtimes = compare_runs(runners, inputs, kind, labels, input_names=(input_name,))
     if family == "nvfp4":
         runtimes[graph_runtime]["runtime"] = NVFP4_RUNTIME
     else:

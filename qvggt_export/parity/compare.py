@@ -228,7 +228,7 @@ def check_parity(model: nn.Module, onnx_path: str | os.PathLike[str], inputs: Se
     if noise_model is not None:
         runners.append(torch_runner(noise_model, names, name="pytorch-noise"))
     labels = [f"input {index}: {list(images.shape)}" for index, images in enumerate(inputs)]
-    outputs = compare_runs(runners, inputs, kind, labels, input_name=input_name)["onnxruntime"]["outputs"]
+    outputs = compare_runs(runners, inputs, kind, labels, input_names=(input_name,))["onnxruntime"]["outputs"]
     report = ParityReport(runtime="onnxruntime " + ",".join(providers), inputs=[list(x.shape) for x in inputs])
     for name in names:
         o = outputs[name]

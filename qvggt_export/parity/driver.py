@@ -31,7 +31,7 @@ NOISE = "pytorch-noise"
 
 
 def compare_runs(runners: Sequence[Any], inputs: Sequence[Any], kind: str, labels: Sequence[str], *,
-                 input_name: str = "images", input_names: Sequence[str] | None = None) -> dict[str, Any]:
+                 input_names: Sequence[str] = ("images",)) -> dict[str, Any]:
     """Run every runner on ``inputs`` through Polygraphy's ``Comparator`` and judge each runtime against the
     reference.
 
@@ -39,14 +39,14 @@ def compare_runs(runners: Sequence[Any], inputs: Sequence[Any], kind: str, label
         runners: Polygraphy runners; the first is the reference (named ``"pytorch"``); one named
             ``"pytorch-noise"`` sets the noise scale of relative criteria (required for ``"quantized"`` and
             ``"fp16"``).
-        inputs: image batches ``[1, S, 3, H, W]`` (torch tensors or arrays); with ``input_names``, one tuple per
-            case holding a value for each name (the track graph: ``(images, query_points)``).
+        inputs: per case, the value of the graph's one input (image batches ``[1, S, 3, H, W]``, torch tensors or
+            arrays), or a tuple with a value for each of ``input_names`` (the track graph: ``(images,
+            query_points)``).
         kind: ``"fp32"``, ``"fp16"``, ``"quantized"`` or ``"track"``
             (:func:`~qvggt_export.parity.compare.tolerance_for`; for ``"track"`` the optional noise runner is the
             float64 model and the noise is its ``max_abs`` distance from the float32 reference).
         labels: one description per input, for the report.
-        input_name: the graph's input name (a single input).
-        input_names: the graph's input names, in the order of each case's values (several inputs).
+        input_names: the graph's input names, in the order of each case's values.
 
     Returns:
         Per runtime (every runner but the reference and the noise model):
@@ -62,10 +62,8 @@ def compare_runs(runners: Sequence[Any], inputs: Sequence[Any], kind: str, label
         raise QVGGTError("parity needs at least one input batch")
     runners = list(runners)
     graph_runtimes = [r.name for r in runners if r.name not in (REFERENCE, NOISE)]
-    if input_names is None:
-        feeds = [{input_name: _as_array(x)} for x in inputs]
-    else:
-        feeds = [{n: _as_array(v) for n, v in zip(input_names, case, strict=True)} for case in inputs]
+    feeds = [{n: _as_array(v) for n, v in zip(input_names, case if isinstance(case, tuple) else (case,), strict=True)}
+             for case in inputs]
     with G_LOGGER.verbosity(G_LOGGER.ERROR):  # Polygraphy logs each run and comparison; the report says it all
         results = Comparator.run(runners, data_loader=feeds)
     by_name = dict(results.items())

@@ -11,9 +11,9 @@ each block in execution order:
    (NVFP4's activation global scale from the block's own calibration inputs);
 2. runs the block with each candidate's quantized layers on the *quantized chain's* inputs (earlier blocks already
    quantized with their choices, and learned when reconstruction is on) and measures the squared error against the
-   float block's output on the float chain (:func:`block_error`: in aggregator blocks the mean of the special
-   tokens' and the patch tokens' relative errors, so that the camera token, which carries the pose, is not one
-   token among ~1,370 per frame);
+   float block's output on the float chain (:func:`block_error_parts`, :func:`combined_error`: in aggregator
+   blocks the mean of the special tokens' and the patch tokens' relative errors, so that the camera token, which
+   carries the pose, is not one token among ~1,370 per frame);
 3. keeps the candidate with the lowest error (ties: the earlier in ``auto_methods``); with
    ``auto_granularity="layer"`` it then tries, linear by linear, every other candidate for that one linear and keeps
    a switch when the block's error drops (one coordinate-descent sweep: 1 + 4 x (candidates - 1) block passes);
@@ -129,11 +129,6 @@ def combined_error(parts: Mapping[str, float]) -> float:
     return sum(parts.values()) / len(parts)
 
 
-def block_error(block: nn.Module, calls: Sequence[Sequence[BlockCall]], layout: TokenLayout | None) -> float:
-    """:func:`combined_error` of :func:`block_error_parts`."""
-    return combined_error(block_error_parts(block, calls, layout))
-
-
 @dataclass
 class _Pending:
     """What :meth:`MethodChooser.measure` built for one block, kept until :meth:`MethodChooser.commit`."""
@@ -196,7 +191,7 @@ class MethodChooser:
         for method in block_methods:
             parts = error_parts(dict.fromkeys(candidates, method))
             errors[method] = combined_error(parts)
-            if "all" not in parts:
+            if "special" in parts:
                 token_errors[method] = parts
         best = block_methods[0]
         for method in block_methods[1:]:
@@ -227,7 +222,7 @@ class MethodChooser:
         return options
 
     def score(self, block: str, layers: Mapping[str, nn.Module], calls: Sequence[Sequence[BlockCall]]) -> float:
-        """:func:`block_error` of ``block`` with ``layers`` (target name -> quantized layer) swapped in."""
+        """:func:`combined_error` of :meth:`score_parts` (``layers``: target name -> quantized layer)."""
         return combined_error(self.score_parts(block, layers, calls))
 
     def score_parts(self, block: str, layers: Mapping[str, nn.Module], calls: Sequence[Sequence[BlockCall]]
